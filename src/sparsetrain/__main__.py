@@ -1,0 +1,5 @@
+import sys
+
+from sparsetrain.cli import main
+
+sys.exit(main())
