@@ -8,6 +8,24 @@ Example:
 
 __version__ = "0.1.0"
 
+from sparsetrain import sparsifiers  # noqa: E402
+from sparsetrain.handle import SparsityHandle, sparsify_  # noqa: E402
+from sparsetrain.layers import INHERIT, LayerSpec, SparseConv2d, SparseLinear  # noqa: E402
 from sparsetrain.models import create_model, list_models, register_model  # noqa: E402
+from sparsetrain.recipe import Recipe, list_presets  # noqa: E402
 
-__all__ = ["__version__", "create_model", "list_models", "register_model"]
+__all__ = [
+    "__version__",
+    "INHERIT",
+    "LayerSpec",
+    "Recipe",
+    "SparseConv2d",
+    "SparseLinear",
+    "SparsityHandle",
+    "create_model",
+    "list_models",
+    "list_presets",
+    "register_model",
+    "sparsifiers",
+    "sparsify_",
+]

@@ -1,0 +1,422 @@
+"""Sparsifiers: pure functions on tensors, one frozen config dataclass each.
+
+Every sparsifier is split in two pure steps so that the expensive part can be cached:
+
+* ``threshold(x, cfg)`` computes the *reusable* quantity (a magnitude threshold, a score threshold or a fixed mask);
+* ``apply(x, cfg, thr, generator)`` returns the sparsified values given that quantity.
+
+``sparsify(x, cfg)`` does both. A layer that recomputes its top-K threshold only every ``period`` iterations
+(SWAT's periodic threshold) calls ``threshold`` on the recompute steps and ``apply`` with the cached value in between.
+Configs are registered by type and by a short ``type`` name used in YAML recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TopK",
+    "ChannelTopK",
+    "Threshold",
+    "NM",
+    "DBTD",
+    "RandomChannel",
+    "SparsifierConfig",
+    "register_sparsifier",
+    "list_sparsifiers",
+    "config_from_dict",
+    "config_to_dict",
+    "threshold",
+    "apply",
+    "sparsify",
+    "mask",
+    "topk_threshold",
+    "random_channel_mask",
+    "dbtd_tau",
+    "stochastic_prune",
+]
+
+
+def _resolve_density(obj: Any) -> None:
+    """Normalise ``density``/``sparsity`` so that only ``density`` (the kept fraction) is stored."""
+    d, s = obj.density, obj.sparsity
+    if d is not None and s is not None:
+        raise ValueError(f"{type(obj).__name__}: give either density or sparsity, not both (got {d} and {s})")
+    if d is None and s is None:
+        raise ValueError(f"{type(obj).__name__}: density (kept fraction) or sparsity is required")
+    if s is not None:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"{type(obj).__name__}: sparsity must be in [0, 1), got {s}")
+        d = 1.0 - s
+    if not 0.0 < d <= 1.0:
+        raise ValueError(f"{type(obj).__name__}: density must be in (0, 1], got {d}")
+    object.__setattr__(obj, "density", float(d))
+    object.__setattr__(obj, "sparsity", None)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Unstructured top-K by magnitude over the whole tensor (batch included): ``|v| >= k-th largest`` kept."""
+
+    density: float | None = None
+    sparsity: float | None = None
+
+    def __post_init__(self) -> None:
+        _resolve_density(self)
+
+
+@dataclass(frozen=True)
+class ChannelTopK:
+    """Structured top-K: keep the ``(out, in)`` kernel slices with the largest L1 norms, over the whole layer."""
+
+    density: float | None = None
+    sparsity: float | None = None
+
+    def __post_init__(self) -> None:
+        _resolve_density(self)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Magnitude threshold (TensorQuant): ``|v| > threshold`` kept."""
+
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.threshold >= 0.0 and math.isfinite(self.threshold)):
+            raise ValueError(f"Threshold: threshold must be a finite number >= 0, got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class NM:
+    """N:M structured sparsity: keep the ``n`` largest of every ``m`` consecutive values along dimension 1."""
+
+    n: int = 2
+    m: int = 4
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 1 <= self.n <= self.m):
+            raise ValueError(f"NM: need integers 1 <= n <= m, got n={self.n}, m={self.m}")
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+
+@dataclass(frozen=True)
+class DBTD:
+    """Ye et al.: distribution-based threshold ``tau = sigma_hat * Phi^-1(p)`` plus unbiased stochastic pruning.
+
+    ``sigma="consistent"`` uses ``sigma_hat = sqrt(pi/2) * mean|g|`` (the consistent estimator of a Gaussian's
+    sigma); ``"literal"`` uses the paper's printed ``sqrt(2/pi) * mean|g|``. ``stochastic=False`` zeroes every value
+    below ``tau`` (biased; for ablations).
+    """
+
+    p: float = 0.9
+    sigma: str = "consistent"
+    stochastic: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.p < 1.0:
+            raise ValueError(f"DBTD: p must be in (0.5, 1), got {self.p}")
+        if self.sigma not in ("consistent", "literal"):
+            raise ValueError(f"DBTD: sigma must be one of 'consistent', 'literal', got {self.sigma!r}")
+
+
+@dataclass(frozen=True)
+class RandomChannel:
+    """Changpinyo et al.: fixed random mask of ``(out, in)`` kernel slices, ``density`` of inputs per output.
+
+    No dead filters: every output keeps at least one input and every input feeds at least one output.
+    ``seed`` makes the mask reproducible; the layer name is mixed in so layers get different masks.
+    """
+
+    density: float | None = None
+    sparsity: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _resolve_density(self)
+
+
+SparsifierConfig = TopK | ChannelTopK | Threshold | NM | DBTD | RandomChannel
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    threshold: Callable[..., Tensor | None]
+    keep: Callable[..., Tensor | None] | None  # bool mask (broadcastable to x) or None = keep all
+    apply: Callable[..., Tensor]
+
+
+def _apply_keep(keep: Callable[..., Tensor | None]) -> Callable[..., Tensor]:
+    def apply_fn(x: Tensor, cfg: Any, thr: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        k = keep(x, cfg, thr)
+        # Returning x itself when nothing is dropped keeps density 1.0 bit-identical to the dense path.
+        return x if k is None else x * k.to(x.dtype)
+
+    return apply_fn
+
+
+_BY_TYPE: dict[type, _Entry] = {}
+_BY_NAME: dict[str, type] = {}
+
+
+def register_sparsifier(
+    cfg_type: type,
+    name: str,
+    *,
+    threshold: Callable[..., Tensor | None],
+    keep: Callable[..., Tensor | None] | None = None,
+    apply: Callable[..., Tensor] | None = None,
+) -> None:
+    """Register a sparsifier by config type and recipe name.
+
+    ``threshold(x, cfg, *, key)`` returns the cacheable quantity; ``keep(x, cfg, thr)`` a boolean mask (or None =
+    keep all) for deterministic sparsifiers; ``apply(x, cfg, thr, generator)`` the values, by default ``x * keep``.
+    """
+    if name in _BY_NAME:
+        raise ValueError(f"sparsifier {name!r} is already registered")
+    if apply is None:
+        if keep is None:
+            raise ValueError("register_sparsifier needs keep= or apply=")
+        apply = _apply_keep(keep)
+    _BY_TYPE[cfg_type] = _Entry(name, threshold, keep, apply)
+    _BY_NAME[name] = cfg_type
+
+
+def list_sparsifiers() -> list[str]:
+    """The ``type`` names usable in recipes."""
+    return sorted(_BY_NAME)
+
+
+def _entry(cfg: Any) -> _Entry:
+    try:
+        return _BY_TYPE[type(cfg)]
+    except KeyError:
+        raise TypeError(f"no sparsifier registered for {type(cfg).__name__}; valid: {list_sparsifiers()}") from None
+
+
+def config_from_dict(d: dict[str, Any] | SparsifierConfig, where: str = "sparsifier") -> SparsifierConfig:
+    """Build a config from ``{"type": name, **fields}``; errors name the bad key and the valid ones."""
+    if type(d) in _BY_TYPE:
+        return d  # type: ignore[return-value]
+    if not isinstance(d, dict):
+        raise TypeError(f"{where}: expected a mapping like {{type: topk, density: 0.1}}, got {d!r}")
+    d = dict(d)
+    name = d.pop("type", None)
+    if name not in _BY_NAME:
+        raise ValueError(f"{where}: unknown sparsifier type {name!r}; valid choices: {', '.join(list_sparsifiers())}")
+    cls = _BY_NAME[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} for type {name!r}; valid keys: {sorted(fields)}")
+    try:
+        return cls(**d)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def config_to_dict(cfg: SparsifierConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": _entry(cfg).name}
+    out.update({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+    return out
+
+
+def threshold(x: Tensor, cfg: SparsifierConfig, *, key: str = "") -> Tensor | None:
+    """The reusable part of ``cfg`` for ``x`` (threshold or mask). ``key`` seeds per-layer random masks."""
+    return _entry(cfg).threshold(x, cfg, key=key)
+
+
+def apply(x: Tensor, cfg: SparsifierConfig, thr: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
+    """Sparsify ``x`` given a (possibly cached) result of :func:`threshold`."""
+    return _entry(cfg).apply(x, cfg, thr, generator)
+
+
+def sparsify(x: Tensor, cfg: SparsifierConfig, *, generator: torch.Generator | None = None, key: str = "") -> Tensor:
+    """``apply(x, cfg, threshold(x, cfg))``.
+
+    Example:
+        >>> x = torch.tensor([0.1, -3.0, 2.0, 0.5])
+        >>> sparsify(x, TopK(density=0.5))
+        tensor([ 0., -3.,  2.,  0.])
+    """
+    return apply(x, cfg, threshold(x, cfg, key=key), generator)
+
+
+def mask(x: Tensor, cfg: SparsifierConfig, *, key: str = "") -> Tensor:
+    """Boolean mask of the positions ``cfg`` keeps (deterministic sparsifiers only)."""
+    e = _entry(cfg)
+    if e.keep is None:
+        raise ValueError(f"mask() is undefined for {type(cfg).__name__}{'' if not hasattr(cfg, 'stochastic') else ' (stochastic)'}")
+    k = e.keep(x, cfg, e.threshold(x, cfg, key=key))
+    return torch.ones_like(x, dtype=torch.bool) if k is None else k.expand_as(x)
+
+
+# --------------------------------------------------------------------------------------------- top-K
+def topk_threshold(score: Tensor, density: float) -> Tensor:
+    """The k-th largest value of ``score`` (flattened), ``k = ceil(density * numel)``; a 0-dim tensor."""
+    flat = score.detach().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # exact for bf16/fp16 values; float64 stays float64 so the k-th value is exact
+    n = flat.numel()
+    k = min(n, max(1, math.ceil(density * n)))
+    # kthvalue is a selection (no full sort); the k-th largest is the (n-k+1)-th smallest.
+    return flat.kthvalue(n - k + 1).values
+
+
+def _topk_thr(x: Tensor, cfg: TopK, *, key: str = "") -> Tensor | None:
+    if cfg.density >= 1.0:
+        return None
+    return topk_threshold(x.abs(), cfg.density)
+
+
+def _magnitude_keep(x: Tensor, cfg: Any, thr: Tensor | None) -> Tensor | None:
+    return None if thr is None else x.abs() >= thr.to(x.dtype)
+
+
+def _threshold_thr(x: Tensor, cfg: Threshold, *, key: str = "") -> Tensor:
+    return torch.tensor(cfg.threshold, dtype=torch.float32)
+
+
+def _threshold_keep(x: Tensor, cfg: Threshold, thr: Tensor | None) -> Tensor:
+    return x.abs() > cfg.threshold
+
+
+# --------------------------------------------------------------------------------------------- channel top-K
+def _slice_scores(w: Tensor) -> Tensor:
+    """L1 norm of each ``(out, in)`` slice: a conv kernel ``k x k`` or a single linear weight."""
+    a = w.detach().abs()
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.float()
+    return a if w.dim() <= 2 else a.sum(dim=tuple(range(2, w.dim())))
+
+
+def _channel_thr(x: Tensor, cfg: ChannelTopK, *, key: str = "") -> Tensor | None:
+    if cfg.density >= 1.0:
+        return None
+    return topk_threshold(_slice_scores(x), cfg.density)
+
+
+def _channel_keep(x: Tensor, cfg: ChannelTopK, thr: Tensor | None) -> Tensor | None:
+    if thr is None:
+        return None
+    keep = _slice_scores(x) >= thr
+    return keep.reshape(keep.shape + (1,) * (x.dim() - keep.dim()))
+
+
+# --------------------------------------------------------------------------------------------- N:M
+def _nm_thr(x: Tensor, cfg: NM, *, key: str = "") -> None:
+    return None  # N:M selection is local to each group: nothing to cache.
+
+
+def _nm_keep(x: Tensor, cfg: NM, thr: Tensor | None) -> Tensor | None:
+    if cfg.n == cfg.m:
+        return None
+    if x.dim() < 2:
+        raise ValueError(f"NM sparsity needs a tensor with an input/channel dimension 1, got shape {tuple(x.shape)}")
+    # Move dim 1 (in-channels of a weight, channels of an activation) last and group it by m.
+    xt = x.movedim(1, -1)
+    c = xt.shape[-1]
+    pad = (-c) % cfg.m
+    score = xt.detach().abs().float()
+    if pad:
+        # Padding scores of -1 are never chosen before a real value, so a short last group keeps min(n, len).
+        score = torch.nn.functional.pad(score, (0, pad), value=-1.0)
+    groups = score.reshape(-1, cfg.m)
+    idx = groups.topk(cfg.n, dim=1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True)
+    return keep.reshape(score.shape)[..., :c].movedim(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------- DBTD (Ye et al.)
+def dbtd_tau(g: Tensor, p: float, sigma: str = "consistent") -> Tensor:
+    """``tau = sigma_hat * Phi^-1(p)`` with ``sigma_hat`` estimated from ``mean|g|`` in O(n), no sort."""
+    factor = math.sqrt(math.pi / 2) if sigma == "consistent" else math.sqrt(2 / math.pi)
+    return g.detach().abs().float().mean() * (factor * NormalDist().inv_cdf(p))
+
+
+def stochastic_prune(g: Tensor, tau: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Algorithm 1 of Ye et al.: below ``tau``, ``g -> sign(g)*tau`` w.p. ``|g|/tau`` else 0. Unbiased."""
+    tau = tau.to(g.dtype)
+    if not bool(tau > 0):
+        return g  # an all-zero gradient has nothing to prune
+    a = g.abs()
+    small = a < tau
+    r = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float32).to(g.dtype)
+    promote = r * tau < a  # P = |g| / tau
+    return torch.where(small, torch.where(promote, torch.sign(g) * tau, torch.zeros_like(g)), g)
+
+
+def _dbtd_thr(x: Tensor, cfg: DBTD, *, key: str = "") -> Tensor:
+    return dbtd_tau(x, cfg.p, cfg.sigma)
+
+
+def _dbtd_apply(x: Tensor, cfg: DBTD, thr: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    assert thr is not None
+    if cfg.stochastic:
+        return stochastic_prune(x, thr, generator)
+    return x * (x.abs() >= thr.to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------- random channel
+def random_channel_mask(
+    n_out: int, n_in: int, density: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """A ``(n_out, n_in)`` boolean connectivity mask with no dead filters.
+
+    Each output gets ``max(1, round(density * n_in))`` random inputs (raised to ``ceil(n_in / n_out)`` when fewer
+    connections could not cover every input). Uncovered inputs are then swapped in for a connection to an
+    over-covered input of a random output, which keeps every output's fan-in unchanged.
+    """
+    k = min(n_in, max(1, round(density * n_in), math.ceil(n_in / n_out)))
+    order = torch.rand(n_out, n_in, generator=generator).argsort(dim=1)
+    m = torch.zeros(n_out, n_in, dtype=torch.bool)
+    m.scatter_(1, order[:, :k], True)
+    cover = m.sum(0)
+    for i in torch.nonzero(cover == 0).flatten().tolist():
+        # candidates: (o, j) with m[o, j] and cover[j] > 1
+        cand = torch.nonzero(m & (cover > 1).unsqueeze(0))
+        pick = cand[torch.randint(len(cand), (1,), generator=generator).item()]
+        o, j = int(pick[0]), int(pick[1])
+        m[o, j], m[o, i] = False, True
+        cover[j] -= 1
+        cover[i] += 1
+    return m
+
+
+def _seed_for(key: str, seed: int) -> int:
+    # A stable per-layer seed (Python's hash() is salted per process, so roll our own).
+    h = seed & 0xFFFFFFFF
+    for ch in key.encode():
+        h = (h * 1000003 ^ ch) & 0xFFFFFFFF
+    return h
+
+
+def _random_channel_thr(x: Tensor, cfg: RandomChannel, *, key: str = "") -> Tensor | None:
+    if x.dim() < 2:
+        raise ValueError(f"random_channel needs a weight with (out, in, ...) dims, got shape {tuple(x.shape)}")
+    g = torch.Generator().manual_seed(_seed_for(key, cfg.seed))
+    return random_channel_mask(x.shape[0], x.shape[1], cfg.density, g).to(x.device)
+
+
+def _random_channel_keep(x: Tensor, cfg: RandomChannel, thr: Tensor | None) -> Tensor:
+    assert thr is not None
+    return thr.reshape(thr.shape + (1,) * (x.dim() - 2))
+
+
+register_sparsifier(TopK, "topk", threshold=_topk_thr, keep=_magnitude_keep)
+register_sparsifier(ChannelTopK, "channel_topk", threshold=_channel_thr, keep=_channel_keep)
+register_sparsifier(Threshold, "threshold", threshold=_threshold_thr, keep=_threshold_keep)
+register_sparsifier(NM, "nm", threshold=_nm_thr, keep=_nm_keep)
+register_sparsifier(DBTD, "dbtd", threshold=_dbtd_thr, apply=_dbtd_apply)
+register_sparsifier(RandomChannel, "random_channel", threshold=_random_channel_thr, keep=_random_channel_keep)
