@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from sparsetrain import sparsifiers as sp
-from sparsetrain.distributions import erk_densities, momentum_densities, uniform_densities
+from sparsetrain.distributions import erk_densities, momentum_densities
 from sparsetrain.layers import INHERIT, OPERANDS, SPARSE_TYPES, LayerSpec, LayerState
 from sparsetrain.recipe import Recipe, _parse_freeze, resolve_layers
 
@@ -130,10 +130,8 @@ class SparsityHandle:
                 active = m.effective_weight() != 0
                 mom[n] = float(buf.abs()[active].mean()) if bool(active.any()) else 0.0
             dens = momentum_densities({n: math.prod(s) for n, s in shapes.items()}, mom, r.density)
-        elif initial:
-            dens = uniform_densities(shapes, r.density)
         else:
-            return
+            return  # uniform: the preset already built every spec at the recipe density
         for n, d in dens.items():
             self.modules[n].spec = _with_density(self.modules[n].spec, d)
 

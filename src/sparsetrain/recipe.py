@@ -128,7 +128,13 @@ class Recipe:
                                  "(or a path to a .yaml recipe)")
         else:
             raise TypeError(f"recipe must be a preset name, a dict, a YAML path or a Recipe, got {type(recipe)}")
-        d.update({k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        # An override of density replaces the recipe's sparsity and vice versa (they are one setting).
+        if "density" in overrides and "sparsity" not in overrides:
+            d.pop("sparsity", None)
+        if "sparsity" in overrides and "density" not in overrides:
+            d.pop("density", None)
+        d.update(overrides)
         return cls._from_dict(d)
 
     @classmethod
@@ -149,6 +155,8 @@ class Recipe:
                     raise ValueError(f"recipe: key {k!r} does not apply to preset {preset_name!r} "
                                      f"(its parameters: {used})")
             for k, v in preset.defaults.items():
+                if k == "density" and d.get("sparsity") is not None:
+                    continue
                 d.setdefault(k, v)
         # density / sparsity: the kept fraction, or its complement; never both.
         if "sparsity" in d and d["sparsity"] is not None:
@@ -157,7 +165,7 @@ class Recipe:
                                  f"(got density={d['density']}, sparsity={d['sparsity']})")
             s = d.pop("sparsity")
             _check_range("sparsity", s, 0.0, 1.0, lo_open=False, hi_open=True)
-            d["density"] = 1.0 - float(s)
+            d["density"] = round(1.0 - float(s), 12)  # 1 - 0.8 != 0.2 in floating point
         d.pop("sparsity", None)
         if d.get("density") is not None:
             _check_range("density", d["density"], 0.0, 1.0, lo_open=True, hi_open=False)

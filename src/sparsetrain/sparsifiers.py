@@ -54,7 +54,7 @@ def _resolve_density(obj: Any) -> None:
     if s is not None:
         if not 0.0 <= s < 1.0:
             raise ValueError(f"{type(obj).__name__}: sparsity must be in [0, 1), got {s}")
-        d = 1.0 - s
+        d = round(1.0 - s, 12)  # so that sparsity=0.8 equals density=0.2 exactly
     if not 0.0 < d <= 1.0:
         raise ValueError(f"{type(obj).__name__}: density must be in (0, 1], got {d}")
     object.__setattr__(obj, "density", float(d))
