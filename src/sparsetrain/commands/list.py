@@ -1,11 +1,49 @@
-"""`sparsetrain list` (under construction by its owner)."""
+"""``sparsetrain list models|recipes|datasets|sparsifiers``."""
 
-HELP = "list (not yet implemented)"
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "list registered models, recipes (presets and example YAML), datasets or sparsifiers"
+
+WHAT = ("models", "recipes", "datasets", "sparsifiers")
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=WHAT, help="what to list")
+    p.add_argument("pattern", nargs="?", default="*", help="fnmatch filter for models, e.g. 'resnet*'")
 
 
-def main(args):
-    raise SystemExit("sparsetrain list: not implemented yet")
+def main(args: argparse.Namespace) -> int:
+    if args.what == "models":
+        from sparsetrain.models import list_models
+
+        for name in list_models(args.pattern):
+            print(name)
+        print("torchvision:NAME  (any torchvision model; needs pip install 'sparsetrain[torchvision]')")
+    elif args.what == "recipes":
+        from sparsetrain.recipe import PRESETS
+
+        print("presets (use --recipe NAME):")
+        for name in sorted(PRESETS):
+            print(f"  {name:<16} {PRESETS[name].description}")
+        examples = Path(__file__).resolve().parents[3] / "recipes"
+        if examples.is_dir():
+            print(f"example recipes (use --recipe PATH) in {examples}:")
+            for f in sorted(examples.glob("*.yaml")):
+                first = next((ln[1:].strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+                print(f"  {f.name:<36} {first}")
+    elif args.what == "datasets":
+        from sparsetrain.data import dataset_info, list_datasets
+
+        for name in list_datasets():
+            info = dataset_info(name)
+            print(f"{name:<20} {info.num_classes:>4} classes  {info.channels}x{info.image_size}x{info.image_size}  "
+                  f"{info.description}")
+    else:
+        from sparsetrain.sparsifiers import list_sparsifiers
+
+        for name in list_sparsifiers():
+            print(name)
+    return 0

@@ -1,11 +1,128 @@
-"""`sparsetrain train` (under construction by its owner)."""
+"""``sparsetrain train``: train a model with a recipe; with no arguments, the built-in default job."""
 
-HELP = "train (not yet implemented)"
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+HELP = "train a CNN with a sparsity recipe (no arguments: LeNet-5, SWAT-U 90%, bundled Fashion-MNIST)"
+
+# flag -> config key, for the explicit flags (everything else: --set key=value)
+_FLAGS = {
+    "model": "model", "dataset": "dataset", "data_dir": "data_dir", "width_mult": "width_mult", "recipe": "recipe",
+    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "momentum": "momentum", "nesterov": "nesterov",
+    "weight_decay": "weight_decay", "wd_exclude_bn_bias": "wd_exclude_bn_bias", "label_smoothing": "label_smoothing",
+    "l1": "l1", "schedule": "schedule", "milestones": "milestones", "gamma": "gamma",
+    "warmup_epochs": "warmup_epochs", "seed": "seed", "deterministic": "deterministic",
+    "channels_last": "channels_last", "device": "device", "telemetry_every": "telemetry_every", "out": "out",
+    "train_subset": "train_subset", "test_subset": "test_subset", "quiet": "quiet",
+}
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of defaults (any TrainConfig key); flags override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, YAML-typed; dotted keys reach into dicts, e.g. "
+                        "--set recipe_overrides.threshold_period=100")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (or a checkpoint file in it)")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="registered model name (see `sparsetrain list models`)")
+    g.add_argument("--dataset", help="dataset name (see `sparsetrain list datasets`)")
+    g.add_argument("--data-dir", help="folder holding the dataset files (or set SPARSETRAIN_DATA)")
+    g.add_argument("--width-mult", type=float, help="depth multiplier: scale every conv's channels (Changpinyo)")
+    g.add_argument("--train-subset", type=int, help="use only the first N training images")
+    g.add_argument("--test-subset", type=int, help="use only the first N test images")
+    g = p.add_argument_group("sparsity")
+    g.add_argument("--recipe", help="preset name or recipe YAML (see `sparsetrain list recipes`)")
+    dens = g.add_mutually_exclusive_group()
+    dens.add_argument("--density", type=float, help="kept fraction for the recipe")
+    dens.add_argument("--sparsity", type=float, help="1 - density")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--nesterov", action="store_true", default=None)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--wd-exclude-bn-bias", action="store_true", default=None, help="no weight decay on BN and biases")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--l1", type=float, help="L1 regularisation strength on conv/linear weights")
+    g.add_argument("--schedule", choices=["cosine", "step", "constant"])
+    g.add_argument("--milestones", type=lambda s: [int(v) for v in s.split(",")], help="epochs, e.g. 50,100")
+    g.add_argument("--gamma", type=float, help="step schedule factor")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--deterministic", action="store_true", default=None)
+    g.add_argument("--channels-last", action="store_true", default=None)
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--telemetry-every", type=int, help="sample layer sparsity every N steps (0 = off)")
+    g.add_argument("--out", help="run directory (default runs/<model>-<recipe>-<time>)")
+    g.add_argument("--quiet", action="store_true", default=None, help="no progress bars (CI, logs)")
 
 
-def main(args):
-    raise SystemExit("sparsetrain train: not implemented yet")
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """defaults <- --config file <- explicit flags <- --set; returns the config dict (validated by TrainConfig)."""
+    import yaml
+
+    from sparsetrain.train import TrainConfig
+
+    cfg = TrainConfig().to_dict()
+    if args.config:
+        loaded = yaml.safe_load(open(args.config).read()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"sparsetrain train: {args.config} must hold a mapping of config keys")
+        cfg.update(loaded)
+    for flag, key in _FLAGS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            cfg[key] = v
+    if args.recipe is not None and args.density is None and args.sparsity is None:
+        cfg["recipe_overrides"] = {}  # a new recipe brings its own density
+    if args.density is not None or args.sparsity is not None:
+        overrides = {k: v for k, v in (cfg.get("recipe_overrides") or {}).items() if k not in ("density", "sparsity")}
+        overrides["density" if args.density is not None else "sparsity"] = (
+            args.density if args.density is not None else args.sparsity)
+        cfg["recipe_overrides"] = overrides
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"sparsetrain train: --set expects KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = key.split(".")
+        target = cfg
+        for part in parts[:-1]:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[parts[-1]] = _parse_value(text)
+    return cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    from sparsetrain.train import NonFiniteError, TrainConfig, format_summary, train
+
+    log = logging.getLogger("sparsetrain")
+    try:
+        if args.resume:
+            cfg = TrainConfig(quiet=bool(args.quiet))
+            summary = train(cfg, resume=args.resume, epochs=args.epochs)
+        else:
+            cfg = TrainConfig.from_dict(resolve_config(args))
+            summary = train(cfg)
+    except NonFiniteError as e:
+        log.error("sparsetrain train: %s", e)
+        return 3
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError) as e:
+        log.error("sparsetrain train: %s", e)
+        return 2
+    print("\nsparsetrain train: finished\n" + format_summary(summary))
+    sys.stdout.flush()
+    return 0

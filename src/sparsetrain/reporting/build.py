@@ -1,0 +1,606 @@
+"""Assemble and write the report of one run or the comparison of several runs.
+
+Both outputs go to one folder: ``report.md`` (images referenced by relative file name), ``report.html`` (same
+content, inline CSS, PNGs embedded as base64 ``data:`` URIs so the single file opens anywhere) and the PNG files.
+
+Example:
+    >>> from sparsetrain.reporting import write_report
+    >>> result = write_report(["runs/lenet5-swat-u"])  # doctest: +SKIP
+    >>> result.markdown  # doctest: +SKIP
+    PosixPath('runs/lenet5-swat-u/report/report.md')
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparsetrain.reporting.document import (
+    Block,
+    BulletList,
+    CodeBlock,
+    Document,
+    Heading,
+    Image,
+    Note,
+    Paragraph,
+    Table,
+    to_html,
+    to_markdown,
+)
+from sparsetrain.reporting.plots import (
+    plot_accuracy_overlay,
+    plot_layer_densities,
+    plot_layer_sparsity,
+    plot_training_curves,
+    require_matplotlib,
+)
+from sparsetrain.reporting.runfiles import RunFiles, read_run, recipe_label
+from sparsetrain.reporting.tables import (
+    GroupRow,
+    flatten,
+    format_mean_sd,
+    format_pct,
+    format_value,
+    group_runs,
+)
+
+__all__ = [
+    "OPERANDS",
+    "TENSORS",
+    "DEFAULT_COMPARISON_DIR",
+    "ReportResult",
+    "build_run_document",
+    "build_comparison_document",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+# Operand names of handle.densities() and tensor names of telemetry records, in the order they are tabulated.
+OPERANDS = (
+    "weight",
+    "input",
+    "output",
+    "grad_output",
+    "grad_input",
+    "grad_weight",
+    "weight_for_grad_input",
+    "input_for_grad_weight",
+)
+TENSORS = ("weight", "input", "output", "grad_output", "grad_input", "grad_weight")
+# The comparison goes to the working directory by default rather than next to the runs, where a later
+# `sparsetrain report runs/*` would pick the report folder up as a (broken) run directory.
+DEFAULT_COMPARISON_DIR = Path("sparsetrain-report")
+
+_CURVES_PNG = "curves.png"
+_SPARSITY_PNG = "grad_sparsity.png"
+_DENSITY_PNG = "layer_density.png"
+_OVERLAY_PNG = "test_accuracy.png"
+
+
+@dataclass
+class ReportResult:
+    """Files written by :func:`write_report`."""
+
+    out_dir: Path
+    markdown: Path
+    html: Path
+    images: list[Path] = field(default_factory=list)
+    document: Document | None = None
+
+
+def _version() -> str:
+    try:
+        from sparsetrain import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover - the package is always importable when this module is
+        return "?"
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _pct_cell(value: Any, digits: int = 2) -> str:
+    v = _num(value)
+    return format_pct(v, digits)
+
+
+def _kv_value(key: str, value: Any) -> str:
+    # Accuracies and measured densities are stored as fractions; people read them as percent.
+    if (key.endswith("_acc") or key.endswith("_density") or key.endswith("(last epoch)")) and _num(value) is not None:
+        return f"{100.0 * float(value):.2f} %"
+    return format_value(value)
+
+
+# ------------------------------------------------------------------------------------------------------ single run
+
+
+def _summary_section(run: RunFiles) -> list[Block]:
+    blocks: list[Block] = [Heading("Summary")]
+    if run.summary_derived:
+        blocks.append(
+            Note(
+                "`summary.json` is missing (unfinished run?); these values are derived from "
+                "`config.yaml` and `metrics.jsonl`."
+            )
+        )
+    flat = flatten(
+        {k: (recipe_label(v) if k == "recipe" and isinstance(v, dict) else v) for k, v in run.summary.items()}
+    )
+    last = run.last_metrics
+    for key in ("weight_density", "activation_density"):
+        if _num(last.get(key)) is not None and key not in flat:
+            flat[f"{key} (last epoch)"] = last[key]
+    rows = [[f"`{k}`", _kv_value(k, v)] for k, v in flat.items()]
+    blocks.append(Table(["Key", "Value"], rows, ["l", "r"]))
+    return blocks
+
+
+def _config_section(config: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = [Heading("Configuration")]
+    if not config:
+        return blocks + [Note("`config.yaml` is empty.")]
+    rows: list[list[str]] = []
+    long_values: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat = flatten(value, f"{key}.")
+            # Small dicts (recipe_overrides) read best as rows; big ones (a per-layer recipe) as YAML.
+            if len(flat) <= 6 and all(len(format_value(v)) <= 60 for v in flat.values()):
+                rows += [[f"`{k}`", format_value(v)] for k, v in flat.items()]
+            else:
+                long_values.append((key, value))
+        elif isinstance(value, list) and len(json.dumps(value, default=str)) > 80:
+            long_values.append((key, value))
+        else:
+            rows.append([f"`{key}`", format_value(value)])
+    blocks.append(Table(["Key", "Value"], rows, ["l", "l"]))
+    for key, value in long_values:
+        blocks.append(Paragraph(f"`{key}`:"))
+        blocks.append(CodeBlock(yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False), "yaml"))
+    return blocks
+
+
+def _curves_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path]) -> list[Block]:
+    blocks: list[Block] = [Heading("Training curves")]
+    if not run.metrics:
+        return blocks + [Note("`metrics.jsonl` holds no epochs yet.")]
+    if plots:
+        png = plot_training_curves(run.metrics, out_dir / _CURVES_PNG)
+        if png is not None:
+            images.append(png)
+            blocks.append(
+                Image(
+                    png.name,
+                    "accuracy and loss curves",
+                    "Accuracy and loss of the training and test sets against epoch.",
+                )
+            )
+    columns = [
+        ("epoch", "Epoch", format_value),
+        ("lr", "LR", lambda v: f"{v:.4g}"),
+        ("train_loss", "Train loss", lambda v: f"{v:.4f}"),
+        ("train_acc", "Train acc. (%)", _pct_cell),
+        ("test_loss", "Test loss", lambda v: f"{v:.4f}"),
+        ("test_acc", "Test acc. (%)", _pct_cell),
+        ("weight_density", "W dens. (%)", lambda v: _pct_cell(v, 1)),
+        ("activation_density", "Act dens. (%)", lambda v: _pct_cell(v, 1)),
+        ("time_s", "Time (s)", lambda v: f"{v:.1f}"),
+    ]
+    present = [c for c in columns if any(_num(m.get(c[0])) is not None for m in run.metrics)]
+    rows = [[fmt(m[key]) if _num(m.get(key)) is not None else "—" for key, _, fmt in present] for m in run.metrics]
+    blocks.append(Table([title for _, title, _ in present], rows, ["r"] * len(present)))
+    return blocks
+
+
+def _layer_densities(run: RunFiles) -> tuple[dict[str, dict[str, float]], str] | None:
+    """Per-layer densities from the last epoch's ``densities``, else from telemetry at its last step."""
+    for m in reversed(run.metrics):
+        dens = m.get("densities")
+        if isinstance(dens, dict) and dens:
+            table = {
+                str(layer): {op: float(v) for op, v in ops.items() if _num(v) is not None}
+                for layer, ops in dens.items()
+                if isinstance(ops, dict)
+            }
+            return table, f"`densities` of epoch {m.get('epoch', '?')} in `metrics.jsonl` (kept fraction per operand)"
+    tel = run.telemetry
+    if tel is not None and (tel.last("weight") or tel.last("input")):
+        from_tel: dict[str, dict[str, float]] = {}
+        for tensor in ("weight", "input"):
+            for layer, sparsity in tel.last(tensor).items():
+                from_tel.setdefault(layer, {})[tensor] = 1.0 - sparsity
+        return from_tel, "telemetry at its last recorded step (1 − fraction of exact zeros)"
+    return None
+
+
+def _density_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path]) -> list[Block]:
+    blocks: list[Block] = [Heading("Per-layer densities")]
+    found = _layer_densities(run)
+    if found is None:
+        return blocks + [
+            Note(
+                "No per-layer densities: the last epoch of `metrics.jsonl` has no `densities` and "
+                "there is no weight/input telemetry."
+            )
+        ]
+    table, source = found
+    present = [op for op in OPERANDS if any(op in d for d in table.values())]
+    # Weights and activations are the headline; other operands only when some layer actually sparsifies them.
+    shown = [op for op in present if op in ("weight", "input") or any(d.get(op, 1.0) < 0.999 for d in table.values())]
+    blocks.append(Paragraph(f"Source: {source}. Layers absent from the table are dense."))
+    last = run.last_metrics
+    if _num(last.get("weight_density")) is not None or _num(last.get("activation_density")) is not None:
+        blocks.append(
+            Paragraph(
+                f"Element-weighted over the sparse layers: weight density {_pct_cell(last.get('weight_density'))} %, "
+                f"activation density {_pct_cell(last.get('activation_density'))} %."
+            )
+        )
+    if plots:
+        png = plot_layer_densities(table, shown, out_dir / _DENSITY_PNG)
+        if png is not None:
+            images.append(png)
+            blocks.append(Image(png.name, "per-layer density bars", "Density (% of elements kept) per layer."))
+    rows = [[f"`{layer}`"] + [_pct_cell(ops.get(op), 1) for op in shown] for layer, ops in table.items()]
+    blocks.append(Table(["Layer"] + [f"{op} (%)" for op in shown], rows, ["l"] + ["r"] * len(shown)))
+    return blocks
+
+
+def _telemetry_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path]) -> list[Block]:
+    blocks: list[Block] = [Heading("Sparsity telemetry")]
+    tel = run.telemetry
+    if tel is None:
+        return blocks + [
+            Note("No `telemetry.jsonl` in this run (trained without telemetry): no per-layer sparsity over training.")
+        ]
+    if tel.num_records == 0:
+        return blocks + [Note("`telemetry.jsonl` holds no per-layer records.")]
+    grads = [t for t in ("grad_weight", "grad_output") if tel.series.get(t)]
+    if not grads:
+        blocks.append(Note("The telemetry has no `grad_weight` or `grad_output` records: no gradient-sparsity plot."))
+    elif plots:
+        png = plot_layer_sparsity(tel, grads, out_dir / _SPARSITY_PNG)
+        if png is not None:
+            images.append(png)
+            blocks.append(
+                Image(
+                    png.name,
+                    "per-layer gradient sparsity over training",
+                    "Per-layer sparsity (fraction of exact zeros) of "
+                    + " and ".join(f"`{t}`" for t in grads)
+                    + " against training step, one line per layer (cf. TensorQuant figs. 3-7).",
+                )
+            )
+    tensors = [t for t in TENSORS if tel.series.get(t)] + [t for t in tel.tensors if t not in TENSORS]
+    last_steps = sorted({steps[-1] for t in tensors for steps, _ in tel.series[t].values() if steps})
+    step_text = str(last_steps[-1]) if len(last_steps) == 1 else f"{last_steps[0]}–{last_steps[-1]}"
+    blocks.append(
+        Paragraph(
+            f"Sparsity (% exact zeros) per layer at the last recorded step ({step_text}); "
+            "for gradients also the mean over all recorded steps."
+        )
+    )
+    headers = ["Layer"] + [f"{t} (%)" for t in tensors] + [f"{t} mean (%)" for t in grads]
+    rows = []
+    for layer in tel.layers():
+        row = [f"`{layer}`"]
+        for t in tensors:
+            series = tel.series[t].get(layer)
+            row.append(_pct_cell(series[1][-1], 1) if series and series[1] else "—")
+        for t in grads:
+            series = tel.series[t].get(layer)
+            row.append(_pct_cell(sum(series[1]) / len(series[1]), 1) if series and series[1] else "—")
+        rows.append(row)
+    blocks.append(Table(headers, rows, ["l"] + ["r"] * (len(headers) - 1)))
+    return blocks
+
+
+def _flops_section(run: RunFiles) -> list[Block]:
+    blocks: list[Block] = [Heading("FLOPs and memory")]
+    flops = run.flops
+    if flops is None:
+        return blocks + [Note("No `flops.json` in this run: FLOP and memory accounting not available.")]
+    convention = flops.get("convention")
+    if convention is not None:
+        blocks.append(Paragraph(f"Convention: {convention if isinstance(convention, str) else json.dumps(convention)}"))
+    totals = flatten({k: v for k, v in flops.items() if k not in ("layers", "convention")})
+    scalar_totals = {k: v for k, v in totals.items() if not isinstance(v, (list, dict))}
+    if scalar_totals:
+        blocks.append(Heading("Totals", 3))
+        blocks.append(
+            Table(["Quantity", "Value"], [[f"`{k}`", format_value(v)] for k, v in scalar_totals.items()], ["l", "r"])
+        )
+    layers = flops.get("layers")
+    if isinstance(layers, list) and layers:
+        rows_flat = [flatten(r) for r in layers if isinstance(r, dict)]
+        keys = list(dict.fromkeys(k for r in rows_flat for k in r))
+        if "name" in keys:  # the layer name leads
+            keys.remove("name")
+            keys.insert(0, "name")
+        blocks.append(Heading("Per layer", 3))
+        align = ["l" if all(isinstance(r.get(k), str) or r.get(k) is None for r in rows_flat) else "r" for k in keys]
+        body = [[f"`{r[k]}`" if k == "name" and k in r else format_value(r.get(k)) for k in keys] for r in rows_flat]
+        blocks.append(Table(keys, body, align))
+    elif not scalar_totals:
+        blocks.append(Note("`flops.json` holds neither totals nor a `layers` list."))
+    return blocks
+
+
+def build_run_document(
+    run: RunFiles, out_dir: Path, title: str | None = None, plots: bool = True
+) -> tuple[Document, list[Path]]:
+    """Build the single-run report and draw its PNGs into ``out_dir``.
+
+    Args:
+        run: parsed run directory.
+        out_dir: folder for the PNG files.
+        title: document title (default: ``"Training report: <run name>"``).
+        plots: draw PNG figures (needs matplotlib).
+
+    Returns:
+        The document and the PNG files written.
+    """
+    images: list[Path] = []
+    s = run.summary
+    density = s.get("density")
+    facts = [
+        f"model `{s.get('model', run.config.get('model', '?'))}`",
+        f"dataset `{s.get('dataset', run.config.get('dataset', '?'))}`",
+        f"recipe `{recipe_label(s.get('recipe', run.config.get('recipe')))}`"
+        + (f" at density {format_value(density)}" if _num(density) is not None else ""),
+        f"seed {s.get('seed', run.config.get('seed', '?'))}",
+        f"{len(run.metrics)} epoch(s) recorded",
+    ]
+    blocks: list[Block] = [
+        Paragraph(f"Run directory `{run.path}`: " + ", ".join(facts) + "."),
+        Paragraph(f"Generated by sparsetrain {_version()} on {_now()}."),
+    ]
+    blocks += _summary_section(run)
+    blocks += _config_section(run.config)
+    blocks += _curves_section(run, out_dir, plots, images)
+    blocks += _density_section(run, out_dir, plots, images)
+    blocks += _telemetry_section(run, out_dir, plots, images)
+    blocks += _flops_section(run)
+    if run.notes:
+        blocks += [Heading("Notes"), BulletList(list(run.notes))]
+    return Document(title or f"Training report: {run.name}", blocks), images
+
+
+# ------------------------------------------------------------------------------------------------------ comparison
+
+
+def _group_label(row: GroupRow, with_pair: bool) -> str:
+    label = row.method + (f" d={format_value(row.density)}" if row.density is not None else "")
+    return f"{row.model}/{row.dataset} {label}" if with_pair else label
+
+
+def _results_table(rows: list[GroupRow]) -> Table:
+    has_baseline = any(r.baseline_acc is not None for r in rows)
+    headers = ["Method", "Density", "W dens. (%)", "Act dens. (%)", "Top-1 ± SD (%)", "n"]
+    if has_baseline:
+        headers.append("BA / AC (%)")
+    headers += ["Train FLOPs ↓ (%)", "Inf. FLOPs ↓ (%)", "Act ↓ (%)", "MC (×)", "Seeds"]
+    body = []
+    for r in rows:
+        cells = [
+            r.method,
+            format_value(r.density),
+            format_pct(r.weight_density, 1),
+            format_pct(r.activation_density, 1),
+            format_mean_sd(r.acc_mean, r.acc_sd, scale=100.0),
+            str(r.acc_n),
+        ]
+        if has_baseline:
+            ac = r.acc_change
+            cells.append("—" if ac is None else f"{100 * r.baseline_acc:.2f} / {100 * ac:+.2f}")
+        f = r.flops
+        cells += [
+            "—" if f["training_flops_reduction_pct"] is None else f"{f['training_flops_reduction_pct']:.1f}",
+            "—" if f["inference_flops_reduction_pct"] is None else f"{f['inference_flops_reduction_pct']:.1f}",
+            "—" if f["act_memory_reduction_pct"] is None else f"{f['act_memory_reduction_pct']:.1f}",
+            "—" if f["model_compression_x"] is None else f"{f['model_compression_x']:.1f}",
+            ", ".join(format_value(s) for s in r.seeds),
+        ]
+        body.append(cells)
+    align = ["l", "r", "r", "r", "r", "r"] + (["r"] if has_baseline else []) + ["r", "r", "r", "r", "l"]
+    return Table(headers, body, align)
+
+
+def build_comparison_document(
+    runs: Sequence[RunFiles], out_dir: Path, title: str | None = None, plots: bool = True
+) -> tuple[Document, list[Path]]:
+    """Build the comparison report of several runs and draw its PNG into ``out_dir``.
+
+    Runs are grouped by (model, dataset, recipe, density); each group is one table row with the mean ± sample SD
+    of the final test accuracy over its runs (seeds) and the mean of the other figures.
+
+    Args:
+        runs: parsed run directories.
+        out_dir: folder for the PNG file.
+        title: document title (default: ``"Comparison of N runs"``).
+        plots: draw the overlaid test-accuracy PNG (needs matplotlib).
+
+    Returns:
+        The document and the PNG files written.
+    """
+    images: list[Path] = []
+    rows = group_runs(runs)
+    pairs = list(dict.fromkeys((r.model, r.dataset) for r in rows))
+    blocks: list[Block] = [
+        Paragraph(
+            f"{len(runs)} runs in {len(rows)} groups of (model, dataset, recipe, density). Top-1 is the final "
+            "test accuracy: mean ± sample standard deviation over the n runs of a group (no ± for a single "
+            "run). Densities are the measured element-weighted weight and activation densities of the last "
+            "epoch; FLOP and memory figures are means over the group."
+        ),
+        Paragraph(
+            "Columns as in the SWAT paper's tables: BA / AC = baseline (dense) accuracy / accuracy change, "
+            "Act ↓ = activation memory reduction, MC = model compression."
+        ),
+        Paragraph(f"Generated by sparsetrain {_version()} on {_now()}."),
+        Heading("Results"),
+    ]
+    for model, dataset in pairs:
+        blocks.append(Heading(f"{model} on {dataset}", 3))
+        blocks.append(_results_table([r for r in rows if (r.model, r.dataset) == (model, dataset)]))
+
+    if plots:
+        with_pair = len(pairs) > 1
+        curves = []
+        for gi, row in enumerate(rows):
+            group_label = _group_label(row, with_pair)
+            seeds = row.seeds
+            for run, seed in zip(row.runs, seeds):
+                unique_seed = seed is not None and seeds.count(seed) == 1
+                curves.append(
+                    (
+                        f"{group_label} · seed {seed}" if unique_seed else f"{group_label} · {run.name}",
+                        group_label,
+                        run.metrics,
+                        gi,
+                    )
+                )
+        png = plot_accuracy_overlay(curves, out_dir / _OVERLAY_PNG)
+        blocks.append(Heading("Test accuracy"))
+        if png is not None:
+            images.append(png)
+            blocks.append(
+                Image(
+                    png.name,
+                    "test accuracy of all runs",
+                    "Test accuracy against epoch; one colour per group, one line style per run.",
+                )
+            )
+        else:
+            blocks.append(Note("No run has a test accuracy in `metrics.jsonl`."))
+
+    blocks.append(Heading("Runs"))
+    run_rows = []
+    for row in rows:
+        for run in row.runs:
+            s, last = run.summary, run.last_metrics
+            run_rows.append(
+                [
+                    f"`{run.path}`",
+                    row.model,
+                    row.dataset,
+                    row.method,
+                    format_value(row.density),
+                    format_value(s.get("seed", run.config.get("seed"))),
+                    str(len(run.metrics)),
+                    _pct_cell(s.get("final_test_acc")),
+                    _pct_cell(s.get("best_test_acc")),
+                    _pct_cell(last.get("weight_density"), 1),
+                    _pct_cell(last.get("activation_density"), 1),
+                ]
+            )
+    blocks.append(
+        Table(
+            [
+                "Run",
+                "Model",
+                "Dataset",
+                "Method",
+                "Density",
+                "Seed",
+                "Epochs",
+                "Final top-1 (%)",
+                "Best top-1 (%)",
+                "W dens. (%)",
+                "Act dens. (%)",
+            ],
+            run_rows,
+            ["l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "r"],
+        )
+    )
+
+    notes = []
+    for row in rows:
+        if row.differing_config:
+            shown = ", ".join(f"`{k}`" for k in row.differing_config[:8])
+            more = f" and {len(row.differing_config) - 8} more" if len(row.differing_config) > 8 else ""
+            notes.append(
+                f"The runs of {_group_label(row, True)} differ in config {shown}{more}; they are aggregated anyway."
+            )
+    for run in runs:
+        notes += [f"`{run.path}`: {n}" for n in run.notes]
+        if run.flops is None and all(v is None for v in run.flops_summary().values()):
+            notes.append(f"`{run.path}`: no FLOP figures (no `flops.json`, none in `summary.json`).")
+    if notes:
+        blocks += [Heading("Notes"), BulletList(notes)]
+    return Document(title or f"Comparison of {len(runs)} runs", blocks), images
+
+
+# ------------------------------------------------------------------------------------------------------------ write
+
+
+def write_report(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    title: str | None = None,
+    plots: bool = True,
+    embed_images: bool = True,
+) -> ReportResult:
+    """Write ``report.md``, ``report.html`` and PNG plots for one run, or a comparison of several runs.
+
+    Args:
+        run_dirs: one run directory (single-run report) or several (comparison report).
+        out_dir: output folder; default ``RUN_DIR/report`` for one run, ``./sparsetrain-report`` for several.
+        title: report title.
+        plots: draw PNG figures (needs matplotlib, ``pip install 'sparsetrain[report]'``).
+        embed_images: embed the PNGs in the HTML as data URIs (default) instead of referencing the files.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        RunDirectoryError: a path is not a run directory.
+        ImportError: ``plots`` is True and matplotlib is missing.
+        ValueError: ``run_dirs`` is empty.
+    """
+    if not run_dirs:
+        raise ValueError("write_report needs at least one run directory")
+    if plots:
+        require_matplotlib()  # fail before any file is written
+    unique: dict[Path, Path] = {}
+    for d in run_dirs:
+        unique.setdefault(Path(d).resolve(), Path(d))
+    if len(unique) < len(run_dirs):
+        log.warning(
+            "ignoring %d repeated run director%s",
+            len(run_dirs) - len(unique),
+            "y" if len(run_dirs) - len(unique) == 1 else "ies",
+        )
+    runs = [read_run(p) for p in unique.values()]
+
+    if len(runs) == 1:
+        out = Path(out_dir) if out_dir is not None else runs[0].path / "report"
+        out.mkdir(parents=True, exist_ok=True)
+        doc, images = build_run_document(runs[0], out, title, plots)
+    else:
+        out = Path(out_dir) if out_dir is not None else DEFAULT_COMPARISON_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        doc, images = build_comparison_document(runs, out, title, plots)
+
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text(to_markdown(doc), encoding="utf-8")
+    html_path.write_text(to_html(doc, image_dir=out, embed_images=embed_images), encoding="utf-8")
+    log.debug("wrote %s, %s and %d image(s)", md_path, html_path, len(images))
+    return ReportResult(out_dir=out, markdown=md_path, html=html_path, images=images, document=doc)

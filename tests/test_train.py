@@ -1,0 +1,178 @@
+"""`sparsetrain train`: config resolution, exact resume after SIGKILL, damaged checkpoints, NaN stop, real data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import sparsetrain.train as train_mod
+from sparsetrain import runs
+from sparsetrain.cli import build_parser, main
+from sparsetrain.commands.train import resolve_config
+from sparsetrain.train import NonFiniteError, TrainConfig, train
+
+DATA = Path(os.environ.get("SPARSETRAIN_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+SMALL = ["--train-subset", "1536", "--test-subset", "500", "--batch-size", "128", "--deterministic",
+         "--telemetry-every", "4", "--quiet"]
+
+
+def _parse(argv):
+    return build_parser().parse_args(["train", *argv])
+
+
+def test_config_precedence_file_then_flags_then_set(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump({"model": "resnet20", "lr": 0.2, "epochs": 7, "recipe": "swat-erk"}))
+    cfg = resolve_config(_parse(["--config", str(f), "--lr", "0.3", "--set", "epochs=9", "--sparsity", "0.8",
+                                 "--set", "recipe_overrides.threshold_period=10"]))
+    assert cfg["model"] == "resnet20" and cfg["lr"] == 0.3 and cfg["epochs"] == 9 and cfg["recipe"] == "swat-erk"
+    assert cfg["recipe_overrides"] == {"sparsity": 0.8, "threshold_period": 10}
+    TrainConfig.from_dict(cfg)  # valid
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['lrr'\]; valid keys: model, dataset"):
+        TrainConfig.from_dict({**cfg, "lrr": 1})
+    with pytest.raises(ValueError, match="schedule 'linear' is not one of cosine, step, constant"):
+        TrainConfig(schedule="linear")
+
+
+def test_defaults_are_the_builtin_job():
+    cfg = TrainConfig()
+    assert (cfg.model, cfg.dataset, cfg.recipe, cfg.recipe_overrides) == (
+        "lenet5", "fashion_mnist_small", "swat-u", {"density": 0.1})
+    assert cfg.data_dir is None  # the bundled subset needs no files
+
+
+def _weights(run_dir):
+    return runs.load_checkpoint(Path(run_dir))["model"]
+
+
+def _cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "sparsetrain", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+    args = [*SMALL, "--epochs", "3", "--recipe", "grad-prune"]  # stochastic pruning: RNG state must resume too
+    full = _cli([*args, "--out", str(tmp_path / "full")])
+    victim = _cli([*args, "--out", str(tmp_path / "victim")])
+    metrics = tmp_path / "victim" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        if metrics.exists() and len(runs.read_jsonl(metrics)) >= 1:
+            time.sleep(0.3)  # well into epoch 2
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed: " + victim.stdout.read()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    epoch_at_kill = runs.load_checkpoint(tmp_path / "victim")["epoch"]
+    assert epoch_at_kill < 2
+    resumed = _cli(["--resume", str(tmp_path / "victim"), "--quiet"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    out_full, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out_full
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "victim")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = runs.read_jsonl(tmp_path / "victim" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in runs.read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    assert "test accuracy" in out and "training FLOPs saved" in out
+
+
+def test_corrupted_checkpoint_gives_clear_error_and_previous_is_kept(tmp_path, caplog):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "2", "--out", str(run)]) == 0
+    ckpt = run / runs.CHECKPOINT
+    prev = run / runs.PREV_CHECKPOINT
+    assert runs.load_checkpoint(prev)["epoch"] == 0 and runs.load_checkpoint(ckpt)["epoch"] == 1
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 3])  # truncated
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 2
+    assert "is corrupted or truncated" in caplog.text and f"--resume {prev}" in caplog.text
+    assert runs.load_checkpoint(prev)["epoch"] == 0  # untouched
+    # Resuming from the previous checkpoint works and redoes epoch 1.
+    assert main(["train", "--resume", str(prev), "--epochs", "2", "--quiet"]) == 0
+    assert [r["epoch"] for r in runs.read_jsonl(run / "metrics.jsonl")] == [0, 1]
+
+
+def test_existing_run_is_never_overwritten(tmp_path, caplog):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(run)]) == 0
+    before = (run / runs.CHECKPOINT).read_bytes()
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(run)]) == 2
+    assert "already holds a run; continue it with --resume" in caplog.text
+    assert (run / runs.CHECKPOINT).read_bytes() == before
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = TrainConfig(epochs=1, train_subset=512, test_subset=200, telemetry_every=0, quiet=True,
+                      out=str(tmp_path / "run"))
+    train(cfg)
+    good = (tmp_path / "run" / runs.CHECKPOINT).read_bytes()
+    real = train_mod.F.cross_entropy
+
+    def poisoned(out, y, **kw):
+        return real(out, y, **kw) * float("nan") if out.requires_grad else real(out, y, **kw)
+
+    monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at epoch 1 step 4 .* last good checkpoint is kept"):
+        train(TrainConfig(quiet=True), resume=tmp_path / "run", epochs=2)
+    assert (tmp_path / "run" / runs.CHECKPOINT).read_bytes() == good
+    assert runs.load_checkpoint(tmp_path / "run")["epoch"] == 0
+
+
+def test_run_directory_contents(tmp_path):
+    run = tmp_path / "run"
+    cfg = TrainConfig(epochs=2, train_subset=768, test_subset=300, telemetry_every=2, quiet=True, out=str(run),
+                      wd_exclude_bn_bias=True, warmup_epochs=0.5, schedule="step", milestones=[1], l1=1e-5)
+    summary = train(cfg)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["milestones"] == [1] and saved["out"] == str(run)
+    rows = runs.read_jsonl(run / "metrics.jsonl")
+    assert len(rows) == 2 and {"train_loss", "test_acc", "lr", "densities", "samples_per_s"} <= set(rows[0])
+    assert rows[1]["lr"] == pytest.approx(0.1 * cfg.lr)  # step schedule applied at epoch 1
+    assert rows[0]["densities"]["fc1"]["weight"] == pytest.approx(0.1, abs=0.01)
+    tele = runs.read_jsonl(run / "telemetry.jsonl")
+    assert tele and {r["step"] for r in tele} == set(range(0, 12, 2))
+    flops = json.loads((run / "flops.json").read_text())
+    assert flops["training_flops_reduction_pct"] == summary["flops"]["training_flops_reduction_pct"] > 50
+    ckpt = torch.load(run / runs.CHECKPOINT, weights_only=True)  # safe to load
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "sparsity", "epoch", "step", "rng", "config"}
+    loaded = runs.load_run(run)
+    assert not any(type(m).__name__.startswith("Sparse") for m in loaded.model.modules())
+    handle = loaded.sparsify()
+    assert handle.step_count == ckpt["step"]
+
+
+@pytest.mark.skipif(not (DATA / "mnist" / "train.npz").exists(), reason="shared MNIST data not present")
+def test_lenet5_swat_u_on_real_mnist_learns(tmp_path):
+    cfg = TrainConfig(model="lenet5", dataset="mnist", data_dir=str(DATA), recipe="swat-u",
+                      recipe_overrides={"density": 0.1}, epochs=1, train_subset=12000, test_subset=2000,
+                      batch_size=64, lr=0.1, schedule="constant", telemetry_every=0, quiet=True,
+                      out=str(tmp_path / "mnist"))
+    summary = train(cfg)
+    # Chance is 0.10. (Dense LeNet-5 reaches ~0.88 after this much data; SWAT-U at 90% sparsity -- even the
+    # 84x10 classifier keeps only 84 weights -- learns more slowly at first: ~0.75-0.80.)
+    assert summary["final_test_acc"] > 0.65, summary
+    assert summary["weight_density"] < 0.2
+
+
+def test_list_command(capsys):
+    assert main(["list", "models", "resnet*"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet20" in out and "lenet5" not in out
+    assert main(["list", "recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "swat-u" in out and "grad-prune" in out
+    assert main(["list", "datasets"]) == 0
+    assert "fashion_mnist_small" in capsys.readouterr().out
