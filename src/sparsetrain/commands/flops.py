@@ -1,11 +1,286 @@
-"""`sparsetrain flops` (under construction by its owner)."""
+"""``sparsetrain flops``: per-layer MACs of a training step, dense vs sparse, with the papers' summary figures.
 
-HELP = "flops (not yet implemented)"
+Examples:
+    sparsetrain flops --model resnet50_imagenet --input 3x224x224 --recipe swat-u --sparsity 0.8
+    sparsetrain flops --model resnet18 --dataset cifar10 --recipe swat-u --density 0.1 --json
+    sparsetrain flops --run runs/resnet18-swat-u            # measured densities of a finished run
+    sparsetrain flops --model cifarnet --dataset cifar10 --recipe random-channel --density 0.25 \\
+        --compare-depth-multiplier                           # Changpinyo: sparse random vs depth multiplier
+    sparsetrain flops --model lenet5 --dataset mnist --recipe swat-u --density 0.1 --memory --optimizer adam
+
+Densities: with ``--recipe`` they are the recipe's nominal densities (``handle.densities()`` before any data has
+been seen; data-dependent sparsifiers such as thresholds count as dense); with ``--run`` they are the densities
+measured during training (last line of the run's ``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["HELP", "add_arguments", "main", "parse_input_shape", "build_report"]
+
+HELP = "per-layer MACs (forward, grad-input, grad-weight), dense vs sparse; FLOPs/Act/compression as in SWAT"
 
 
-def add_arguments(parser):
-    pass
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"3x32x32"`` -> ``(3, 32, 32)``; also accepts commas."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input must look like CxHxW (e.g. 3x32x32), got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"--input must be positive sizes like CxHxW, got {text!r}")
+    return shape
 
 
-def main(args):
-    raise SystemExit("sparsetrain flops: not implemented yet")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``flops`` arguments."""
+    parser.add_argument("--model", metavar="NAME", help="registered model name (see `sparsetrain list models`)")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--dataset", metavar="NAME", help="take input shape and class count from a dataset")
+    shape.add_argument("--input", metavar="CxHxW", type=parse_input_shape, help="per-sample input shape")
+    parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: dataset's)")
+    parser.add_argument("--recipe", metavar="PRESET|YAML", default=None, help="sparsity recipe (default: dense)")
+    dens = parser.add_mutually_exclusive_group()
+    dens.add_argument("--density", type=float, default=None, help="kept fraction passed to the recipe")
+    dens.add_argument("--sparsity", type=float, default=None, help="1 - density")
+    parser.add_argument(
+        "--first-layer-dense",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override the recipe's first_layer_dense",
+    )
+    parser.add_argument("--width-mult", type=float, default=None, help="depth multiplier of every conv's channels")
+    parser.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        type=Path,
+        default=None,
+        help="use a run's config.yaml (model, dataset) and measured densities (metrics.jsonl)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="MACs per batch of this size (default 1)")
+    parser.add_argument(
+        "--count-first-layer-grad-input",
+        action="store_true",
+        help="also count grad-input of layers fed by the data (autograd never computes it)",
+    )
+    parser.add_argument(
+        "--compare-depth-multiplier",
+        action="store_true",
+        help="Changpinyo: compare the recipe at --density A with a dense model at width sqrt(A)",
+    )
+    parser.add_argument("--memory", action="store_true", help="also print the analytic memory of a training step")
+    parser.add_argument(
+        "--optimizer",
+        default="sgd-momentum",
+        help="optimizer state for --memory: sgd, sgd-momentum, adam, adamw or a buffer count",
+    )
+    parser.add_argument(
+        "--storage-format",
+        default="bitmap",
+        choices=("bitmap", "csr", "dense"),
+        help="storage of sparsified saved operands for --memory (default bitmap)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+
+def _input_shape_and_classes(args: argparse.Namespace, model_name: str) -> tuple[tuple[int, ...], dict[str, Any]]:
+    kwargs: dict[str, Any] = {"num_classes": args.num_classes, "width_mult": args.width_mult}
+    if args.dataset:
+        from sparsetrain.data import dataset_info
+
+        info = dataset_info(args.dataset)
+        size = info.image_size
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        kwargs["num_classes"] = args.num_classes or info.num_classes
+        kwargs["in_channels"] = info.channels
+        return (info.channels, *hw), kwargs
+    if args.input is None:
+        raise ValueError("give --dataset NAME or --input CxHxW (or --run RUN_DIR)")
+    if len(args.input) == 3:
+        kwargs["in_channels"] = args.input[0]
+    return args.input, kwargs
+
+
+def _densities_for(model: Any, args: argparse.Namespace) -> dict[str, dict[str, float]] | None:
+    if args.recipe is None:
+        if args.density is not None or args.sparsity is not None or args.first_layer_dense is not None:
+            raise ValueError("--density/--sparsity/--first-layer-dense need --recipe")
+        return None
+    import sparsetrain
+
+    overrides: dict[str, Any] = {}
+    if args.density is not None:
+        overrides["density"] = args.density
+    if args.sparsity is not None:
+        # As density: a preset's default density would otherwise clash with an explicit sparsity.
+        overrides["density"] = round(1.0 - args.sparsity, 12)
+    if args.first_layer_dense is not None:
+        overrides["first_layer_dense"] = args.first_layer_dense
+    handle = sparsetrain.sparsify_(model, args.recipe, **overrides)
+    # Read before any forward pass: nominal densities (the trace below would replace them by measurements on
+    # random data).
+    return handle.densities()
+
+
+def _load_run(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict[str, dict[str, float]]]:
+    import yaml
+
+    import sparsetrain
+    from sparsetrain.accounting import densities_from_metrics
+    from sparsetrain.data import dataset_info
+
+    cfg_path = args.run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is {args.run} a run directory written by `sparsetrain train`?")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    if "model" not in cfg or "dataset" not in cfg:
+        raise ValueError(f"{cfg_path} lacks 'model' or 'dataset'")
+    info = dataset_info(cfg["dataset"])
+    size = info.image_size
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    model = sparsetrain.create_model(
+        cfg["model"], num_classes=info.num_classes, in_channels=info.channels, width_mult=cfg.get("width_mult")
+    )
+    return model, (info.channels, *hw), densities_from_metrics(args.run / "metrics.jsonl")
+
+
+def build_report(args: argparse.Namespace) -> tuple[Any, Any, dict[str, dict[str, float]] | None]:
+    """Build the model and its :class:`FlopReport` from parsed arguments. Returns ``(model, report, densities)``."""
+    import sparsetrain
+    from sparsetrain.accounting import count_flops
+
+    if args.run is not None:
+        if args.recipe is not None or args.model is not None:
+            raise ValueError("--run takes model, dataset and densities from the run; drop --model/--recipe")
+        model, shape, densities = _load_run(args)
+    else:
+        if not args.model:
+            raise ValueError("give --model NAME (or --run RUN_DIR)")
+        shape, kwargs = _input_shape_and_classes(args, args.model)
+        model = sparsetrain.create_model(args.model, **kwargs)
+        densities = _densities_for(model, args)
+    report = count_flops(
+        model,
+        shape,
+        densities,
+        batch_size=args.batch_size,
+        count_first_layer_grad_input=args.count_first_layer_grad_input,
+    )
+    return model, report, densities
+
+
+def _compare_depth_multiplier(args: argparse.Namespace) -> dict[str, Any]:
+    """Changpinyo et al.: recipe at density A (width 1) vs dense at width sqrt(A), parameters excl. classifier."""
+    import sparsetrain
+    from sparsetrain.accounting import count_flops
+
+    if not args.model:
+        raise ValueError("--compare-depth-multiplier needs --model")
+    alpha = args.density if args.density is not None else (None if args.sparsity is None else 1 - args.sparsity)
+    if alpha is None:
+        raise ValueError("--compare-depth-multiplier needs --density A (or --sparsity)")
+    if args.width_mult not in (None, 1.0):
+        raise ValueError("--compare-depth-multiplier sets the widths itself; drop --width-mult")
+    recipe = args.recipe or "random-channel"
+    shape, kwargs = _input_shape_and_classes(args, args.model)
+    rows = []
+    settings = [
+        ("dense", 1.0, None),
+        (f"{recipe} density {alpha:g}", 1.0, recipe),
+        (f"depth multiplier {math.sqrt(alpha):.4g}", math.sqrt(alpha), None),
+    ]
+    for label, width, rec in settings:
+        model = sparsetrain.create_model(args.model, **(kwargs | {"width_mult": width}))
+        densities = None
+        if rec is not None:
+            ns = argparse.Namespace(**(vars(args) | {"recipe": rec, "density": alpha, "sparsity": None}))
+            densities = _densities_for(model, ns)
+        rep = count_flops(model, shape, densities, batch_size=args.batch_size)
+        sp = rep.totals(sparse=True)
+        conv = [r for r in rep.layers if r.type.endswith(("Conv1d", "Conv2d", "Conv3d"))]
+        conv_params = sum(r.weight_density * r.weight_elements + (r.params - r.weight_elements) for r in conv)
+        rows.append(
+            {
+                "setting": label,
+                "width_mult": width,
+                "density": alpha if rec else 1.0,
+                "params_excl_classifier": sp["params_excl_classifier"],
+                "params": sp["params"],
+                "conv_params": conv_params,
+                "multiply_adds": sp["forward_macs"],
+                "training_macs": sp["training_macs"],
+            }
+        )
+    return {
+        "model": args.model,
+        "input_shape": list(shape),
+        "alpha": alpha,
+        "settings": rows,
+        "convention": "params_excl_classifier: non-zero parameters (BatchNorm included) excluding the classifier "
+        "(last layer), as Changpinyo et al.; conv_params: non-zero conv weights + biases; multiply_adds: forward "
+        f"MACs per batch of {args.batch_size} (Changpinyo's MAdds); sparse counts as in count_flops (a masked "
+        "weight gradient is still computed in full, so training MACs of a fixed topology stay high).",
+    }
+
+
+def _fmt_compare(d: dict[str, Any]) -> str:
+    from sparsetrain.accounting.flops import format_count
+
+    head = f"{'setting':<34} {'params excl. cls':>16} {'conv params':>12} {'MAdds (fwd)':>12} {'training MACs':>14}"
+    lines = [f"{d['model']} {tuple(d['input_shape'])}, alpha = {d['alpha']:g}", head, "-" * len(head)]
+    for r in d["settings"]:
+        lines.append(
+            f"{r['setting']:<34} {format_count(r['params_excl_classifier']):>16} {format_count(r['conv_params']):>12} "
+            f"{format_count(r['multiply_adds']):>12} "
+            f"{format_count(r['training_macs']):>14}"
+        )
+    lines += ["", f"convention: {d['convention']}"]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the report (table or JSON). Returns 0, or 2 on a bad argument / run directory."""
+    from sparsetrain.accounting import format_table
+
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.compare_depth_multiplier:
+            d = _compare_depth_multiplier(args)
+            print(json.dumps(d, indent=2) if args.json else _fmt_compare(d))
+            return 0
+        model, report, densities = build_report(args)
+        mem = None
+        if args.memory:
+            from sparsetrain.accounting.memory import memory_report
+
+            opt: Any = int(args.optimizer) if str(args.optimizer).isdigit() else args.optimizer
+            mem = memory_report(
+                model,
+                report.input_shape,
+                densities,
+                batch_size=args.batch_size,
+                optimizer=opt,
+                fmt=args.storage_format,
+            )
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"sparsetrain flops: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = report.to_dict()
+        if mem is not None:
+            out = out | {"memory": mem.to_dict()}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(report))
+        if mem is not None:
+            print()
+            print(mem.format_table())
+    return 0

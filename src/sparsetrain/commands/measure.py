@@ -1,11 +1,141 @@
-"""`sparsetrain measure` (under construction by its owner)."""
+"""``sparsetrain measure``: inference sparsity of a trained run, thresholds enforced, and the threshold search.
 
-HELP = "measure (not yet implemented)"
+Loads a run (``sparsetrain.runs.load_run``), evaluates its test set and prints TensorQuant-style tables of weight
+and activation sparsity per layer and per block, with the accuracy with and without the enforced thresholds.
+``--search weight|activation`` runs the per-layer halving search (METHODS.md §3) and can write the recipe it finds.
+
+A sparse-trained run is measured as trained: each sparse layer's forward weight (e.g. SWAT's top-K) is baked into a
+dense copy (``--dense`` measures the stored dense weights instead). Activation thresholds act on each layer's
+*input* (the post-ReLU activation it consumes), never on the first layer's input (the image) unless a search or
+recipe names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+__all__ = ["HELP", "add_arguments", "main"]
+
+HELP = "measure weight/activation sparsity of a run, enforce thresholds, search per-layer thresholds"
+
+logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="run directory or checkpoint.pt")
+    parser.add_argument("--data-dir", default=None, help="data root (default: the run's data_dir / $SPARSETRAIN_DATA)")
+    parser.add_argument("--weight-threshold", type=float, default=None, metavar="T",
+                        help="enforce |w| > T on every layer's weight")
+    parser.add_argument("--act-threshold", type=float, default=None, metavar="T",
+                        help="enforce |x| > T on every layer's input activation (all but the first layer)")
+    parser.add_argument("--batches", type=int, default=None, metavar="N",
+                        help="evaluate only the first N test batches (bounds the cost of --search)")
+    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
+    parser.add_argument("--search", choices=("weight", "activation"), default=None,
+                        help="per-layer halving threshold search on weights or input activations")
+    parser.add_argument("--margin", type=float, default=0.999,
+                        help="search: required accuracy / baseline for each layer alone (default 0.999)")
+    parser.add_argument("--output", "-o", default=None, metavar="RECIPE.yaml",
+                        help="search: write the found thresholds as a recipe sparsify_ loads")
+    parser.add_argument("--dense", action="store_true",
+                        help="ignore the run's recipe: measure the stored dense weights")
+    parser.add_argument("--no-blocks", action="store_true", help="per-layer table only")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def main(args):
-    raise SystemExit("sparsetrain measure: not implemented yet")
+def _inference_model(run, dense: bool):
+    """The run's model as trained, as a dense module (sparse forward weights baked in)."""
+    from sparsetrain.telemetry.search import bake_sparse_weights
+
+    model = run.model
+    recipe = run.config.get("recipe")
+    if dense or recipe in (None, "dense"):
+        return model
+    run.sparsify()
+    lost = bake_sparse_weights(model)
+    if lost:
+        logger.warning("the run's recipe also sparsifies forward activations of %s; measured without that "
+                       "(only its forward weights are kept)", ", ".join(lost))
+    return model
+
+
+def _test_loader(run, data_dir, batch_size, device):
+    from sparsetrain.data import BatchLoader, dataset_info, load_arrays, make_loaders
+
+    cfg = run.config
+    name = cfg.get("dataset")
+    if not name:
+        raise SystemExit("sparsetrain measure: the run's config has no 'dataset'")
+    data_dir = data_dir or cfg.get("data_dir")
+    info = dataset_info(name)
+    if not info.in_memory:  # image folders: only the full loader factory knows how to read them
+        return make_loaders(name, data_dir=data_dir, batch_size=batch_size, augment=False, device=device)[1]
+    # Only the test split: no need to read (and hold) the training set.
+    x, y = load_arrays(name, "test", data_dir)
+    return BatchLoader(x, y, batch_size, mean=info.mean, std=info.std, device=device)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsetrain.telemetry.search import make_evaluator, search_thresholds
+    from sparsetrain.telemetry.tables import measure_sparsity
+
+    if args.batches is not None and args.batches < 1:
+        raise SystemExit(f"sparsetrain measure: --batches must be >= 1, got {args.batches}")
+    if not 0 < args.margin <= 1:
+        raise SystemExit(f"sparsetrain measure: --margin must be in (0, 1], got {args.margin}")
+    if args.output and not args.search:
+        raise SystemExit("sparsetrain measure: --output writes a searched recipe; add --search weight|activation")
+    try:
+        from sparsetrain.runs import load_run
+    except ImportError as e:  # the run loader is part of the training side of the package
+        raise SystemExit(f"sparsetrain measure: cannot load runs ({e})") from e
+
+    run = load_run(args.run)
+    device = torch.device(args.device)
+    model = _inference_model(run, args.dense).to(device).eval()
+    evaluate = make_evaluator(_test_loader(run, args.data_dir, args.batch_size, device), max_batches=args.batches)
+
+    weight_thr: float | dict[str, float] | None = args.weight_threshold
+    act_thr: float | dict[str, float] | None = args.act_threshold
+    search = None
+    if args.search:
+        operand = "weight" if args.search == "weight" else "input"
+        search = search_thresholds(model, evaluate, operand=operand, margin=args.margin)
+        if operand == "weight":
+            weight_thr = search.thresholds
+        else:
+            act_thr = search.thresholds
+        if args.output:
+            path = search.save_recipe(args.output)
+            logger.info("wrote %s", path)
+
+    report = measure_sparsity(model, evaluate, weight_thresholds=weight_thr, act_thresholds=act_thr,
+                              blocks=None if args.no_blocks else "auto")
+    if args.json:
+        out = {"run": str(args.run), "report": report.to_dict()}
+        if search is not None:
+            out["search"] = search.to_dict()
+            out["recipe"] = search.to_recipe()
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"run: {args.run} ({run.config.get('model')} on {run.config.get('dataset')})")
+    if search is not None:
+        print(f"\nper-layer {search.operand} threshold search (margin {search.margin}):")
+        for name, r in search.layers.items():
+            if r.threshold is None:
+                print(f"  {name:24s} cannot be sparsified ({r.evaluations} evaluations)")
+            else:
+                print(f"  {name:24s} thr {r.threshold:<10.4g} accuracy alone {r.accuracy:.4f}  "
+                      f"sparsity alone {100 * r.sparsity:.1f}%  ({r.evaluations} evaluations)")
+        if not args.output:
+            print("\nrecipe (save with --output):\n" + search.to_yaml())
+    print()
+    print(report.format())
+    return 0

@@ -1,0 +1,496 @@
+"""Per-layer multiply-accumulate (MAC) accounting of a training step, dense and sparse, in the papers' terms.
+
+Convention (also returned as :data:`CONVENTION` and printed by ``sparsetrain flops``):
+
+* Only convolution (``nn.Conv1d/2d/3d``, not transposed) and ``nn.Linear`` layers, including subclasses such as
+  ``SparseConv2d``, are counted. BatchNorm, ReLU, pooling, softmax, residual additions and the optimizer update are
+  not: they are O(activations) and SWAT's tables ignore them too.
+* Counts are MACs. One MAC = one multiply + one add, so FLOPs = 2 x MACs (``FlopCounterMode`` reports FLOPs).
+  Biases are not counted (``FlopCounterMode`` ignores them as well).
+* Per layer, with ``F`` the dense MACs of the forward GEMM ``y = f(x, W)``:
+
+  - forward ``F``; backward grad-input ``dx = G(dy, W)``: ``F``; backward grad-weight ``dW = H(dy, x)``: ``F``.
+  - the grad-input of a layer whose input does not require grad (the first layer, fed by the data) is never
+    computed by autograd, so it counts 0 (set ``count_first_layer_grad_input=True`` to count it anyway).
+  - sparse counts take the *sparser* operand of each GEMM, i.e. an engine that skips the zeros of one operand:
+    forward ``min(d_weight, d_input) F``; grad-input ``min(d_weight_for_grad_input, d_grad_output) F``;
+    grad-weight ``min(d_input_for_grad_weight, d_grad_output) F``. With a dense ``dy`` this is SWAT's
+    ``(1-s_w)F, (1-s_w)F, (1-s_a)F``; with a pruned ``dy`` (meProp, Ye et al.) it is ``(1-s_dy)F`` per GEMM.
+    An engine that skips pairs where *either* operand is zero does better (about ``d_a d_b F`` for independent
+    masks); :mod:`sparsetrain.accounting.accelerator` counts those effectual MACs exactly on real tensors.
+
+* Totals: training FLOPs reduction = ``1 - sparse/dense`` over the three passes; inference FLOPs reduction = the
+  same over the forward pass only; Act reduction = fraction of the saved activation elements (each layer's
+  ``input_for_grad_weight``, i.e. its input, counted per sample) that are masked to zero,
+  ``sum((1-d) n_in) / sum(n_in)``; model compression = conv+linear weights / non-zero weights (``d_weight``).
+
+Densities use the format of ``SparsityHandle.densities()``: ``{layer_name: {operand: kept_fraction}}``; a missing
+layer or operand is dense (1.0).
+
+Example:
+    >>> import torch.nn as nn
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    >>> report = count_flops(model, (1, 28, 28), {"2": {"weight": 0.1, "weight_for_grad_input": 0.1}})
+    >>> report.layers[0].dense_forward_macs, report.layers[0].dense_grad_input_macs
+    (24336, 0)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONVENTION",
+    "OPERANDS",
+    "LayerFlops",
+    "FlopReport",
+    "count_flops",
+    "format_count",
+    "format_table",
+    "layer_density",
+    "densities_from_metrics",
+    "is_counted_layer",
+]
+
+OPERANDS = (
+    "weight",
+    "input",
+    "output",
+    "grad_output",
+    "grad_input",
+    "grad_weight",
+    "weight_for_grad_input",
+    "input_for_grad_weight",
+)
+
+CONVENTION = (
+    "MACs of conv/linear GEMMs only (BN, ReLU, pooling, softmax, bias, optimizer not counted); FLOPs = 2 x MACs. "
+    "Dense per layer: forward F, grad-input F (0 for a layer whose input needs no grad, e.g. the first layer), "
+    "grad-weight F. Sparse: forward min(d_weight, d_input)F, grad-input min(d_weight_for_grad_input, "
+    "d_grad_output)F, grad-weight min(d_input_for_grad_weight, d_grad_output)F (the sparser operand is skipped; "
+    "SWAT: (1-s_w)F, (1-s_w)F, (1-s_a)F). Training reduction over the 3 passes, inference over forward only. "
+    "Act reduction = masked fraction of conv/linear input elements saved for grad-weight. "
+    "Compression = conv/linear weights / non-zero weights."
+)
+
+
+def is_counted_layer(module: nn.Module) -> bool:
+    """True for the layers whose GEMMs are counted: non-transposed convolutions and ``nn.Linear`` (and subclasses)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+
+
+def layer_density(densities: Mapping[str, Mapping[str, float]] | None, name: str, operand: str) -> float:
+    """Density (kept fraction) of one operand of one layer; a missing layer or operand means dense (1.0)."""
+    if operand not in OPERANDS:
+        raise ValueError(f"unknown operand {operand!r}; valid choices: {', '.join(OPERANDS)}")
+    if not densities or name not in densities or densities[name] is None:
+        return 1.0
+    value = densities[name].get(operand, 1.0)
+    value = 1.0 if value is None else float(value)
+    if not 0.0 <= value <= 1.0 + 1e-9:
+        raise ValueError(f"density of {name}.{operand} must be in [0, 1], got {value}")
+    return min(value, 1.0)
+
+
+@dataclass
+class LayerFlops:
+    """MACs, parameters and saved-activation size of one conv/linear layer (summed over its calls).
+
+    MACs are for the whole batch used by :func:`count_flops`; ``saved_activation_elements`` is per sample.
+    """
+
+    name: str
+    type: str
+    dense_forward_macs: int
+    dense_grad_input_macs: int
+    dense_grad_weight_macs: int
+    sparse_forward_macs: float
+    sparse_grad_input_macs: float
+    sparse_grad_weight_macs: float
+    weight_density: float
+    activation_density: float
+    grad_output_density: float
+    params: int
+    saved_activation_elements: int
+    # Not part of the row dict: weight elements for totals; CSR rows (feature maps) of the saved input per sample.
+    weight_elements: int = field(default=0, repr=False)
+    saved_activation_rows: int = field(default=0, repr=False)
+
+    @property
+    def dense_training_macs(self) -> int:
+        return self.dense_forward_macs + self.dense_grad_input_macs + self.dense_grad_weight_macs
+
+    @property
+    def sparse_training_macs(self) -> float:
+        return self.sparse_forward_macs + self.sparse_grad_input_macs + self.sparse_grad_weight_macs
+
+    def to_dict(self) -> dict[str, Any]:
+        row = asdict(self)
+        row.pop("weight_elements")
+        row.pop("saved_activation_rows")
+        return row
+
+
+def _pct_reduction(sparse: float, dense: float) -> float:
+    return 100.0 * (1.0 - sparse / dense) if dense > 0 else 0.0
+
+
+@dataclass
+class FlopReport:
+    """Result of :func:`count_flops`: per-layer rows plus the papers' summary figures.
+
+    Attributes:
+        layers: one row per conv/linear module, in first-call order.
+        input_shape: per-sample input shape the model was traced with.
+        batch_size: batch the MAC counts refer to.
+        other_params: parameters outside conv/linear layers (BatchNorm, ...), counted dense.
+        classifier: name of the last counted layer executed (the classifier, excluded from the
+            Changpinyo-style parameter count), or None.
+        convention: the counting convention in words.
+    """
+
+    layers: list[LayerFlops]
+    input_shape: tuple[int, ...]
+    batch_size: int = 1
+    other_params: int = 0
+    classifier: str | None = None
+    convention: str = CONVENTION
+
+    def _sum(self, attr: str) -> float:
+        return sum(getattr(row, attr) for row in self.layers)
+
+    @property
+    def training_flops_reduction_pct(self) -> float:
+        return _pct_reduction(self._sum("sparse_training_macs"), self._sum("dense_training_macs"))
+
+    @property
+    def inference_flops_reduction_pct(self) -> float:
+        return _pct_reduction(self._sum("sparse_forward_macs"), self._sum("dense_forward_macs"))
+
+    @property
+    def act_memory_reduction_pct(self) -> float:
+        total = self._sum("saved_activation_elements")
+        kept = sum(r.activation_density * r.saved_activation_elements for r in self.layers)
+        return _pct_reduction(kept, total)
+
+    @property
+    def model_compression_x(self) -> float:
+        total = self._sum("weight_elements")
+        nonzero = sum(r.weight_density * r.weight_elements for r in self.layers)
+        if nonzero <= 0:
+            return math.inf
+        return total / nonzero
+
+    def with_densities(self, densities: Mapping[str, Mapping[str, float]] | None) -> "FlopReport":
+        """The same model and input, re-counted for other operand densities (no new forward pass).
+
+        Example:
+            >>> import torch.nn as nn
+            >>> dense = count_flops(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)), (8,))
+            >>> dense.with_densities({"0": {"weight": 0.25}}).layers[0].sparse_forward_macs
+            8.0
+        """
+        names = {r.name for r in self.layers}
+        for layer, ops in (densities or {}).items():
+            bad = sorted(set(ops or {}) - set(OPERANDS))
+            if bad:
+                raise ValueError(
+                    f"densities[{layer!r}]: unknown operand(s) {bad}; valid choices: {', '.join(OPERANDS)}"
+                )
+        unknown = sorted(set(densities or {}) - names)
+        if unknown:
+            # A typo or a layer the forward never reached: say so rather than silently treating it as dense.
+            logger.warning("densities given for layers not executed as conv/linear: %s", unknown)
+        rows = []
+        for r in self.layers:
+
+            def d(op: str, _name: str = r.name) -> float:
+                return layer_density(densities, _name, op)
+
+            d_dy = d("grad_output")
+            rows.append(
+                replace(
+                    r,
+                    sparse_forward_macs=min(d("weight"), d("input")) * r.dense_forward_macs,
+                    sparse_grad_input_macs=min(d("weight_for_grad_input"), d_dy) * r.dense_grad_input_macs,
+                    sparse_grad_weight_macs=min(d("input_for_grad_weight"), d_dy) * r.dense_grad_weight_macs,
+                    weight_density=d("weight"),
+                    activation_density=d("input_for_grad_weight"),
+                    grad_output_density=d_dy,
+                )
+            )
+        return replace(self, layers=rows)
+
+    def totals(self, sparse: bool) -> dict[str, float]:
+        """Dense (``sparse=False``) or sparse (non-zero / effectual) totals.
+
+        Keys: forward_macs, grad_input_macs, grad_weight_macs, training_macs, weights (conv/linear weight elements),
+        params (all parameters), params_excl_classifier (Changpinyo's count), saved_activation_elements (per sample).
+        Sparse params count the non-zero conv/linear weights plus all biases and other parameters.
+        """
+        kind = "sparse" if sparse else "dense"
+        out: dict[str, float] = {
+            "forward_macs": self._sum(f"{kind}_forward_macs"),
+            "grad_input_macs": self._sum(f"{kind}_grad_input_macs"),
+            "grad_weight_macs": self._sum(f"{kind}_grad_weight_macs"),
+            "training_macs": self._sum(f"{kind}_training_macs"),
+        }
+        weights = {r.name: (r.weight_density if sparse else 1.0) * r.weight_elements for r in self.layers}
+        layer_params = {r.name: weights[r.name] + (r.params - r.weight_elements) for r in self.layers}
+        out["weights"] = sum(weights.values())
+        out["params"] = sum(layer_params.values()) + self.other_params
+        out["params_excl_classifier"] = out["params"] - layer_params.get(self.classifier, 0.0)
+        out["saved_activation_elements"] = sum(
+            (r.activation_density if sparse else 1.0) * r.saved_activation_elements for r in self.layers
+        )
+        if not sparse:
+            out = {k: int(round(v)) for k, v in out.items()}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with the summary figures, per-layer rows, totals and the convention."""
+        return {
+            "training_flops_reduction_pct": self.training_flops_reduction_pct,
+            "inference_flops_reduction_pct": self.inference_flops_reduction_pct,
+            "act_memory_reduction_pct": self.act_memory_reduction_pct,
+            "model_compression_x": self.model_compression_x,
+            "layers": [r.to_dict() for r in self.layers],
+            "dense_totals": self.totals(sparse=False),
+            "sparse_totals": self.totals(sparse=True),
+            "convention": (
+                f"{self.convention} Counts for a batch of {self.batch_size} x {tuple(self.input_shape)}; "
+                f"classifier (excluded from params_excl_classifier): {self.classifier}."
+            ),
+        }
+
+
+@dataclass
+class _Trace:
+    module: nn.Module
+    forward_macs: int = 0
+    grad_input_macs: int = 0
+    input_elements: int = 0
+    input_rows: int = 0
+    calls: int = 0
+
+
+def _gemm_macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Dense MACs of one call of a conv/linear layer, from its actual input and output."""
+    if isinstance(module, nn.Linear):
+        rows = x.numel() // module.in_features  # every leading dim is a batch of GEMM rows
+        return rows * module.in_features * module.out_features
+    # Convolution: each output element needs (C_in / groups) * prod(kernel) MACs.
+    return y.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+
+def _trace_layers(
+    model: nn.Module, input_shape: Sequence[int], batch_size: int
+) -> tuple[dict[str, _Trace], list[str], str | None]:
+    """Run one real forward with hooks; return per-layer traces, call order and the last layer called."""
+    names = {id(m): n for n, m in model.named_modules() if is_counted_layer(m)}
+    traces: dict[str, _Trace] = {}
+    order: list[str] = []
+    last: list[str | None] = [None]
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        x = inputs[0]
+        y = output[0] if isinstance(output, (tuple, list)) else output
+        name = names[id(module)]
+        if name not in traces:
+            traces[name] = _Trace(module)
+            order.append(name)
+        t = traces[name]
+        macs = _gemm_macs(module, x, y)
+        t.forward_macs += macs
+        # Autograd only computes dx when x needs a gradient, i.e. not for layers fed by the data.
+        t.grad_input_macs += macs if x.requires_grad else 0
+        t.input_elements += x.numel() // batch_size
+        # Rows of the 2-D view of the saved input: feature maps (channels) for a conv, GEMM rows for a linear layer.
+        t.input_rows += (
+            module.in_channels if not isinstance(module, nn.Linear) else x.numel() // module.in_features // batch_size
+        )
+        t.calls += 1
+        last[0] = name
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in names]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn((batch_size, *input_shape), generator=gen).to(device=device, dtype=dtype)
+    modes = {m: m.training for m in model.modules()}
+    # Sparse layers (sparsetrain.layers) run dense during the trace: only shapes matter here, and their own
+    # forward would refresh cached top-K thresholds and measured densities from this random input.
+    swapped = [(m, m.spec) for m in model.modules() if is_counted_layer(m) and not _spec_is_dense(m)]
+    try:
+        for m, spec in swapped:
+            m.spec = type(spec)()
+        # eval(): BatchNorm must not update running stats nor fail on 1x1 maps at batch 1. Grad stays on so that
+        # requires_grad tells which layer inputs need a gradient.
+        model.eval()
+        with torch.enable_grad():
+            model(x)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for m, spec in swapped:
+            m.spec = spec
+        for h in handles:
+            h.remove()
+    return traces, order, last[0]
+
+
+def _spec_is_dense(module: nn.Module) -> bool:
+    spec = getattr(module, "spec", None)
+    return spec is None or bool(getattr(spec, "is_dense", True))
+
+
+def count_flops(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    densities: Mapping[str, Mapping[str, float]] | None = None,
+    *,
+    batch_size: int = 1,
+    count_first_layer_grad_input: bool = False,
+) -> FlopReport:
+    """Count dense and sparse MACs of one training step of ``model`` on a batch of ``input_shape`` inputs.
+
+    Runs one real forward pass (eval mode, autograd on, random input) with forward hooks on every conv/linear
+    layer to get the actual input/output shapes, so any architecture (residuals, concatenations, reused modules)
+    is handled. Sparse layers run dense during that pass (their spec is swapped for a dense one and restored), so
+    the model's sparsity state -- cached thresholds, measured densities, BatchNorm statistics -- is left untouched.
+    See the module docstring for the convention.
+
+    Args:
+        model: the network (dense or sparsified; sparse layers subclass ``nn.Conv2d``/``nn.Linear``).
+        input_shape: per-sample input shape, e.g. ``(3, 32, 32)``.
+        densities: ``{layer: {operand: density}}`` as returned by ``SparsityHandle.densities()``; None = dense.
+        batch_size: batch the MAC counts refer to (layer inputs' saved elements stay per sample).
+        count_first_layer_grad_input: also count ``dx`` of layers whose input needs no gradient.
+
+    Returns:
+        A :class:`FlopReport`.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> rep = count_flops(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)), (8,), {"1": {"weight": 0.5}})
+        >>> rep.layers[1].sparse_forward_macs, round(rep.inference_flops_reduction_pct, 6)
+        (4.0, 10.0)
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    input_shape = tuple(int(s) for s in input_shape)
+    traces, order, last = _trace_layers(model, input_shape, batch_size)
+    rows: list[LayerFlops] = []
+    counted_params: set[int] = set()
+    for name in order:
+        t = traces[name]
+        m = t.module
+        f = t.forward_macs
+        params = sum(p.numel() for p in m.parameters(recurse=False))
+        counted_params.update(id(p) for p in m.parameters(recurse=False))
+        rows.append(
+            LayerFlops(
+                name=name,
+                type=type(m).__name__,
+                dense_forward_macs=f,
+                dense_grad_input_macs=f if count_first_layer_grad_input else t.grad_input_macs,
+                dense_grad_weight_macs=f,
+                sparse_forward_macs=f,
+                sparse_grad_input_macs=f if count_first_layer_grad_input else t.grad_input_macs,
+                sparse_grad_weight_macs=f,
+                weight_density=1.0,
+                activation_density=1.0,
+                grad_output_density=1.0,
+                params=params,
+                saved_activation_elements=t.input_elements,
+                weight_elements=m.weight.numel(),
+                saved_activation_rows=t.input_rows,
+            )
+        )
+    other = sum(p.numel() for p in model.parameters() if id(p) not in counted_params)
+    dense = FlopReport(
+        layers=rows,
+        input_shape=input_shape,
+        batch_size=batch_size,
+        other_params=other,
+        classifier=last,
+    )
+    return dense.with_densities(densities) if densities else dense
+
+
+def densities_from_metrics(path: str | Path) -> dict[str, dict[str, float]]:
+    """Measured densities from the last line of a run's ``metrics.jsonl`` (or a run directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    last = None
+    with path.open() as fh:
+        for line in fh:
+            if line.strip():
+                last = line
+    if last is None:
+        raise ValueError(f"{path} holds no metrics lines")
+    record = json.loads(last)
+    dens = record.get("densities")
+    if dens is None:
+        raise ValueError(f"the last line of {path} has no 'densities' field")
+    return {str(layer): {str(op): float(v) for op, v in (ops or {}).items()} for layer, ops in dens.items()}
+
+
+def format_count(n: float) -> str:
+    """``1234567 -> '1.23M'`` (k, M, G with two decimals)."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_table(report: FlopReport) -> str:
+    """Per-layer table (MACs), totals and summary figures as plain text."""
+    head = (
+        f"{'layer':<28} {'type':<14} {'fwd':>9} {'dx':>9} {'dW':>9} {'sp fwd':>9} {'sp dx':>9} {'sp dW':>9} "
+        f"{'d_w':>5} {'d_a':>5} {'d_dy':>5} {'params':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in report.layers:
+        lines.append(
+            f"{r.name[:28]:<28} {r.type[:14]:<14} {format_count(r.dense_forward_macs):>9} {format_count(r.dense_grad_input_macs):>9} "
+            f"{format_count(r.dense_grad_weight_macs):>9} {format_count(r.sparse_forward_macs):>9} "
+            f"{format_count(r.sparse_grad_input_macs):>9} {format_count(r.sparse_grad_weight_macs):>9} "
+            f"{r.weight_density:>5.2f} {r.activation_density:>5.2f} {r.grad_output_density:>5.2f} {format_count(r.params):>9}"
+        )
+    lines.append("-" * len(head))
+    dense, sparse = report.totals(False), report.totals(True)
+    lines.append(
+        f"{'total MACs':<43} {format_count(dense['forward_macs']):>9} {format_count(dense['grad_input_macs']):>9} "
+        f"{format_count(dense['grad_weight_macs']):>9} {format_count(sparse['forward_macs']):>9} "
+        f"{format_count(sparse['grad_input_macs']):>9} {format_count(sparse['grad_weight_macs']):>9}"
+    )
+    lines += [
+        "",
+        f"batch {report.batch_size} x {tuple(report.input_shape)}",
+        f"training MACs          dense {format_count(dense['training_macs'])}  sparse {format_count(sparse['training_macs'])}"
+        f"  (FLOPs = 2 x MACs)",
+        f"params                 dense {format_count(dense['params'])}  non-zero {format_count(sparse['params'])}",
+        f"params excl. classifier dense {format_count(dense['params_excl_classifier'])}  "
+        f"non-zero {format_count(sparse['params_excl_classifier'])}  (classifier: {report.classifier})",
+        f"training FLOPs reduction   {report.training_flops_reduction_pct:6.2f} %",
+        f"inference FLOPs reduction  {report.inference_flops_reduction_pct:6.2f} %",
+        f"activation memory (Act) reduction {report.act_memory_reduction_pct:6.2f} %",
+        f"model compression          {report.model_compression_x:6.2f} x",
+        "",
+        f"convention: {report.convention}",
+    ]
+    return "\n".join(lines)
