@@ -185,6 +185,12 @@ def test_dense_model_simulates_at_relu_sparsity_only() -> None:
     assert [c.name for c in caps] == ["0", "2", "4"]
     assert caps[0].weight.all() and caps[0].input.all()
     assert not caps[1].input.all()  # ReLU output: zeros are effectual-skippable even in a dense model
+    # The in-place ReLU right after conv "0" must not hide its dy: the hook sees the gradient w.r.t. the conv
+    # output, which is zero exactly where the pre-activation was negative.
+    with torch.no_grad():
+        pre = model[0](x)
+    assert torch.equal(caps[0].grad_output, pre > 0) or not (caps[0].grad_output & (pre <= 0)).any()
+    assert 0.3 < caps[0].grad_output.float().mean().item() < 0.7
     r = simulate(model, [(x, y)])
     assert r.speedup("forward") > 1.0
     assert r.layers[0].speedup("forward") == 1.0

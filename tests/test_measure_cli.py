@@ -272,11 +272,11 @@ def test_cli_on_a_trained_run(tmp_path, capsys):
     assert all(r["numel"] == 50 * 784 for r in tel if (r["name"], r["tensor"]) == ("conv1", "input"))
 
     out = tmp_path / "recipe.yaml"
-    assert main(["measure", str(run_dir), "--search", "weight", "--margin", "0.98", "--batches", "4", "--batch-size", "100",
-                 "--output", str(out), "--json"]) == 0
+    assert main(["measure", str(run_dir), "--search", "weight", "--margin", "0.98", "--batches", "4",
+                 "--batch-size", "100", "--output", str(out), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     rep, search = data["report"], data["search"]
-XX
+    assert rep["num_samples"] == 400
     found = {n: v["threshold"] for n, v in search["layers"].items() if v["threshold"] is not None}
     assert rep["weight_thresholds"] == found
     assert rep["enforced_accuracy"] == pytest.approx(search["combined_accuracy"])

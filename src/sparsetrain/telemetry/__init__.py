@@ -14,6 +14,16 @@ Example:
 
 from sparsetrain.telemetry.blocks import TOTAL, Count, aggregate, auto_blocks, block_members, resolve_blocks
 from sparsetrain.telemetry.monitor import TENSORS, Monitor, counts_from_records, monitored_layers
+from sparsetrain.telemetry.search import (
+    Evaluator,
+    ThresholdSearchResult,
+    apply_thresholds,
+    bake_sparse_weights,
+    halving_search,
+    make_evaluator,
+    search_thresholds,
+    threshold_recipe,
+)
 from sparsetrain.telemetry.sinks import (
     RECORD_FIELDS,
     CsvSink,
@@ -24,6 +34,7 @@ from sparsetrain.telemetry.sinks import (
     read_csv,
     read_jsonl,
 )
+from sparsetrain.telemetry.tables import SparsityReport, SparsityRow, measure_sparsity
 
 __all__ = [
     "Monitor",
@@ -44,4 +55,15 @@ __all__ = [
     "RECORD_FIELDS",
     "read_jsonl",
     "read_csv",
+    "Evaluator",
+    "make_evaluator",
+    "halving_search",
+    "search_thresholds",
+    "ThresholdSearchResult",
+    "threshold_recipe",
+    "apply_thresholds",
+    "bake_sparse_weights",
+    "measure_sparsity",
+    "SparsityReport",
+    "SparsityRow",
 ]
