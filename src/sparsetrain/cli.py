@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         mod = importlib.import_module(f"sparsetrain.commands.{name}")
-        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        # argparse %-formats help strings; HELP texts may contain "90%".
+        p = sub.add_parser(name, help=mod.HELP.replace("%", "%%"), description=mod.HELP.replace("%", "%%"))
         mod.add_arguments(p)
         p.set_defaults(_module=mod)
     return parser
