@@ -176,3 +176,12 @@ def test_list_command(capsys):
     assert "swat-u" in out and "grad-prune" in out
     assert main(["list", "datasets"]) == 0
     assert "fashion_mnist_small" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["list", "--help"], ["measure", "--help"],
+                                  ["report", "--help"], ["flops", "--help"]])
+def test_cli_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "usage: sparsetrain" in capsys.readouterr().out
