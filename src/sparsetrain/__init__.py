@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from sparsetrain import sparsifiers  # noqa: E402
 from sparsetrain.handle import SparsityHandle, sparsify_  # noqa: E402
 from sparsetrain.layers import INHERIT, LayerSpec, SparseConv2d, SparseLinear  # noqa: E402
-from sparsetrain.models import create_model, list_models, register_model  # noqa: E402
+from sparsetrain.models import count_parameters, create_model, list_models, register_model  # noqa: E402
 from sparsetrain.recipe import Recipe, list_presets  # noqa: E402
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "SparsityHandle",
+    "count_parameters",
     "create_model",
     "list_models",
     "list_presets",

@@ -46,8 +46,8 @@ class TrainConfig:
     width_mult: float | None = None
     recipe: Any = "swat-u"  # preset name, YAML path or dict
     recipe_overrides: dict[str, Any] = field(default_factory=lambda: {"density": 0.1})
-    epochs: int = 6
-    batch_size: int = 128
+    epochs: int = 8
+    batch_size: int = 64
     eval_batch_size: int = 1000
     train_subset: int | None = None
     test_subset: int | None = None
