@@ -156,3 +156,24 @@ def test_every_registered_sparsifier_roundtrips_and_runs(name):
         out = sp.sparsify(w, cfg, generator=torch.Generator().manual_seed(0), key="x")
         assert out.shape == w.shape and out.dtype == dtype
         assert out.count_nonzero() < w.numel()
+
+
+@pytest.mark.parametrize("kind", ["relu", "ties", "zeros", "heavy", "float64", "bfloat16", "all_equal"])
+def test_topk_threshold_bracket_path_is_exact(kind):
+    """Large tensors take the sampled-bracket path; it must return exactly the k-th largest value."""
+    g = torch.Generator().manual_seed(0)
+    n = 3 * sp._BRACKET_MIN_NUMEL + 7
+    x = {
+        "relu": torch.relu(torch.randn(n, generator=g)),
+        "ties": torch.randint(0, 7, (n,), generator=g).float(),
+        "zeros": torch.cat([torch.zeros(n - 500), torch.rand(500, generator=g)]),
+        "heavy": torch.randn(n, generator=g).abs() ** 9,
+        "float64": torch.rand(n, generator=g, dtype=torch.float64),
+        "bfloat16": torch.randn(n, generator=g).abs().bfloat16(),
+        "all_equal": torch.full((n,), 0.25),
+    }[kind]
+    flat = x.reshape(-1).float() if x.dtype == torch.bfloat16 else x.reshape(-1)
+    for density in (1e-4, 0.01, 0.1, 0.37, 0.5, 0.9, 0.999):
+        k = math.ceil(density * n)
+        expected = flat.kthvalue(n - k + 1).values
+        assert torch.equal(sp.topk_threshold(x, density), expected), density
