@@ -48,6 +48,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparsetrain.layers import OPERANDS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -63,16 +65,6 @@ __all__ = [
     "is_counted_layer",
 ]
 
-OPERANDS = (
-    "weight",
-    "input",
-    "output",
-    "grad_output",
-    "grad_input",
-    "grad_weight",
-    "weight_for_grad_input",
-    "input_for_grad_weight",
-)
 
 CONVENTION = (
     "MACs of conv/linear GEMMs only (BN, ReLU, pooling, softmax, bias, optimizer not counted); FLOPs = 2 x MACs. "

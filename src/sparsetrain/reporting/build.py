@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from sparsetrain.layers import OPERANDS
 from sparsetrain.reporting.document import (
     Block,
     BulletList,
@@ -65,16 +66,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Operand names of handle.densities() and tensor names of telemetry records, in the order they are tabulated.
-OPERANDS = (
-    "weight",
-    "input",
-    "output",
-    "grad_output",
-    "grad_input",
-    "grad_weight",
-    "weight_for_grad_input",
-    "input_for_grad_weight",
-)
 TENSORS = ("weight", "input", "output", "grad_output", "grad_input", "grad_weight")
 # The comparison goes to the working directory by default rather than next to the runs, where a later
 # `sparsetrain report runs/*` would pick the report folder up as a (broken) run directory.
