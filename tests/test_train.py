@@ -115,7 +115,7 @@ def test_existing_run_is_never_overwritten(tmp_path, caplog):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    cfg = TrainConfig(epochs=1, train_subset=512, test_subset=200, telemetry_every=0, quiet=True,
+    cfg = TrainConfig(epochs=1, train_subset=512, test_subset=200, batch_size=128, telemetry_every=0, quiet=True,
                       out=str(tmp_path / "run"))
     train(cfg)
     good = (tmp_path / "run" / runs.CHECKPOINT).read_bytes()
@@ -133,7 +133,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
 
 def test_run_directory_contents(tmp_path):
     run = tmp_path / "run"
-    cfg = TrainConfig(epochs=2, train_subset=768, test_subset=300, telemetry_every=2, quiet=True, out=str(run),
+    cfg = TrainConfig(epochs=2, train_subset=768, test_subset=300, batch_size=128, telemetry_every=2, quiet=True,
+                      out=str(run),
                       wd_exclude_bn_bias=True, warmup_epochs=0.5, schedule="step", milestones=[1], l1=1e-5)
     summary = train(cfg)
     saved = yaml.safe_load((run / "config.yaml").read_text())
