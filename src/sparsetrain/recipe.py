@@ -281,8 +281,13 @@ def _dense(r: Recipe) -> LayerSpec | None:
 @register_preset("swat-u", "SWAT, uniform density; top-K W in forward, top-K W and x in backward; first layer dense",
                  first_layer_dense=True, density=0.1)
 def _swat_u(r: Recipe) -> LayerSpec:
+    return _swat(r, sp.TopK)
+
+
+def _swat(r: Recipe, weight_cfg: type) -> LayerSpec:
+    """SWAT: sparse W in forward; sparse W (inherited) and top-K x in backward; activations follow W's density."""
     d = _need_density(r)
-    return LayerSpec(weight=sp.TopK(density=d), input_for_grad_weight=sp.TopK(density=d),
+    return LayerSpec(weight=weight_cfg(density=d), input_for_grad_weight=sp.TopK(density=d),
                      mask_inactive_grads=r.mask_inactive_grads)
 
 
@@ -300,9 +305,7 @@ def _swat_m(r: Recipe) -> LayerSpec:
 @register_preset("swat-channel", "structured SWAT: top-K (out,in) kernel slices by L1 norm; activations unstructured",
                  first_layer_dense=True, density=0.5)
 def _swat_channel(r: Recipe) -> LayerSpec:
-    d = _need_density(r)
-    return LayerSpec(weight=sp.ChannelTopK(density=d), input_for_grad_weight=sp.TopK(density=d),
-                     mask_inactive_grads=r.mask_inactive_grads)
+    return _swat(r, sp.ChannelTopK)
 
 
 @register_preset("meprop", "meProp: top-K on the output gradient dy only", density=0.1)

@@ -68,7 +68,7 @@ class TrainConfig:
     deterministic: bool = False
     channels_last: bool = False
     device: str = "cpu"
-    telemetry_every: int = 200  # steps; 0 disables the sparsity monitor
+    telemetry_every: int = 100  # steps; 0 disables the sparsity monitor
     out: str | None = None  # run directory; default runs/<model>-<recipe>-<time>
     quiet: bool = False
 
