@@ -134,7 +134,7 @@ def test_gradcheck_float64_every_forward_combination(kind):
     torch.manual_seed(0)
     for spec in _forward_exact_specs():
         if kind == "conv":
-            dense = nn.Conv2d(4, 4, 3, stride=2, padding=1, dilation=1, groups=2, dtype=torch.float64)
+            dense = nn.Conv2d(4, 4, 3, stride=2, padding=1, dilation=2, groups=2, dtype=torch.float64)
             x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
         else:
             dense = nn.Linear(8, 4, dtype=torch.float64)

@@ -160,10 +160,6 @@ class LayerState:
         return out
 
 
-def _needs(spec: LayerSpec, op: str) -> bool:
-    return spec.resolved(op) is not None
-
-
 def _forward_operands(layer: "_SparseMixin", x: Tensor, weight: Tensor, bias: Tensor | None):
     spec, st = layer.spec, layer.sparse_state
     w_f = st.transform("weight", weight, spec.weight)
