@@ -64,8 +64,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     metrics = tmp_path / "victim" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:
-        if metrics.exists() and len(runs.read_jsonl(metrics)) >= 1:
-            time.sleep(0.3)  # well into epoch 2
+        # After epoch 0's checkpoint exists (metrics are written just before it), kill during epoch 1.
+        if (tmp_path / "victim" / runs.CHECKPOINT).exists() and len(runs.read_jsonl(metrics)) >= 1:
+            time.sleep(0.3)  # well into the second epoch
             break
         time.sleep(0.05)
     assert victim.poll() is None, "the run finished before it could be killed: " + victim.stdout.read()
