@@ -187,3 +187,17 @@ def test_cli_help(argv, capsys):
         main(argv)
     assert e.value.code == 0
     assert "usage: sparsetrain" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet21"], "unknown model 'resnet21'; valid choices: alexnet_cifar"),
+    (["--dataset", "imagenet22k"], "unknown dataset 'imagenet22k'"),
+    (["--recipe", "swat-q"], "unknown preset 'swat-q'; valid presets:"),
+    (["--density", "1.5"], r"density must be in (0, 1], got 1.5"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent-data"], "data_batch_1"),  # names the expected files
+])
+def test_bad_names_fail_before_anything_is_written(tmp_path, caplog, argv, message):
+    out = tmp_path / "run"
+    assert main(["train", *argv, "--out", str(out), "--quiet"]) == 2
+    assert message in caplog.text
+    assert not out.exists()

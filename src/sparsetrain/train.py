@@ -23,9 +23,10 @@ import torch.nn.functional as F
 import yaml
 
 from sparsetrain import runs
-from sparsetrain.data import make_loaders
+from sparsetrain.data import dataset_info, make_loaders
 from sparsetrain.handle import sparsify_
-from sparsetrain.models import create_model
+from sparsetrain.models import create_model, model_entrypoint
+from sparsetrain.recipe import Recipe
 
 __all__ = ["TrainConfig", "train", "NonFiniteError"]
 
@@ -193,6 +194,12 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, epochs: int | None
     from sparsetrain.accounting import count_flops
     from sparsetrain.telemetry import JsonlSink, Monitor
 
+    # --- fail fast on bad names before anything is created on disk
+    if resume is None:
+        model_entrypoint(cfg.model)
+        dataset_info(cfg.dataset)
+        Recipe.load(cfg.recipe, **(cfg.recipe_overrides or {}))
+
     # --- run directory and config: a resumed run takes its saved config (only more epochs may be asked for)
     ckpt = None
     if resume is not None:
@@ -207,10 +214,6 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, epochs: int | None
         if (run_dir / runs.CHECKPOINT).exists():
             raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                                   "or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_dict = cfg.to_dict()
-    cfg_dict["out"] = str(run_dir)
-    runs.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
     _seed_everything(cfg.seed, cfg.deterministic)
     device = torch.device(cfg.device)
 
@@ -220,6 +223,12 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, epochs: int | None
         augment=cfg.augment, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
         channels_last=cfg.channels_last)
     input_shape = (info.channels, info.image_size, info.image_size)
+
+    # --- only now, with names and data known to be good, the run directory is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = cfg.to_dict()
+    cfg_dict["out"] = str(run_dir)
+    runs.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
 
     # --- model, sparsity, optimiser, schedule
     model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels,
