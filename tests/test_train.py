@@ -148,6 +148,9 @@ def test_run_directory_contents(tmp_path):
     assert tele and {r["step"] for r in tele} == set(range(0, 12, 2))
     flops = json.loads((run / "flops.json").read_text())
     assert flops["training_flops_reduction_pct"] == summary["flops"]["training_flops_reduction_pct"] > 50
+    mem = flops["memory"]  # one training step at the run's batch size, dense vs sparse storage
+    assert mem["batch_size"] == 128 and mem["sparse_total_bytes"] < mem["dense_total_bytes"]
+    assert mem["param_bytes"] == mem["grad_bytes"] == mem["optimizer_bytes"]  # SGD with momentum: one buffer
     ckpt = torch.load(run / runs.CHECKPOINT, weights_only=True)  # safe to load
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "sparsity", "epoch", "step", "rng", "config"}
     loaded = runs.load_run(run)

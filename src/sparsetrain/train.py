@@ -191,7 +191,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, epochs: int | None
     Raises:
         NonFiniteError: the loss or the gradients became NaN/Inf (the last good checkpoint stays on disk).
     """
-    from sparsetrain.accounting import count_flops
+    from sparsetrain.accounting import count_flops, memory_report
     from sparsetrain.telemetry import JsonlSink, Monitor
 
     # --- fail fast on bad names before anything is created on disk
@@ -326,7 +326,12 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, epochs: int | None
     if not metrics:  # resumed a finished run
         metrics = runs.read_jsonl(run_dir / "metrics.jsonl")[-1]
         report = dense_flops.with_densities(metrics["densities"])
-    runs.atomic_write_text(run_dir / "flops.json", json.dumps(report.to_dict(), indent=1))
+    # Memory of one training step at this batch size, dense vs sparse storage of the sparsified operands
+    # (analytic; `sparsetrain flops --memory` adds a measured figure). Per-layer rows stay in the FLOP table.
+    memory = memory_report(model, input_shape, metrics["densities"], batch_size=cfg.batch_size,
+                           optimizer=opt).to_dict()
+    memory.pop("layers", None)
+    runs.atomic_write_text(run_dir / "flops.json", json.dumps({**report.to_dict(), "memory": memory}, indent=1))
     recipe = handle.recipe
     summary = {
         "model": cfg.model, "dataset": cfg.dataset, "recipe": recipe.preset or "custom", "density": recipe.density,
