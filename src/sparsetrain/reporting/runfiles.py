@@ -254,6 +254,21 @@ def _run_dirs_below(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES))
 
 
+def _read_json_object(file: Path, notes: list[str], fallback: str) -> dict[str, Any] | None:
+    """A JSON object from ``file``, or None (with a note saying what happens instead) if absent or malformed."""
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        notes.append(f"`{file.name}` is not valid JSON ({e}); {fallback}.")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"`{file.name}` holds a {type(data).__name__}, expected an object; {fallback}.")
+        return None
+    return data
+
+
 def read_run(run_dir: str | Path) -> RunFiles:
     """Read a run directory.
 
@@ -297,27 +312,10 @@ def read_run(run_dir: str | Path) -> RunFiles:
     if not metrics:
         notes.append("`metrics.jsonl` holds no epochs yet: no training curves.")
 
-    flops = None
-    if (path / "flops.json").is_file():
-        try:
-            flops = json.loads((path / "flops.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            notes.append(f"`flops.json` is not valid JSON ({e}); FLOP table omitted.")
-        if flops is not None and not isinstance(flops, dict):
-            notes.append(f"`flops.json` holds a {type(flops).__name__}, expected an object; FLOP table omitted.")
-            flops = None
-
+    flops = _read_json_object(path / "flops.json", notes, "FLOP table omitted")
     summary_derived = False
-    summary = None
-    if (path / "summary.json").is_file():
-        try:
-            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            notes.append(f"`summary.json` is not valid JSON ({e}); summary derived from config and metrics.")
-        if summary is not None and not isinstance(summary, dict):
-            notes.append("`summary.json` is not a JSON object; summary derived from config and metrics.")
-            summary = None
-    else:
+    summary = _read_json_object(path / "summary.json", notes, "summary derived from config and metrics")
+    if not (path / "summary.json").is_file():
         notes.append(
             "`summary.json` missing (run unfinished?): summary derived from `config.yaml` and `metrics.jsonl`."
         )
