@@ -13,6 +13,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ __all__ = [
     "read_jsonl",
     "truncate_jsonl",
 ]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 _UMASK = os.umask(0)
@@ -100,20 +103,28 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All complete JSON lines of a file (a torn last line from a killed process is skipped)."""
+def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = True) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (``[]`` if it does not exist and ``missing_ok``).
+
+    A torn last line -- the writer was killed mid-line -- is skipped with a warning; a bad line anywhere else is
+    corruption and raises ``ValueError`` naming the line.
+    """
     path = Path(path)
-    if not path.exists():
+    if missing_ok and not path.exists():
         return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
     out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
+    for i, line in enumerate(lines):
+        if not line.strip():
             continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                logger.warning("%s: skipping truncated last line", path)
+                continue
+            raise ValueError(f"{path}:{i + 1}: not valid JSON: {line[:80]!r}") from None
     return out
 
 

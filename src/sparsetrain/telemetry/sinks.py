@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -140,25 +139,11 @@ class TensorBoardSink:
         self._writer.close()
 
 
-def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1 and not line.endswith("\n"):
-                # The writer was killed mid-line: everything before it is intact.
-                logger.warning("%s: skipping truncated last line", path)
-                continue
-            raise ValueError(f"{path}:{i + 1}: not valid JSON: {line[:80]!r}") from None
-
-
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a telemetry JSON-lines file (a truncated last line, from a killed run, is skipped with a warning)."""
-    return list(_iter_jsonl(Path(path)))
+    from sparsetrain.runs import read_jsonl as _read
+
+    return _read(path, missing_ok=False)
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
