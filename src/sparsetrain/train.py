@@ -158,15 +158,6 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
     return fn
 
 
-def _overall_densities(report: Any) -> tuple[float, float]:
-    """Element-weighted weight and activation density over all conv/linear layers (dense layers count as 1)."""
-    rows = report.layers
-    w = sum(r.weight_elements * r.weight_density for r in rows) / max(1, sum(r.weight_elements for r in rows))
-    a = sum(r.saved_activation_elements * r.activation_density for r in rows) / max(
-        1, sum(r.saved_activation_elements for r in rows))
-    return w, a
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy over a loader."""
@@ -277,10 +268,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, epochs: int | None
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-                if not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))):
+                loss_value, grad_norm = loss.item(), float(grad_norm)
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                     raise NonFiniteError(
-                        f"non-finite {'loss' if not math.isfinite(loss.item()) else 'gradient'} at epoch {epoch} "
-                        f"step {step} (loss {loss.item()}, grad norm {float(grad_norm)}); the last good checkpoint "
+                        f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} at epoch {epoch} "
+                        f"step {step} (loss {loss_value}, grad norm {grad_norm}); the last good checkpoint "
                         f"is kept in {run_dir}. Lower the learning rate or check the recipe.")
                 if monitor is not None:
                     monitor.step(epoch=epoch)  # records dW before the update consumes it
@@ -288,7 +280,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, epochs: int | None
                 sched.step()
                 handle.step(opt)
                 step += 1
-                loss_sum += loss.item() * len(y)
+                loss_sum += loss_value * len(y)
                 correct += int((out.argmax(1) == y).sum())
                 seen += len(y)
                 if hasattr(bar, "set_postfix"):
@@ -299,7 +291,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, epochs: int | None
             densities = handle.densities()
             test_loss, test_acc = evaluate(model, test_loader, device)
             report = dense_flops.with_densities(densities)
-            w_density, a_density = _overall_densities(report)
+            # Element-weighted over all conv/linear layers (dense ones count as 1), as the papers average them.
+            w_density = 1.0 / report.model_compression_x
+            a_density = 1.0 - report.act_memory_reduction_pct / 100.0
             best_acc = max(best_acc, test_acc)
             metrics = {
                 "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
