@@ -1,4 +1,4 @@
-"""Per-layer density allocation: uniform, Erdős–Rényi-Kernel (RigL) and momentum shares (SWAT-M / SNFS).
+"""Per-layer density allocation: Erdős–Rényi-Kernel (RigL) and momentum shares (SWAT-M / SNFS); uniform needs none.
 
 Pure functions over layer shapes / statistics; the handle applies their result to the layer specs.
 """
@@ -8,12 +8,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-__all__ = ["uniform_densities", "erk_densities", "momentum_densities"]
-
-
-def uniform_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
-    """Every layer gets ``density``."""
-    return {name: float(density) for name in shapes}
+__all__ = ["erk_densities", "momentum_densities"]
 
 
 def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
