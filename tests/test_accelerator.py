@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
@@ -26,10 +23,6 @@ CONFIGS = [
     AcceleratorConfig(num_pes=4, multipliers_per_pe=8, granularity="channel"),
     AcceleratorConfig(num_pes=7, multipliers_per_pe=3, granularity="pixel", pixel_group=5),
 ]
-
-
-def _data_dir() -> Path:
-    return Path(os.environ.get("SPARSETRAIN_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def _nested_prune(t: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -201,10 +194,8 @@ def test_dense_model_simulates_at_relu_sparsity_only() -> None:
     assert r.cycles(sparse=False) == r.cycles("forward", sparse=False) + r.cycles("backward", sparse=False)
 
 
-def test_real_mnist_lenet5_swat_u_speedup() -> None:
-    path = _data_dir() / "mnist" / "test.npz"
-    if not path.is_file():
-        pytest.skip(f"real MNIST not found at {path}")
+def test_real_mnist_lenet5_swat_u_speedup(require_dataset) -> None:
+    path = require_dataset("mnist") / "test.npz"
     import numpy as np
 
     with np.load(path) as z:

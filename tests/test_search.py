@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,8 @@ from sparsetrain.telemetry.search import (
 )
 
 
-def _data_root() -> Path:
-    env = os.environ.get("SPARSETRAIN_DATA")
-    if env:
-        return Path(env.split(os.pathsep)[0])
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _load_mnist(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    path = _data_root() / "mnist" / f"{split}.npz"
-    if not path.is_file():
-        pytest.skip(f"MNIST not available at {path}")
-    with np.load(path) as d:
+def _load_mnist(folder: Path, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with np.load(folder / f"{split}.npz") as d:
         x = torch.from_numpy(d["x"][:n]).permute(0, 3, 1, 2).float() / 255.0
         y = torch.from_numpy(d["y"][:n]).long()
     return (x - 0.1307) / 0.3081, y
@@ -52,10 +41,11 @@ def _accuracy(model: nn.Module, batches) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(require_dataset):
     """LeNet-5 trained for one epoch on 4000 MNIST images, and 1000 test images in 4 batches."""
-    x, y = _load_mnist("train", 4000)
-    xt, yt = _load_mnist("test", 1000)
+    mnist = require_dataset("mnist")
+    x, y = _load_mnist(mnist, "train", 4000)
+    xt, yt = _load_mnist(mnist, "test", 1000)
     torch.manual_seed(0)
     model = sparsetrain.create_model("lenet5", num_classes=10, in_channels=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -107,6 +97,7 @@ def test_threshold_recipe_loads_with_sparsify():
         threshold_recipe({"conv1": 0.1}, operand="output")
 
 
+@pytest.mark.slow  # trains LeNet-5 on real MNIST (module fixture) and searches
 def test_weight_search_on_mnist(trained, tmp_path):
     model, batches = trained
     before = copy.deepcopy(model.state_dict())
@@ -165,6 +156,7 @@ def test_weight_search_on_mnist(trained, tmp_path):
     assert d["combined_accuracy"] == result.combined_accuracy and set(d["layers"]) == set(result.layers)
 
 
+@pytest.mark.slow  # trains LeNet-5 on real MNIST (module fixture) and searches
 def test_activation_search_on_mnist(trained):
     model, batches = trained
     evaluate = make_evaluator(batches[:2])  # 500 images: the activation search is cheap, keep it so

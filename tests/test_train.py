@@ -1,7 +1,6 @@
 """`sparsetrain train`: config resolution, exact resume after SIGKILL, damaged checkpoints, NaN stop, real data."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from sparsetrain.cli import build_parser, main
 from sparsetrain.commands.train import resolve_config
 from sparsetrain.train import NonFiniteError, TrainConfig, train
 
-DATA = Path(os.environ.get("SPARSETRAIN_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 SMALL = ["--train-subset", "1536", "--test-subset", "500", "--batch-size", "128", "--deterministic",
          "--telemetry-every", "4", "--quiet"]
 
@@ -159,9 +157,10 @@ def test_run_directory_contents(tmp_path):
     assert handle.step_count == ckpt["step"]
 
 
-@pytest.mark.skipif(not (DATA / "mnist" / "train.npz").exists(), reason="shared MNIST data not present")
-def test_lenet5_swat_u_on_real_mnist_learns(tmp_path):
-    cfg = TrainConfig(model="lenet5", dataset="mnist", data_dir=str(DATA), recipe="swat-u",
+@pytest.mark.slow
+def test_lenet5_swat_u_on_real_mnist_learns(tmp_path, require_dataset, data_root):
+    require_dataset("mnist")
+    cfg = TrainConfig(model="lenet5", dataset="mnist", data_dir=str(data_root), recipe="swat-u",
                       recipe_overrides={"density": 0.1}, epochs=1, train_subset=12000, test_subset=2000,
                       batch_size=64, lr=0.1, schedule="constant", telemetry_every=0, quiet=True,
                       out=str(tmp_path / "mnist"))
