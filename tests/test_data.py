@@ -42,17 +42,6 @@ from sparsetrain.data.subset import (
     write_npz_deterministic,
 )
 
-
-def _shared_data() -> Path | None:
-    env = os.environ.get("SPARSETRAIN_DATA")
-    for cand in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[1].parent / "shared" / "data"]:
-        if cand.is_dir():
-            return cand
-    return None
-
-
-SHARED = _shared_data()
-
 # Figures from the SOURCE.md files next to the shared data.
 REAL = {
     "mnist": dict(
@@ -128,17 +117,17 @@ def test_registry_and_info():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Real data (skipped when ../shared/data is absent)
+# Real data (the conftest fixtures skip when ../shared/data is absent, and fail when CI is set)
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(REAL))
-def test_real_dataset(name):
-    if SHARED is None or not any((SHARED / name).glob("*.npz")):
-        pytest.skip(f"shared {name} data not present")
+# cifar10's 50,000 colour images take ~5 s to read and check; the MNISTs well under 2 s.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "cifar10" else n for n in sorted(REAL)])
+def test_real_dataset(name, require_dataset, data_root):
+    require_dataset(name)
     ref, info = REAL[name], dataset_info(name)
     for split, n, counts in (("train", ref["n"][0], ref["train_counts"]), ("test", ref["n"][1], ref["test_counts"])):
-        x, y = load_arrays(name, split, SHARED)
+        x, y = load_arrays(name, split, data_root)
         assert x.dtype == torch.uint8 and y.dtype == torch.int64
         assert tuple(x.shape) == (n, info.image_size, info.image_size, info.channels)
         assert torch.bincount(y, minlength=10).tolist() == counts
@@ -154,10 +143,9 @@ def test_real_dataset(name):
             np.testing.assert_allclose(std, info.std, atol=6e-5)
 
 
-def test_env_var_and_cifar_loader(monkeypatch):
-    if SHARED is None or not (SHARED / "cifar10" / "test.npz").is_file():
-        pytest.skip("shared cifar10 data not present")
-    monkeypatch.setenv("SPARSETRAIN_DATA", str(SHARED))
+def test_env_var_and_cifar_loader(monkeypatch, require_dataset, data_root):
+    require_dataset("cifar10")
+    monkeypatch.setenv("SPARSETRAIN_DATA", str(data_root))
     _, y = load_arrays("cifar10", "val")  # val = test; found through the environment variable
     assert y[:10].tolist() == REAL["cifar10"]["first_test"]
     train, test, info = make_loaders("cifar10", batch_size=32, train_subset=64, test_subset=50)
@@ -510,13 +498,12 @@ def test_builtin_subset_counts_and_provenance(tmp_path, monkeypatch):
     assert "Copyright (c) 2017 Zalando SE" in (BUILTIN_DATA_DIR / "FASHION_MNIST_LICENSE.md").read_text()
 
 
-def test_builtin_subset_matches_full_fashion_mnist():
-    if SHARED is None or not (SHARED / "fashion_mnist" / "train.npz").is_file():
-        pytest.skip("shared fashion_mnist not present")
+def test_builtin_subset_matches_full_fashion_mnist(require_dataset, data_root):
+    require_dataset("fashion_mnist")
     with np.load(BUILTIN_SUBSET_PATH) as z:
         arrays = {k: z[k] for k in z.files}
     for split, n in (("train", 1000), ("test", 200)):
-        full_x, full_y = load_arrays("fashion_mnist", split, SHARED)
+        full_x, full_y = load_arrays("fashion_mnist", split, data_root)
         idx = first_per_class(full_y.numpy(), n, 10)  # the first n of every class, in official order
         np.testing.assert_array_equal(arrays[f"index_{split}"], idx)
         np.testing.assert_array_equal(arrays[f"x_{split}"], full_x[idx].numpy())
