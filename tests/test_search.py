@@ -1,4 +1,4 @@
-"""Tests for the TensorQuant per-layer threshold search (sparsetrain.telemetry.search), on real MNIST."""
+"""Tests for the TensorQuant per-layer threshold search (sparsetrain.analysis.search), on real MNIST."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ import torch.nn as nn
 import yaml
 
 import sparsetrain
-from sparsetrain.telemetry.search import (
-    apply_thresholds,
+from sparsetrain.analysis import (
+    SEARCH_OPERANDS,
     bake_sparse_weights,
     halving_search,
     make_evaluator,
     search_thresholds,
     threshold_recipe,
 )
+from sparsetrain.layers import OPERANDS
+from sparsetrain.telemetry import apply_thresholds
 
 
 def _load_mnist(folder: Path, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +97,7 @@ def test_threshold_recipe_loads_with_sparsify():
     assert torch.equal(model.conv1.effective_weight(), w * (w.abs() > 0.05))
     with pytest.raises(ValueError, match="operand"):
         threshold_recipe({"conv1": 0.1}, operand="output")
+    assert set(SEARCH_OPERANDS) == {"weight", "input"} and set(SEARCH_OPERANDS) <= set(OPERANDS)
 
 
 @pytest.mark.slow  # trains LeNet-5 on real MNIST (module fixture) and searches

@@ -510,3 +510,17 @@ def test_monitor_on_sparsified_model():
         assert recs[name, "grad_weight"]["zeros"] == int((m.weight.grad == 0).sum())
         assert (name, "grad_output") in recs
     assert _hook_state(model) == [0] * len(_hook_state(model))
+
+
+def test_periphery_imports_no_plotting_or_tensorboard():
+    # A fresh interpreter: the test session itself may already have imported these.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sparsetrain.telemetry, sparsetrain.accounting, sparsetrain.analysis\n"
+        "heavy = ('matplotlib', 'scipy', 'tensorboard', 'torch.utils.tensorboard')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

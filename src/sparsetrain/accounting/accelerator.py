@@ -52,6 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsetrain.accounting.flops import is_counted_layer
+
 __all__ = [
     "PASSES",
     "GRANULARITIES",
@@ -384,10 +386,6 @@ class AcceleratorReport:
         return "\n".join(lines)
 
 
-def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv2d, nn.Linear))
-
-
 @contextmanager
 def _capturing(model: nn.Module) -> Iterator[dict[str, dict[str, Any]]]:
     """Record the operands every conv/linear GEMM uses during one forward+backward.
@@ -433,7 +431,7 @@ def _capturing(model: nn.Module) -> Iterator[dict[str, dict[str, Any]]]:
         return hook
 
     for name, m in model.named_modules():
-        if not _is_layer(m):
+        if not is_counted_layer(m):
             continue
         if hasattr(m, "_gemm_backward") and hasattr(m, "spec") and not m.spec.is_dense:
             sparse_wrappers(name, m)

@@ -2,8 +2,8 @@
 
 Convention (also returned as :data:`CONVENTION` and printed by ``sparsetrain flops``):
 
-* Only convolution (``nn.Conv1d/2d/3d``, not transposed) and ``nn.Linear`` layers, including subclasses such as
-  ``SparseConv2d``, are counted. BatchNorm, ReLU, pooling, softmax, residual additions and the optimizer update are
+* Only ``nn.Conv2d`` and ``nn.Linear`` layers, including subclasses such as ``SparseConv2d``, are counted (the
+  layer types sparsetrain sparsifies; the same ``isinstance`` test as the telemetry and the accelerator model). BatchNorm, ReLU, pooling, softmax, residual additions and the optimizer update are
   not: they are O(activations) and SWAT's tables ignore them too.
 * Counts are MACs. One MAC = one multiply + one add, so FLOPs = 2 x MACs (``FlopCounterMode`` reports FLOPs).
   Biases are not counted (``FlopCounterMode`` ignores them as well).
@@ -78,8 +78,8 @@ CONVENTION = (
 
 
 def is_counted_layer(module: nn.Module) -> bool:
-    """True for the layers whose GEMMs are counted: non-transposed convolutions and ``nn.Linear`` (and subclasses)."""
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    """True for the layers whose GEMMs are counted: ``nn.Conv2d`` and ``nn.Linear``, subclasses included."""
+    return isinstance(module, (nn.Conv2d, nn.Linear))
 
 
 def layer_density(densities: Mapping[str, Mapping[str, float]] | None, name: str, operand: str) -> float:

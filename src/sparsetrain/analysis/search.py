@@ -7,7 +7,7 @@ the combined accuracy and sparsities are reported. The result turns into a recip
 loads.
 
 Thresholds are enforced through ``sparsetrain.sparsify_`` with ``threshold`` sparsifiers on a deep copy of the
-model, so the searched model is never modified. Operands:
+model (:func:`sparsetrain.telemetry.tables.apply_thresholds`), so the searched model is never modified. Operands:
 
 * ``"weight"``: the weight as used in forward (TensorQuant's weight sparsity).
 * ``"input"``: the activation a layer *consumes* (after the previous ReLU / pooling). TensorQuant thresholds a
@@ -19,9 +19,11 @@ model, so the searched model is never modified. Operands:
 The halving finds the largest *power of two* that holds the margin, assuming accuracy falls monotonically with the
 threshold (the paper's grid search makes the same assumption).
 
+A sparse-trained model is searched "as trained" after :func:`bake_sparse_weights` (or ``handle.remove(bake=True)``)
+turned it into a dense model computing the same forward weights.
+
 Example:
-    >>> import torch, torch.nn as nn
-    >>> from sparsetrain.telemetry.search import halving_search
+    >>> from sparsetrain.analysis.search import halving_search
     >>> thr, tried = halving_search(lambda t: 1.0 if t <= 0.125 else 0.5, baseline=1.0, margin=0.99)
     >>> thr, len(tried)
     (0.125, 4)
@@ -29,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -40,31 +41,32 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from sparsetrain.telemetry.monitor import Monitor, monitored_layers
+from sparsetrain.layers import OPERANDS
+from sparsetrain.telemetry.monitor import evaluate_with_monitor, monitored_layers
+from sparsetrain.telemetry.tables import apply_thresholds, ensure_dense
 
 __all__ = [
-    "OPERANDS",
+    "SEARCH_OPERANDS",
     "LayerSearch",
     "ThresholdSearchResult",
     "threshold_recipe",
-    "apply_thresholds",
     "bake_sparse_weights",
     "Evaluator",
     "make_evaluator",
     "halving_search",
     "search_thresholds",
-    "evaluate_with_monitor",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Operands a search can threshold.
-OPERANDS = ("weight", "input")
+#: The entries of ``layers.OPERANDS`` a search can threshold: the forward GEMM's two operands (see the module
+#: docstring for why not ``output``).
+SEARCH_OPERANDS: tuple[str, ...] = tuple(op for op in OPERANDS if op in ("weight", "input"))
 
 
 def _check_operand(operand: str) -> None:
-    if operand not in OPERANDS:
-        raise ValueError(f"operand must be one of {OPERANDS}, got {operand!r}")
+    if operand not in SEARCH_OPERANDS:
+        raise ValueError(f"operand must be one of {SEARCH_OPERANDS}, got {operand!r}")
 
 
 def threshold_recipe(thresholds: Mapping[str, float | None], operand: str = "weight") -> dict[str, Any]:
@@ -83,23 +85,6 @@ def threshold_recipe(thresholds: Mapping[str, float | None], operand: str = "wei
     for name, thr in thresholds.items():
         layers[name] = None if thr is None else {operand: {"type": "threshold", "threshold": float(thr)}}
     return {"layers": layers}
-
-
-def _combined_recipe(weight: Mapping[str, float] | None, act: Mapping[str, float] | None) -> dict[str, Any]:
-    layers: dict[str, Any] = {}
-    for operand, thr in (("weight", weight or {}), ("input", act or {})):
-        for name, t in thr.items():
-            layers.setdefault(name, {})[operand] = {"type": "threshold", "threshold": float(t)}
-    return {"layers": layers}
-
-
-def _check_dense(model: nn.Module) -> None:
-    from sparsetrain.layers import SparseConv2d, SparseLinear
-
-    sparse = [n for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
-    if sparse:
-        raise ValueError(f"threshold enforcement needs a dense model, but layers {sparse} are sparse; "
-                         "call handle.remove() first (or bake the sparse weights in)")
 
 
 def bake_sparse_weights(model: nn.Module) -> list[str]:
@@ -129,31 +114,6 @@ def bake_sparse_weights(model: nn.Module) -> list[str]:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, m.to_dense())
     return lost
-
-
-def apply_thresholds(
-    model: nn.Module,
-    weight: Mapping[str, float] | None = None,
-    input: Mapping[str, float] | None = None,
-) -> nn.Module:
-    """A deep copy of the dense ``model`` with thresholds enforced through ``sparsetrain.sparsify_``.
-
-    Args:
-        model: a dense model (no sparse layers); it is not modified.
-        weight: layer name -> weight threshold.
-        input: layer name -> input-activation threshold.
-
-    Returns:
-        The sparsified copy (its handle is not needed: threshold sparsifiers have no schedule).
-    """
-    from sparsetrain import sparsify_
-
-    _check_dense(model)
-    clone = copy.deepcopy(model)
-    recipe = _combined_recipe(weight, input)
-    if recipe["layers"]:
-        sparsify_(clone, recipe)
-    return clone
 
 
 class Evaluator:
@@ -229,24 +189,6 @@ def make_evaluator(
 ) -> Evaluator:
     """Shorthand for :class:`Evaluator` (``evaluate(model) -> accuracy``)."""
     return Evaluator(loader, max_batches=max_batches, device=device, cache=cache)
-
-
-def evaluate_with_monitor(
-    model: nn.Module,
-    evaluate: Callable[[nn.Module], float],
-    near_zero_threshold: Any = None,
-    layers: Sequence[str] | None = None,
-    blocks: str | Sequence[str] | None = "auto",
-) -> tuple[float, list[dict[str, Any]]]:
-    """Run ``evaluate(model)`` with a :class:`Monitor` attached; return the accuracy and one step of records.
-
-    Counts are summed over every evaluated batch (element-weighted over the evaluation set).
-    """
-    with Monitor(model, every=1, near_zero_threshold=near_zero_threshold, blocks=blocks, layers=layers,
-                 include_eval=True) as mon:
-        acc = evaluate(model)
-        records = mon.step() or []
-    return acc, records
 
 
 def halving_search(
@@ -431,7 +373,7 @@ def search_thresholds(
         A :class:`ThresholdSearchResult`; ``result.save_recipe(path)`` writes a recipe ``sparsify_`` loads.
     """
     _check_operand(operand)
-    _check_dense(model)
+    ensure_dense(model)
     all_layers = list(monitored_layers(model))
     if layers is None:
         layers = all_layers[1:] if operand == "input" else all_layers

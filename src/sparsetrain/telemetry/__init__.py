@@ -1,4 +1,6 @@
-"""Sparsity telemetry: per-layer and per-block zero counts during training, sinks, and the threshold search.
+"""Sparsity telemetry: per-layer and per-block zero counts during training, sinks, and inference sparsity tables.
+
+The threshold search and weight baking live in :mod:`sparsetrain.analysis`.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -13,17 +15,7 @@ Example:
 """
 
 from sparsetrain.telemetry.blocks import TOTAL, Count, aggregate, auto_blocks, block_members, resolve_blocks
-from sparsetrain.telemetry.monitor import TENSORS, Monitor, counts_from_records, monitored_layers
-from sparsetrain.telemetry.search import (
-    Evaluator,
-    ThresholdSearchResult,
-    apply_thresholds,
-    bake_sparse_weights,
-    halving_search,
-    make_evaluator,
-    search_thresholds,
-    threshold_recipe,
-)
+from sparsetrain.telemetry.monitor import TENSORS, Monitor, counts_from_records, evaluate_with_monitor, monitored_layers
 from sparsetrain.telemetry.sinks import (
     RECORD_FIELDS,
     CsvSink,
@@ -34,7 +26,13 @@ from sparsetrain.telemetry.sinks import (
     read_csv,
     read_jsonl,
 )
-from sparsetrain.telemetry.tables import SparsityReport, SparsityRow, measure_sparsity
+from sparsetrain.telemetry.tables import (
+    SparsityReport,
+    SparsityRow,
+    apply_thresholds,
+    ensure_dense,
+    measure_sparsity,
+)
 
 __all__ = [
     "Monitor",
@@ -47,6 +45,7 @@ __all__ = [
     "resolve_blocks",
     "monitored_layers",
     "counts_from_records",
+    "evaluate_with_monitor",
     "Sink",
     "JsonlSink",
     "CsvSink",
@@ -55,15 +54,9 @@ __all__ = [
     "RECORD_FIELDS",
     "read_jsonl",
     "read_csv",
-    "Evaluator",
-    "make_evaluator",
-    "halving_search",
-    "search_thresholds",
-    "ThresholdSearchResult",
-    "threshold_recipe",
-    "apply_thresholds",
-    "bake_sparse_weights",
     "measure_sparsity",
+    "apply_thresholds",
+    "ensure_dense",
     "SparsityReport",
     "SparsityRow",
 ]

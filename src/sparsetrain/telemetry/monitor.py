@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from sparsetrain.layers import OPERANDS
 from sparsetrain.telemetry.blocks import (
     ELEMENT_WEIGHTED,
     TOTAL,
@@ -68,12 +69,13 @@ from sparsetrain.telemetry.blocks import (
     resolve_blocks,
 )
 
-__all__ = ["Monitor", "TENSORS", "NearZeroThreshold", "monitored_layers", "counts_from_records"]
+__all__ = ["Monitor", "TENSORS", "NearZeroThreshold", "monitored_layers", "counts_from_records", "evaluate_with_monitor"]
 
 logger = logging.getLogger(__name__)
 
-#: Tensor names in record order.
-TENSORS = ("weight", "input", "output", "grad_output", "grad_input", "grad_weight")
+#: Tensor names in record order: the entries of ``layers.OPERANDS`` visible at a module's boundary. The per-GEMM
+#: copies (``weight_for_grad_input``, ``input_for_grad_weight``) exist only inside a sparse layer's autograd.
+TENSORS: tuple[str, ...] = tuple(op for op in OPERANDS if op not in ("weight_for_grad_input", "input_for_grad_weight"))
 
 #: A near-zero threshold: one value for every tensor, a mapping tensor name -> value (missing = none), or a
 #: callable ``(layer_name, tensor_name) -> value or None``.
@@ -440,3 +442,29 @@ class Monitor:
             f"Monitor(layers={len(self.layer_names)}, blocks={len(self.block_names)}, every={self.every}, "
             f"step={self._step}, sinks={len(self.sinks)}{', closed' if self._closed else ''})"
         )
+
+
+def evaluate_with_monitor(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    near_zero_threshold: NearZeroThreshold = None,
+    layers: Sequence[str] | None = None,
+    blocks: str | Sequence[str] | None = "auto",
+) -> tuple[float, list[dict[str, Any]]]:
+    """Run ``evaluate(model)`` with a :class:`Monitor` attached; return the accuracy and one step of records.
+
+    Counts are summed over every evaluated batch (element-weighted over the evaluation set); layers in eval mode
+    are recorded (``include_eval=True``).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> acc, records = evaluate_with_monitor(model, lambda m: float(m(torch.ones(2, 4)).shape[0] == 2))
+        >>> acc, sorted({r["tensor"] for r in records})
+        (1.0, ['input', 'output', 'weight'])
+    """
+    with Monitor(model, every=1, near_zero_threshold=near_zero_threshold, blocks=blocks, layers=layers,
+                 include_eval=True) as mon:
+        acc = evaluate(model)
+        records = mon.step() or []
+    return acc, records

@@ -1,9 +1,10 @@
 """Inference sparsity tables (TensorQuant Tables 1-5): per layer and per block, with and without enforcement.
 
 :func:`measure_sparsity` evaluates a dense model twice with a :class:`~sparsetrain.telemetry.Monitor` attached:
-as it is (exact zeros), and with magnitude thresholds enforced through ``sparsetrain.sparsify_`` (weights: the
-``weight`` operand; activations: the ``input`` operand, the post-ReLU activation the layer consumes; see
-:mod:`sparsetrain.telemetry.search` for why not ``output``). Counts are summed over every evaluated image.
+as it is (exact zeros), and with magnitude thresholds enforced through ``sparsetrain.sparsify_``
+(:func:`apply_thresholds`; weights: the ``weight`` operand; activations: the ``input`` operand, the post-ReLU
+activation the layer consumes; see :mod:`sparsetrain.analysis.search` for why not ``output``). Counts are summed
+over every evaluated image.
 
 Columns: weight elements, weight sparsity, weight sparsity under enforcement; activation elements per image,
 input-activation sparsity with and without enforcement (the enforced value counts ``|x| <= thr`` of the layer's
@@ -14,6 +15,7 @@ activations of the block's last layer; the ``(total)`` row sums over every layer
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,10 +24,17 @@ from typing import Any
 import torch.nn as nn
 
 from sparsetrain.telemetry.blocks import TOTAL
-from sparsetrain.telemetry.monitor import monitored_layers
-from sparsetrain.telemetry.search import apply_thresholds, evaluate_with_monitor
+from sparsetrain.telemetry.monitor import evaluate_with_monitor, monitored_layers
 
-__all__ = ["SparsityRow", "SparsityReport", "measure_sparsity", "resolve_thresholds", "format_table"]
+__all__ = [
+    "SparsityRow",
+    "SparsityReport",
+    "measure_sparsity",
+    "resolve_thresholds",
+    "format_table",
+    "apply_thresholds",
+    "ensure_dense",
+]
 
 
 @dataclass
@@ -160,6 +169,53 @@ def resolve_thresholds(
     return out
 
 
+def ensure_dense(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the sparse layers of ``model``, if any (thresholds are enforced on dense models)."""
+    from sparsetrain.layers import SparseConv2d, SparseLinear
+
+    sparse = [n for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    if sparse:
+        raise ValueError(f"threshold enforcement needs a dense model, but layers {sparse} are sparse; "
+                         "call handle.remove(bake=True) first (or sparsetrain.analysis.bake_sparse_weights)")
+
+
+def _threshold_layers(weight: Mapping[str, float] | None, act: Mapping[str, float] | None) -> dict[str, Any]:
+    """The ``layers`` section of a recipe with a ``threshold`` sparsifier per named layer and operand."""
+    layers: dict[str, Any] = {}
+    for operand, thr in (("weight", weight or {}), ("input", act or {})):
+        for name, t in thr.items():
+            layers.setdefault(name, {})[operand] = {"type": "threshold", "threshold": float(t)}
+    return layers
+
+
+def apply_thresholds(
+    model: nn.Module,
+    weight: Mapping[str, float] | None = None,
+    input: Mapping[str, float] | None = None,
+) -> nn.Module:
+    """A deep copy of the dense ``model`` with thresholds enforced through ``sparsetrain.sparsify_``.
+
+    Args:
+        model: a dense model (no sparse layers); it is not modified.
+        weight: layer name -> weight threshold.
+        input: layer name -> input-activation threshold.
+
+    Returns:
+        The sparsified copy (its handle is not needed: threshold sparsifiers have no schedule).
+
+    Raises:
+        ValueError: ``model`` has sparse layers (see :func:`ensure_dense`).
+    """
+    from sparsetrain import sparsify_
+
+    ensure_dense(model)
+    clone = copy.deepcopy(model)
+    layers = _threshold_layers(weight, input)
+    if layers:
+        sparsify_(clone, {"layers": layers})
+    return clone
+
+
 def _index(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], Mapping[str, Any]]:
     return {(r["kind"], r["name"], r["tensor"]): r for r in records}
 
@@ -175,7 +231,7 @@ def measure_sparsity(
 
     Args:
         model: a dense model (not modified).
-        evaluate: ``evaluate(model) -> accuracy`` (e.g. :class:`~sparsetrain.telemetry.search.Evaluator`; its
+        evaluate: ``evaluate(model) -> accuracy`` (e.g. :class:`~sparsetrain.analysis.Evaluator`; its
             ``num_samples`` attribute, when present, turns activation counts into per-image counts).
         weight_thresholds: a global weight threshold or ``{layer: threshold}``.
         act_thresholds: a global input-activation threshold (every layer but the first, whose input is the
