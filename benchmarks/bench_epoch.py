@@ -1,17 +1,24 @@
-"""Time one CIFAR-10 training epoch of ResNet-20, dense vs SWAT-U, in the same process.
+"""Time a CIFAR-10 training epoch of ResNet-20, dense vs sparse modes, in the same process.
 
 Prints samples/s of each and the ratio against the dense baseline (no timed tests: this is the measurement).
-Real CIFAR-10 is used when found (``--data-dir`` or ``SPARSETRAIN_DATA`` or ``../shared/data``); the timing does
-not depend on the pixel values, so ``--synthetic`` runs anywhere.
+The real training loop's pieces are used (``BatchLoader`` with crop + flip augmentation, SGD with momentum,
+``handle.step``). Real CIFAR-10 is used when found (``--data-dir`` or ``SPARSETRAIN_DATA`` or
+``../shared/data``); the timing does not depend on the pixel values, so ``--synthetic`` runs anywhere.
 
-    python benchmarks/bench_epoch.py                       # full epoch (50k images), dense then swat-u
-    python benchmarks/bench_epoch.py --images 5120 --recipes dense swat-u swat-channel grad-prune
+    python benchmarks/bench_epoch.py                       # 20,000 images; dense, SWAT-U 0.1, 0.2, 0.1 period 100
+    python benchmarks/bench_epoch.py --images 50000        # a full epoch
+    python benchmarks/bench_epoch.py --images 5120 --modes dense swat-u-0.1 swat-channel-0.5 grad-prune-0.9
+    python benchmarks/bench_epoch.py --recipes dense swat-u --density 0.1      # the older flags still work
+
+Modes use the grammar of ``_common.py``: ``dense``, ``swat-u-<d>[-p<P>]``, ``swat-channel-<d>``,
+``grad-prune-<p>``, ``naive-<d>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +27,11 @@ import torch.nn.functional as F
 
 import sparsetrain
 from sparsetrain.data import BatchLoader, dataset_info, load_arrays
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import apply_mode, machine_info, parse_mode  # noqa: E402
+
+DEFAULT_MODES = ["dense", "swat-u-0.1", "swat-u-0.2", "swat-u-0.1-p100"]
 
 
 def _data(args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,12 +49,11 @@ def _data(args) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(0, 10, (args.images,), generator=g))
 
 
-def time_epoch(recipe: str, x: torch.Tensor, y: torch.Tensor, args) -> float:
+def time_epoch(mode: str, x: torch.Tensor, y: torch.Tensor, args) -> float:
     torch.manual_seed(0)
     info = dataset_info("cifar10")
     model = sparsetrain.create_model(args.model, num_classes=10)
-    handle = None if recipe == "dense" else sparsetrain.sparsify_(model, recipe, **(
-        {"density": args.density} if recipe.startswith(("swat", "meprop")) else {}))
+    handle = apply_mode(model, parse_mode(mode))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     loader = BatchLoader(x, y, batch_size=args.batch_size, mean=info.mean, std=info.std, shuffle=True,
                          seed=0, crop_padding=info.crop_padding, hflip=info.hflip)
@@ -65,28 +76,39 @@ def time_epoch(recipe: str, x: torch.Tensor, y: torch.Tensor, args) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20")
-    p.add_argument("--recipes", nargs="+", default=["dense", "swat-u"])
+    p.add_argument("--modes", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODES)}")
+    p.add_argument("--recipes", nargs="+", help="older form: preset names (dense, swat-u, swat-channel, "
+                   "grad-prune), with --density for the swat presets")
     p.add_argument("--density", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--images", type=int, default=None, help="use the first N training images (default: all)")
+    p.add_argument("--images", type=int, default=20_000, help="use the first N training images")
     p.add_argument("--warmup", type=int, default=3, help="batches excluded from the timing")
     p.add_argument("--data-dir")
     p.add_argument("--synthetic", action="store_true")
     args = p.parse_args()
-    if args.images is None:
-        args.images = 50_000
+    modes = args.modes or DEFAULT_MODES
+    if args.recipes:
+        modes = [r if r == "dense" else f"{r}-0.9" if r == "grad-prune" else f"{r}-{args.density}"
+                 for r in args.recipes]
+    for m in modes:
+        parse_mode(m)
+    torch.set_num_threads(args.threads)
     x, y = _data(args)
     x, y = x[: args.images], y[: args.images]
-    print(f"{args.model}, {len(y)} images/epoch, batch {args.batch_size}, torch {torch.__version__}, "
+    info = machine_info()
+    print(f"{args.model}, {len(y)} images/epoch, batch {args.batch_size}, {info['cpu']}, torch {info['torch']}, "
           f"{torch.get_num_threads()} threads")
+    start = time.perf_counter()
     results = {}
-    for r in args.recipes:
+    for r in modes:
         results[r] = time_epoch(r, x, y, args)
-        print(f"  {r:<14} {results[r]:8.1f} samples/s", flush=True)
+        print(f"  {r:<16} {results[r]:8.1f} samples/s", flush=True)
     base = results.get("dense") or next(iter(results.values()))
-    print("ratio vs dense (higher = faster):")
+    print(f"throughput ratio vs dense (higher = faster; total {time.perf_counter() - start:.0f} s):")
+    print("| mode | samples/s | / dense |\n|---|---:|---:|")
     for r, v in results.items():
-        print(f"  {r:<14} {v / base:6.3f}x")
+        print(f"| {r} | {v:.1f} | {v / base:.3f} |")
 
 
 if __name__ == "__main__":
