@@ -1,51 +1,90 @@
-"""Run directories: the resolved config, atomic checkpoints, and loading a finished run back.
+"""Run directories: :class:`RunDir` owns their format; :func:`load_run` loads a finished run back.
 
-Layout of a run directory::
+Every file name of a run directory is spelled here and nowhere else; the rest of the package asks
+:class:`RunDir` for paths (``run_dir.metrics_path``), readers and writers. Layout (``RunDir`` attribute, file):
 
-    config.yaml          the fully resolved training config
-    metrics.jsonl        one JSON object per epoch
-    telemetry.jsonl      sparsity samples of the Monitor
-    checkpoint.pt        the latest epoch (written atomically: temp file + fsync + rename)
-    checkpoint.prev.pt   the epoch before it, kept so a damaged latest checkpoint never loses the run
-    flops.json, summary.json   written at the end
+==================  ======================  =============================================================
+``CONFIG``          ``config.yaml``         the fully resolved training config (+ ``format_version``)
+``METRICS``         ``metrics.jsonl``       one JSON object per epoch, appended and flushed
+``TELEMETRY``       ``telemetry.jsonl``     sparsity samples of the telemetry Monitor
+``CHECKPOINT``      ``checkpoint.pt``       the latest epoch (atomic: temp file + fsync + rename)
+``PREV_CHECKPOINT`` ``checkpoint.prev.pt``  the epoch before it, so a damaged latest checkpoint never loses the run
+``FLOPS``           ``flops.json``          FLOP and memory accounting, written at the end
+``SUMMARY``         ``summary.json``        the run's headline figures (+ ``format_version``), written at the end
+``REPORT_DIR``      ``report/``             ``sparsetrain report`` output (``REPORT_MARKDOWN``, ``REPORT_HTML``)
+==================  ======================  =============================================================
+
+JSON-lines files have one reader, :func:`read_jsonl` / :func:`iter_jsonl`: a torn last line (the writer was killed
+mid-line) is skipped with a warning, a bad line anywhere else is corruption and raises.
+
+Example:
+    >>> run = RunDir("runs/lenet5-swat-u")  # doctest: +SKIP
+    >>> run.read_summary()["final_test_acc"], len(run.read_metrics())  # doctest: +SKIP
+    (0.8195, 8)
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import tempfile
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn as nn
 import yaml
 
+if TYPE_CHECKING:
+    import torch.nn as nn
+
 __all__ = [
+    "FORMAT_VERSION",
+    "SUMMARY_FLOPS_KEYS",
     "CHECKPOINT",
     "PREV_CHECKPOINT",
+    "RunDir",
+    "RunDirectoryError",
     "Run",
     "atomic_write_bytes",
     "atomic_write_text",
+    "append_jsonl",
+    "iter_jsonl",
+    "read_jsonl",
+    "truncate_jsonl",
     "save_checkpoint",
     "load_checkpoint",
     "load_run",
-    "read_jsonl",
-    "truncate_jsonl",
+    "summarize",
 ]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+#: Version of the run-directory format, written into the config and the summary. Readers accept this version and
+#: older ones (a run without the key predates versioning and has the same files).
+FORMAT_VERSION = 1
+_VERSION_KEY = "format_version"
+#: The run-level figures the papers' tables report: ``summary["flops"]`` holds them, the FLOP file top level.
+SUMMARY_FLOPS_KEYS = (
+    "training_flops_reduction_pct",
+    "inference_flops_reduction_pct",
+    "act_memory_reduction_pct",
+    "model_compression_x",
+)
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-PREV_CHECKPOINT = "checkpoint.prev.pt"
 
 
-def atomic_write_bytes(path: Path, data: bytes, backup: Path | None = None) -> None:
+class RunDirectoryError(ValueError):
+    """The path is not a readable sparsetrain run directory, or one of its files is malformed."""
+
+
+# ---------------------------------------------------------------------------------------------- file primitives
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, backup: str | os.PathLike | None = None) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one.
 
     With ``backup``, the old file is first renamed to it: each rename is atomic, so after a crash at any point at
@@ -67,68 +106,71 @@ def atomic_write_bytes(path: Path, data: bytes, backup: Path | None = None) -> N
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
-    """Atomically write ``checkpoint.pt``; the previous one becomes ``checkpoint.prev.pt``."""
-    import io
-
-    run_dir = Path(run_dir)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue(), backup=run_dir / PREV_CHECKPOINT)
-    return run_dir / CHECKPOINT
+def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Append one record as one JSON line, flushed and fsynced: a killed writer leaves at most a torn last line."""
+    line = json.dumps(record) + "\n"  # serialise first: a bad value must not leave half a line behind
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a damaged file gives an error that names the fallback."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.exists():
-        prev = path.parent / PREV_CHECKPOINT
-        hint = f"; the previous checkpoint {prev} exists: resume from it with --resume {prev}" if prev.exists() else ""
-        raise FileNotFoundError(f"no checkpoint at {path}{hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
-            raise ValueError("missing 'model'/'epoch' entries")
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is damaged
-        prev = path.parent / PREV_CHECKPOINT
-        hint = (f" The previous checkpoint {prev} is intact: resume from it with --resume {prev}"
-                if prev.exists() and prev != path else "")
-        raise RuntimeError(f"checkpoint {path} is corrupted or truncated ({type(e).__name__}: {e}).{hint}") from None
-    return ckpt
+def iter_jsonl(path: str | os.PathLike, *, missing_ok: bool = True,
+               skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The records of a JSON-lines file, streamed (nothing if it does not exist and ``missing_ok``).
 
+    Args:
+        path: the file.
+        missing_ok: yield nothing for a missing file instead of raising ``FileNotFoundError``.
+        skipped: if given, the (1-based) number of a skipped torn last line is appended to it.
 
-def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = True) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (``[]`` if it does not exist and ``missing_ok``).
-
-    A torn last line -- the writer was killed mid-line -- is skipped with a warning; a bad line anywhere else is
-    corruption and raises ``ValueError`` naming the line.
+    Raises:
+        ValueError: a line other than the last is not valid JSON, or a line is not a JSON object (names the line).
     """
     path = Path(path)
     if missing_ok and not path.exists():
-        return []
+        return
     with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1 and not line.endswith("\n"):
-                logger.warning("%s: skipping truncated last line", path)
+        bad: tuple[int, str] | None = None  # an unparsable line: torn if nothing but blank lines follows it
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
                 continue
-            raise ValueError(f"{path}:{i + 1}: not valid JSON: {line[:80]!r}") from None
-    return out
+            if bad is not None:
+                raise ValueError(f"{path}:{bad[0]}: not valid JSON: {bad[1][:80]!r}")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad = (lineno, line)
+                continue
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: not a JSON object: {line[:80]!r}")
+            yield record
+    if bad is not None:
+        logger.warning("%s: skipping truncated last line %d", path, bad[0])
+        if skipped is not None:
+            skipped.append(bad[0])
 
 
-def truncate_jsonl(path: Path, keep) -> None:
+def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = True,
+               skipped: list[int] | None = None) -> list[dict[str, Any]]:
+    """All records of a JSON-lines file (``[]`` if it does not exist and ``missing_ok``); see :func:`iter_jsonl`.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.jsonl"
+        >>> _ = p.write_text('{"epoch": 0}\\n{"epo')  # the writer was killed mid-line
+        >>> read_jsonl(p)
+        [{'epoch': 0}]
+    """
+    return list(iter_jsonl(path, missing_ok=missing_ok, skipped=skipped))
+
+
+def truncate_jsonl(path: str | os.PathLike, keep) -> None:
     """Keep only the records ``keep(record)`` accepts (used on resume to drop what came after the checkpoint)."""
     path = Path(path)
     if path.exists():
@@ -136,6 +178,327 @@ def truncate_jsonl(path: Path, keep) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None if the file is absent, :class:`RunDirectoryError` if it is malformed."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RunDirectoryError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RunDirectoryError(f"{path} holds a {type(data).__name__}, expected an object")
+    return data
+
+
+def _check_version(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``data`` without its format version; a version newer than this package reads is an error."""
+    data = dict(data)
+    version = data.pop(_VERSION_KEY, FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RunDirectoryError(f"{path} has run-directory format {version!r}; this sparsetrain reads formats up to "
+                                f"{FORMAT_VERSION}: upgrade sparsetrain to read it")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Atomically write the checkpoint of ``run_dir``; the previous one becomes the backup checkpoint."""
+    return RunDir(run_dir).save_checkpoint(state)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint (a file, or the latest one of a run directory) with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no checkpoint there (the message names the backup checkpoint when it exists).
+        RuntimeError: the file is damaged (the message says how to resume from the backup).
+    """
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / RunDir.CHECKPOINT
+    prev = path.parent / RunDir.PREV_CHECKPOINT
+    if not path.exists():
+        hint = f"; the previous checkpoint {prev} exists: resume from it with --resume {prev}" if prev.exists() else ""
+        raise FileNotFoundError(f"no checkpoint at {path}{hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+            raise ValueError("missing 'model'/'epoch' entries")
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is damaged
+        hint = (f" The previous checkpoint {prev} is intact: resume from it with --resume {prev}"
+                if prev.exists() and prev != path else "")
+        raise RuntimeError(f"checkpoint {path} is corrupted or truncated ({type(e).__name__}: {e}).{hint}") from None
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _config_density(config: Mapping[str, Any]) -> float | None:
+    overrides = config.get("recipe_overrides") or {}
+    if overrides.get("density") is not None:
+        return overrides["density"]
+    if overrides.get("sparsity") is not None:
+        return round(1.0 - float(overrides["sparsity"]), 12)
+    return config.get("density")
+
+
+def summarize(config: Mapping[str, Any], metrics: list[dict[str, Any]], flops: Mapping[str, Any] | None = None, *,
+              recipe: Any = None, density: float | None = None, epochs: int | None = None,
+              run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The summary of a run: the one definition of its keys, for finished runs and unfinished ones alike.
+
+    Args:
+        config: the run's config.
+        metrics: its per-epoch records, in epoch order.
+        flops: the FLOP accounting (its :data:`SUMMARY_FLOPS_KEYS` are copied), or None.
+        recipe: recipe label (default: the config's ``recipe``).
+        density: the recipe's density (default: the config's ``recipe_overrides``).
+        epochs: epochs of the run (default: the number of epochs in ``metrics``).
+        run_dir: the run directory, recorded when given.
+    """
+    accs = [m["test_acc"] for m in metrics if isinstance(m.get("test_acc"), (int, float))]
+    last = metrics[-1] if metrics else {}
+    summary: dict[str, Any] = {
+        "model": config.get("model"),
+        "dataset": config.get("dataset"),
+        "recipe": config.get("recipe") if recipe is None else recipe,
+        "density": _config_density(config) if density is None else density,
+        "seed": config.get("seed"),
+        "epochs": len(metrics) if epochs is None else epochs,
+        "final_test_acc": accs[-1] if accs else None,
+        "best_test_acc": max(accs) if accs else None,
+    }
+    for key in ("weight_density", "activation_density"):
+        if key in last:
+            summary[key] = last[key]
+    if flops:
+        summary["flops"] = {k: flops[k] for k in SUMMARY_FLOPS_KEYS if k in flops}
+    if run_dir is not None:
+        summary["run_dir"] = str(run_dir)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- the run directory
+class RunDir:
+    """One run directory: its file names, format version, writers and readers.
+
+    Args:
+        path: the folder (it need not exist yet).
+
+    Example:
+        >>> RunDir("runs/a").metrics_path
+        PosixPath('runs/a/metrics.jsonl')
+    """
+
+    CONFIG = "config.yaml"
+    METRICS = "metrics.jsonl"
+    TELEMETRY = "telemetry.jsonl"
+    CHECKPOINT = "checkpoint.pt"
+    PREV_CHECKPOINT = "checkpoint.prev.pt"
+    FLOPS = "flops.json"
+    SUMMARY = "summary.json"
+    REPORT_DIR = "report"
+    REPORT_MARKDOWN = "report.md"
+    REPORT_HTML = "report.html"
+    #: What every run directory holds once its first epoch is done; the rest is optional for readers.
+    REQUIRED = (CONFIG, METRICS)
+    OPTIONAL = (SUMMARY, TELEMETRY, FLOPS)
+    #: Parent folder of runs started without ``--out``.
+    DEFAULT_PARENT = "runs"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def containing(cls, path: str | os.PathLike) -> "RunDir":
+        """The run directory ``path`` names, or the one holding the file ``path`` (e.g. a checkpoint)."""
+        path = Path(path)
+        return cls(path.parent if path.is_file() else path)
+
+    @classmethod
+    def default(cls, model: str, recipe: Any) -> "RunDir":
+        """``runs/<model>-<recipe>-<time>``: where a run started without ``--out`` goes."""
+        tag = Path(str(recipe)).stem if isinstance(recipe, str) else "custom"
+        return cls(Path(cls.DEFAULT_PARENT) / f"{model}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def telemetry_path(self) -> Path:
+        return self.path / self.TELEMETRY
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def prev_checkpoint_path(self) -> Path:
+        return self.path / self.PREV_CHECKPOINT
+
+    @property
+    def flops_path(self) -> Path:
+        return self.path / self.FLOPS
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / self.SUMMARY
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / self.REPORT_DIR
+
+    # ------------------------------------------------------------------ checks
+    def has_checkpoint(self) -> bool:
+        """True once an epoch has been checkpointed: the folder holds a run and must not be overwritten."""
+        return self.checkpoint_path.exists()
+
+    def is_run(self) -> bool:
+        """True if the folder holds every file of :attr:`REQUIRED`."""
+        return all((self.path / f).is_file() for f in self.REQUIRED)
+
+    def check(self) -> None:
+        """Raise :class:`RunDirectoryError` (naming the expected files) unless the folder :meth:`is_run`."""
+        expected = (f"a run directory holds {' and '.join(self.REQUIRED)} (optional: {', '.join(self.OPTIONAL)}), "
+                    "as written by `sparsetrain train`")
+        if not self.path.is_dir():
+            raise RunDirectoryError(f"{str(self.path)!r} is not a directory; {expected}")
+        missing = [f for f in self.REQUIRED if not (self.path / f).is_file()]
+        if missing:
+            raise RunDirectoryError(f"{str(self.path)!r} is not a sparsetrain run directory: missing "
+                                    f"{', '.join(missing)}; {expected}")
+
+    @classmethod
+    def find(cls, parent: str | os.PathLike) -> list["RunDir"]:
+        """The run directories directly below ``parent``, sorted by path."""
+        return sorted((cls(p) for p in Path(parent).iterdir() if p.is_dir() and cls(p).is_run()),
+                      key=lambda r: r.path)
+
+    # ------------------------------------------------------------------ config
+    def create(self) -> None:
+        """Create the folder (and its parents)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """Atomically write the resolved config, with the format version."""
+        data = {**config, _VERSION_KEY: FORMAT_VERSION}
+        atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False))
+
+    def read_config(self) -> dict[str, Any]:
+        """The config as written by :meth:`write_config` (without the format version).
+
+        Raises:
+            RunDirectoryError: no config file (the message says what a run directory holds), invalid YAML, not a
+                mapping, or a newer format.
+        """
+        if not self.config_path.is_file():
+            raise RunDirectoryError(f"{self.path} is not a sparsetrain run directory: expected {self.CONFIG} and "
+                                    f"{self.CHECKPOINT} (written by `sparsetrain train`)")
+        try:
+            config = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise RunDirectoryError(f"{str(self.config_path)!r} is not valid YAML: {e}") from None
+        if not isinstance(config, dict):
+            raise RunDirectoryError(f"{str(self.config_path)!r} must hold a mapping, got {type(config).__name__}")
+        return _check_version(config, self.config_path)
+
+    @property
+    def format_version(self) -> int:
+        """The format version the config records (runs from before versioning read as the current one)."""
+        config = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+        return int(config.get(_VERSION_KEY, FORMAT_VERSION))
+
+    # ------------------------------------------------------------------ metrics and telemetry
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one epoch's record (one flushed JSON line)."""
+        append_jsonl(self.metrics_path, record)
+
+    def read_metrics(self, skipped: list[int] | None = None) -> list[dict[str, Any]]:
+        """The per-epoch records (a torn last line is skipped; its number goes to ``skipped``)."""
+        return read_jsonl(self.metrics_path, skipped=skipped)
+
+    def last_densities(self) -> dict[str, dict[str, float]]:
+        """Per layer and operand, the densities measured in the last recorded epoch.
+
+        Raises:
+            RunDirectoryError: no epoch recorded, or the last one has no ``densities``.
+        """
+        metrics = self.read_metrics()
+        if not metrics:
+            raise RunDirectoryError(f"{self.metrics_path} holds no epochs yet")
+        dens = metrics[-1].get("densities")
+        if not isinstance(dens, dict):
+            raise RunDirectoryError(f"the last record of {self.metrics_path} has no 'densities'")
+        return {str(layer): {str(op): float(v) for op, v in (ops or {}).items()} for layer, ops in dens.items()}
+
+    def iter_telemetry(self, skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+        """The telemetry records, streamed (nothing when the run has no telemetry)."""
+        return iter_jsonl(self.telemetry_path, skipped=skipped)
+
+    def truncate_after(self, epoch: int, step: int) -> None:
+        """Drop what a killed process wrote after its last checkpoint: epochs >= ``epoch``, steps >= ``step``."""
+        truncate_jsonl(self.metrics_path, lambda r: r["epoch"] < epoch)
+        truncate_jsonl(self.telemetry_path, lambda r: r["step"] < step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, state: dict[str, Any]) -> Path:
+        """Atomically write the checkpoint; the previous one becomes the backup (``PREV_CHECKPOINT``)."""
+        import torch  # here, not at module level: reading a run's files for a report needs no torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.checkpoint_path, buf.getvalue(), backup=self.prev_checkpoint_path)
+        return self.checkpoint_path
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """The latest checkpoint (see :func:`load_checkpoint`)."""
+        return load_checkpoint(self.checkpoint_path)
+
+    # ------------------------------------------------------------------ results
+    def write_flops(self, flops: Mapping[str, Any]) -> None:
+        """Atomically write the FLOP and memory accounting."""
+        atomic_write_text(self.flops_path, json.dumps(flops, indent=1))
+
+    def read_flops(self) -> dict[str, Any] | None:
+        """The FLOP accounting, or None before the run has finished; malformed: :class:`RunDirectoryError`."""
+        return _read_json_object(self.flops_path)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Atomically write the summary (see :func:`summarize`), with the format version."""
+        atomic_write_text(self.summary_path, json.dumps({**summary, _VERSION_KEY: FORMAT_VERSION}, indent=1))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """The summary written at the end of the run (without the format version), or None if absent.
+
+        Raises:
+            RunDirectoryError: the file is malformed or from a newer format.
+        """
+        data = _read_json_object(self.summary_path)
+        return None if data is None else _check_version(data, self.summary_path)
+
+    def derive_summary(self, config: Mapping[str, Any] | None = None, metrics: list[dict[str, Any]] | None = None,
+                       flops: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The summary of an unfinished run, from its config, metrics and FLOP accounting (read when not given)."""
+        config = self.read_config() if config is None else config
+        metrics = self.read_metrics() if metrics is None else metrics
+        return summarize(config, metrics, flops)
+
+
+# ---------------------------------------------------------------------------------------------- loading a run back
 @dataclass
 class Run:
     """A finished or interrupted run loaded back: its config, its model (dense modules, eval mode) and data."""
@@ -145,6 +508,17 @@ class Run:
     model: nn.Module
     info: Any
     checkpoint: dict[str, Any]
+
+    @property
+    def run_dir(self) -> RunDir:
+        return RunDir(self.path)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample input shape ``(C, H, W)`` of the run's dataset."""
+        size = self.info.image_size
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.info.channels, *hw)
 
     def sparsify(self):
         """Re-apply the run's recipe (with its saved sparsity state) and return the handle."""
@@ -156,27 +530,35 @@ class Run:
         return handle
 
 
-def load_run(path: str | Path) -> Run:
-    """Load a run directory (or a checkpoint file inside one) for evaluation.
+def load_run(path: str | os.PathLike, *, weights: bool = True) -> Run:
+    """Load a run directory (or a checkpoint file inside one) for evaluation or accounting.
+
+    Args:
+        path: the run directory or a checkpoint file in it.
+        weights: load the checkpoint's weights; False builds the architecture only (no checkpoint needed).
 
     Raises:
-        FileNotFoundError: the folder has no ``config.yaml`` / checkpoint (the message names what is expected).
+        RunDirectoryError: the folder has no config (the message names what is expected) or it is malformed.
+        FileNotFoundError, RuntimeError: the checkpoint is missing or damaged (see :func:`load_checkpoint`).
     """
     from sparsetrain.data import dataset_info
     from sparsetrain.models import create_model
 
     path = Path(path)
-    ckpt_path = path if path.is_file() else path / CHECKPOINT
-    run_dir = ckpt_path.parent
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a sparsetrain run directory: expected config.yaml and "
-                                f"{CHECKPOINT} (written by `sparsetrain train`)")
-    config = yaml.safe_load(cfg_path.read_text())
-    ckpt = load_checkpoint(ckpt_path)
+    run_dir = RunDir.containing(path)
+    config = run_dir.read_config()
+    if "model" not in config or "dataset" not in config:
+        raise RunDirectoryError(f"{run_dir.config_path} lacks 'model' or 'dataset'")
+    ckpt = load_checkpoint(path) if weights else {}
     info = dataset_info(config["dataset"])
     model = create_model(config["model"], num_classes=info.num_classes, in_channels=info.channels,
                          width_mult=config.get("width_mult"))
-    model.load_state_dict(ckpt["model"])
+    if weights:
+        model.load_state_dict(ckpt["model"])
     model.eval()
-    return Run(run_dir, config, model, info, ckpt)
+    return Run(run_dir.path, config, model, info, ckpt)
+
+
+#: The checkpoint file names, for callers that predate :class:`RunDir`.
+CHECKPOINT = RunDir.CHECKPOINT
+PREV_CHECKPOINT = RunDir.PREV_CHECKPOINT

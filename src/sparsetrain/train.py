@@ -1,34 +1,40 @@
-"""The training loop. It reads top to bottom: config -> data -> model -> sparsify -> optimiser -> epochs -> summary.
+"""The training loop, read top to bottom: ``setup`` -> per epoch ``train_one_epoch``, ``evaluate``,
+``record_epoch`` -> ``finalize``.
 
-Everything a run produces goes into its run directory (see :mod:`sparsetrain.runs`); ``resume`` continues an
-interrupted run exactly (same batches, same RNG streams, same sparsity state).
+Everything a run produces goes into its run directory (:class:`sparsetrain.runs.RunDir`); ``resume`` continues an
+interrupted run exactly (same batches, same RNG streams, same optimizer and sparsity state).
+
+The step never waits for the device: the loss sum, the correct count and a NaN/Inf watch accumulate on the device,
+and the host reads them only every ``log_every`` steps and at the end of the epoch (as nanoGPT reads its loss only at
+its log interval). Operand densities are measured only on each epoch's last step, inside ``handle.measuring()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import functools
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from sparsetrain import runs
 from sparsetrain.data import dataset_info, make_loaders
-from sparsetrain.handle import sparsify_
+from sparsetrain.handle import SparsityHandle, sparsify_
 from sparsetrain.models import create_model, model_entrypoint
 from sparsetrain.recipe import Recipe
+from sparsetrain.runs import RunDir
 
-__all__ = ["TrainConfig", "train", "NonFiniteError"]
+__all__ = ["TrainConfig", "Session", "NonFiniteError", "train", "setup", "train_one_epoch", "evaluate",
+           "record_epoch", "finalize", "format_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,12 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run. The defaults are the built-in job: LeNet-5, SWAT-U 90%, bundled Fashion-MNIST."""
+    """Every setting of a run. The defaults are the built-in job: LeNet-5, SWAT-U 90%, bundled Fashion-MNIST.
+
+    ``momentum`` and ``nesterov`` apply to ``optimizer: sgd``, ``betas`` to ``adam`` and ``adamw`` (AdamW decouples
+    the weight decay). ``amp`` runs the forward pass and the loss under ``torch.autocast`` in bfloat16 or float16
+    (float16 on CUDA only, with a gradient scaler); parameters and their gradients stay float32.
+    """
 
     model: str = "lenet5"
     dataset: str = "fashion_mnist_small"
@@ -53,10 +64,11 @@ class TrainConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     augment: bool = True
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 5e-4
     wd_exclude_bn_bias: bool = False
     label_smoothing: float = 0.0
@@ -65,29 +77,37 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)  # epochs, for schedule=step
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    amp: str = "none"  # none | bf16 | fp16
     seed: int = 0
     deterministic: bool = False
     channels_last: bool = False
     device: str = "cpu"
     telemetry_every: int = 100  # steps; 0 disables the sparsity monitor
+    log_every: int = 50  # steps between host syncs: progress bar and NaN/Inf check
     out: str | None = None  # run directory; default runs/<model>-<recipe>-<time>
     quiet: bool = False
 
     SCHEDULES = ("cosine", "step", "constant")
-    OPTIMIZERS = ("sgd",)
+    OPTIMIZERS = ("sgd", "adam", "adamw")
+    AMP = ("none", "bf16", "fp16")
 
     def __post_init__(self) -> None:
-        if self.schedule not in self.SCHEDULES:
-            raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(self.SCHEDULES)}")
-        if self.optimizer not in self.OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(self.OPTIMIZERS)}")
-        for k in ("epochs", "batch_size", "eval_batch_size"):
+        for key, valid in (("schedule", self.SCHEDULES), ("optimizer", self.OPTIMIZERS), ("amp", self.AMP)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"{key} {getattr(self, key)!r} is not one of {', '.join(valid)}")
+        for k in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"{k} must be an integer >= 1, got {getattr(self, k)!r}")
         if self.telemetry_every < 0:
             raise ValueError(f"telemetry_every must be >= 0, got {self.telemetry_every}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        betas = list(self.betas) if isinstance(self.betas, (list, tuple)) else None
+        if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {self.betas!r}")
+        self.betas = [float(b) for b in betas]
+        if self.amp == "fp16" and torch.device(self.device).type != "cuda":
+            raise ValueError(f"fp16 autocast needs CUDA; use --amp bf16 on CPU (device is {self.device!r})")
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -102,6 +122,30 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Session:
+    """Everything :func:`setup` builds for one run; the loop functions read and advance it."""
+
+    cfg: TrainConfig
+    config: dict[str, Any]  # the resolved config as written to the run directory
+    run_dir: RunDir
+    device: torch.device
+    train_loader: Any
+    test_loader: Any
+    input_shape: tuple[int, ...]
+    model: nn.Module
+    handle: SparsityHandle
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    dense_flops: Any  # FlopReport of the dense model; each epoch re-counts it with the measured densities
+    autocast: Callable[[], ContextManager]
+    l1_params: list[nn.Parameter]
+    monitor: Any = None
+    start_epoch: int = 0
+    step: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -141,6 +185,14 @@ def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return opt_cls(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
+
+
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
     """Multiplier of the base lr at iteration ``it``: linear warm-up, then step or cosine decay (per iteration)."""
     total = cfg.epochs * steps_per_epoch
@@ -158,22 +210,297 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
     return fn
 
 
+def _autocast(amp: str, device: torch.device) -> Callable[[], ContextManager]:
+    """A factory of the forward pass's autocast context (a no-op for ``amp='none'``, so fp32 runs are unchanged)."""
+    if amp == "none":
+        return contextlib.nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def _measuring(handle: SparsityHandle) -> ContextManager:
+    """``handle.measuring()``: record the operands' kept fractions during the passes run inside it."""
+    # TEMPORARY: the core's SparsityHandle.measuring() is landing; until then the layers measure every pass.
+    measuring = getattr(handle, "measuring", None)
+    return measuring() if measuring is not None else contextlib.nullcontext()
+
+
+def _overall_densities(densities: dict[str, dict[str, float]], flops) -> tuple[float, float]:
+    """Weight and activation density, element-weighted over all conv/linear layers (dense ones count as 1).
+
+    Weights are weighted by their element counts, activations by the elements each layer saves for its weight
+    gradient, as the papers average them; the per-layer densities are the handle's.
+    """
+    from sparsetrain.accounting import layer_density
+
+    w_total = sum(r.weight_elements for r in flops.layers)
+    a_total = sum(r.saved_activation_elements for r in flops.layers)
+    w_kept = sum(layer_density(densities, r.name, "weight") * r.weight_elements for r in flops.layers)
+    a_kept = sum(layer_density(densities, r.name, "input_for_grad_weight") * r.saved_activation_elements
+                 for r in flops.layers)
+    return w_kept / max(1, w_total), a_kept / max(1, a_total)
+
+
+class _Totals:
+    """The running loss sum, correct count and first non-finite step of an epoch, accumulated on the device.
+
+    Nothing here waits for the device; :meth:`read` is the one host sync, called at log intervals.
+    """
+
+    _NONE = float(2**53)  # "no non-finite step yet": larger than any step, exact in float64
+
+    def __init__(self, device: torch.device) -> None:
+        # float64 sums reproduce the former per-step float(loss) accumulation bit for bit (MPS has no float64).
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.loss_sum = torch.zeros((), dtype=dtype, device=device)
+        self.correct = torch.zeros((), dtype=dtype, device=device)
+        self.first_bad_loss = torch.full((), self._NONE, dtype=dtype, device=device)
+        self.first_bad_grad = torch.full((), self._NONE, dtype=dtype, device=device)
+        self.seen = 0
+
+    def _first_bad(self, first: torch.Tensor, value: torch.Tensor, step: int) -> torch.Tensor:
+        bad = (~torch.isfinite(value)).to(first.dtype)
+        return torch.minimum(first, self._NONE - bad * (self._NONE - step))
+
+    def add(self, step: int, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor,
+            grad_norm: torch.Tensor | None) -> None:
+        loss = loss.detach()
+        self.loss_sum += loss.to(self.loss_sum.dtype) * len(y)
+        self.correct += (out.argmax(1) == y).sum()
+        self.seen += len(y)
+        self.first_bad_loss = self._first_bad(self.first_bad_loss, loss, step)
+        if grad_norm is not None:
+            self.first_bad_grad = self._first_bad(self.first_bad_grad, grad_norm, step)
+
+    def read(self) -> tuple[float, int, int | None, int | None]:
+        """``(loss sum, correct, first non-finite loss step, first non-finite gradient step)``: one host sync."""
+        loss_sum, correct, bad_loss, bad_grad = torch.stack(
+            [self.loss_sum, self.correct, self.first_bad_loss, self.first_bad_grad]).tolist()
+        return (loss_sum, int(correct), None if bad_loss == self._NONE else int(bad_loss),
+                None if bad_grad == self._NONE else int(bad_grad))
+
+
+def _check_finite(bad_loss: int | None, bad_grad: int | None, epoch: int, step: int, run_dir: RunDir) -> None:
+    if bad_loss is None and bad_grad is None:
+        return
+    first = min(s for s in (bad_loss, bad_grad) if s is not None)
+    what = "loss" if bad_loss == first else "gradient"
+    raise NonFiniteError(f"non-finite {what} at epoch {epoch} step {first} (found at the check after step {step}); "
+                         f"the last good checkpoint is kept in {run_dir.path}. Lower the learning rate or check the "
+                         "recipe.")
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def _open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig, RunDir, dict[str, Any] | None]:
+    """The config, the run directory and (resuming) the checkpoint; fails on bad names before anything is written."""
+    if resume is None:
+        model_entrypoint(cfg.model)
+        dataset_info(cfg.dataset)
+        Recipe.load(cfg.recipe, **(cfg.recipe_overrides or {}))
+        run_dir = RunDir(cfg.out) if cfg.out else RunDir.default(cfg.model, cfg.recipe)
+        if run_dir.has_checkpoint():
+            raise FileExistsError(f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} "
+                                  "or choose another --out")
+        return cfg, run_dir, None
+    # A resumed run takes its saved config: only more epochs may be asked for.
+    run_dir = RunDir.containing(resume)
+    ckpt = runs.load_checkpoint(resume)
+    saved = TrainConfig.from_dict(run_dir.read_config())
+    return dataclasses.replace(saved, epochs=epochs or saved.epochs, quiet=cfg.quiet), run_dir, ckpt
+
+
+def _restore(s: Session, ckpt: dict[str, Any]) -> None:
+    """Continue exactly where the checkpoint left off, and drop what the killed process wrote after it."""
+    s.model.load_state_dict(ckpt["model"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.scheduler.load_state_dict(ckpt["scheduler"])
+    s.handle.load_state_dict(ckpt["sparsity"])
+    if s.scaler is not None and ckpt.get("scaler"):
+        s.scaler.load_state_dict(ckpt["scaler"])
+    _set_rng_state(ckpt["rng"])
+    s.start_epoch, s.step = ckpt["epoch"] + 1, ckpt["step"]
+    s.run_dir.truncate_after(epoch=s.start_epoch, step=s.step)
+    log.info("resuming %s from epoch %d (step %d)", s.run_dir.path, s.start_epoch, s.step)
+
+
+def setup(cfg: TrainConfig, resume=None, epochs: int | None = None) -> Session:
+    """Config, data, run directory, model, sparsity, optimizer, schedule; restored from ``resume`` if given."""
+    from sparsetrain.accounting import count_flops
+    from sparsetrain.telemetry import JsonlSink, Monitor
+
+    cfg, run_dir, ckpt = _open_run(cfg, resume, epochs)
+    _seed_everything(cfg.seed, cfg.deterministic)
+    device = torch.device(cfg.device)
+
+    # Data: whole uint8 tensors in memory; the batch order depends only on (seed, epoch).
+    train_loader, test_loader, info = make_loaders(
+        cfg.dataset, cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
+        augment=cfg.augment, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+        channels_last=cfg.channels_last)
+
+    # Only now, with names and data known to be good, is the run directory written.
+    run_dir.create()
+    config = {**cfg.to_dict(), "out": str(run_dir.path)}
+    run_dir.write_config(config)
+
+    model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels,
+                         width_mult=cfg.width_mult).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    input_shape = (info.channels, info.image_size, info.image_size)
+    dense_flops = count_flops(model, input_shape)  # layer shapes, traced once on the dense model
+    handle = sparsify_(model, cfg.recipe, **(cfg.recipe_overrides or {}))
+    optimizer = _make_optimizer(model, cfg)
+    s = Session(
+        cfg=cfg, config=config, run_dir=run_dir, device=device, train_loader=train_loader, test_loader=test_loader,
+        input_shape=input_shape, model=model, handle=handle, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, len(train_loader))),
+        scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None, dense_flops=dense_flops,
+        autocast=_autocast(cfg.amp, device),
+        l1_params=[m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
+    if ckpt is not None:
+        _restore(s, ckpt)
+    if cfg.telemetry_every:
+        s.monitor = Monitor(model, every=cfg.telemetry_every, sinks=[JsonlSink(run_dir.telemetry_path)],
+                            start_step=s.step)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------- one epoch
+def _forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and loss (under autocast when asked), then backward; returns the logits and the loss."""
+    with s.autocast():
+        out = s.model(x)
+        loss = F.cross_entropy(out, y, label_smoothing=s.cfg.label_smoothing)
+    if s.cfg.l1:
+        loss = loss + s.cfg.l1 * sum(w.abs().sum() for w in s.l1_params)
+    s.optimizer.zero_grad(set_to_none=True)
+    if s.scaler is None:
+        loss.backward()
+    else:
+        s.scaler.scale(loss).backward()
+        s.scaler.unscale_(s.optimizer)  # true gradients for the telemetry; scaler.step skips non-finite ones
+    return out, loss
+
+
+def _grad_norm(s: Session) -> torch.Tensor | None:
+    """Total gradient norm, left on the device: only its finiteness is checked, at the next log interval."""
+    if s.scaler is not None:
+        return None  # with fp16 an overflowing step is expected: the scaler skips it and lowers the scale
+    return torch.nn.utils.get_total_norm([p.grad for p in s.model.parameters() if p.grad is not None])
+
+
+def _optimizer_step(s: Session) -> None:
+    if s.scaler is None:
+        s.optimizer.step()
+    else:
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    s.scheduler.step()
+    s.handle.step(s.optimizer)
+
+
+def train_one_epoch(s: Session, epoch: int) -> dict[str, float]:
+    """One pass over the training set; returns its loss, accuracy, sample count and time.
+
+    Raises:
+        NonFiniteError: the loss or the gradients became NaN/Inf (found at the next log interval).
+    """
+    cfg = s.cfg
+    s.train_loader.set_epoch(epoch)
+    s.handle.set_epoch(epoch)
+    s.model.train()
+    totals = _Totals(s.device)
+    last = len(s.train_loader) - 1
+    bar = _progress(s.train_loader, epoch, cfg)
+    loss_sum, correct = 0.0, 0
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(bar):
+        x, y = x.to(s.device), y.to(s.device)
+        # Densities are measured on the last step only: the epoch's metrics report them, counting costs a pass.
+        with _measuring(s.handle) if i == last else contextlib.nullcontext():
+            out, loss = _forward_backward(s, x, y)
+        totals.add(s.step, out, y, loss, _grad_norm(s))
+        if s.monitor is not None:
+            s.monitor.step(epoch=epoch)  # records dW before the update consumes it
+        _optimizer_step(s)
+        s.step += 1
+        if (i + 1) % cfg.log_every == 0 or i == last:
+            loss_sum, correct, bad_loss, bad_grad = totals.read()  # the only host sync of the loop
+            _check_finite(bad_loss, bad_grad, epoch, s.step - 1, s.run_dir)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss_sum / totals.seen:.3f}", acc=f"{correct / totals.seen:.3f}",
+                                refresh=False)
+    train_time = time.perf_counter() - t0
+    return {"train_loss": loss_sum / totals.seen, "train_acc": correct / totals.seen, "seen": totals.seen,
+            "time_s": train_time}
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy over a loader."""
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none") -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy over a loader (one host sync, at the end)."""
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    autocast = _autocast(amp, torch.device(device))
+    totals = _Totals(torch.device(device))
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += int((out.argmax(1) == y).sum())
-        n += len(y)
-    return loss_sum / max(1, n), correct / max(1, n)
+        with autocast():
+            out = model(x)
+        totals.loss_sum += F.cross_entropy(out.float(), y, reduction="sum").to(totals.loss_sum.dtype)
+        totals.correct += (out.argmax(1) == y).sum()
+        totals.seen += len(y)
+    loss_sum, correct, _, _ = totals.read()
+    return loss_sum / max(1, totals.seen), correct / max(1, totals.seen)
+
+
+def record_epoch(s: Session, epoch: int, stats: dict[str, float], densities: dict[str, dict[str, float]],
+                 test_loss: float, test_acc: float) -> dict[str, Any]:
+    """Append the epoch's metrics, then checkpoint (in this order: every checkpoint has its metrics line)."""
+    w_density, a_density = _overall_densities(densities, s.dense_flops)
+    report = s.dense_flops.with_densities(densities)
+    metrics = {
+        "epoch": epoch, "step": s.step, "lr": s.optimizer.param_groups[0]["lr"],
+        "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+        "test_loss": test_loss, "test_acc": test_acc, "time_s": stats["time_s"],
+        "samples_per_s": stats["seen"] / stats["time_s"], "weight_density": w_density,
+        "activation_density": a_density, "training_flops_reduction_pct": report.training_flops_reduction_pct,
+        "densities": densities,
+    }
+    s.run_dir.append_metrics(metrics)
+    s.run_dir.save_checkpoint({
+        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+        "sparsity": s.handle.state_dict(), "epoch": epoch, "step": s.step, "rng": _rng_state(), "config": s.config,
+        **({"scaler": s.scaler.state_dict()} if s.scaler is not None else {}),
+    })
+    log.info("epoch %d/%d  loss %.4f  train %.2f%%  test %.2f%%  W density %.3f  act density %.3f  "
+             "%.0f samples/s", epoch + 1, s.cfg.epochs, metrics["train_loss"], 100 * metrics["train_acc"],
+             100 * test_acc, w_density, a_density, metrics["samples_per_s"])
+    return metrics
+
+
+def finalize(s: Session) -> dict[str, Any]:
+    """Write the FLOP/memory accounting and the summary from the last epoch's measured densities."""
+    from sparsetrain.accounting import memory_report
+
+    metrics = s.run_dir.read_metrics()
+    densities = metrics[-1]["densities"]
+    report = s.dense_flops.with_densities(densities)
+    # Memory of one training step at this batch size, dense vs sparse storage of the sparsified operands
+    # (analytic; `sparsetrain flops --memory` adds a measured figure). Per-layer rows stay in the FLOP table.
+    memory = memory_report(s.model, s.input_shape, densities, batch_size=s.cfg.batch_size,
+                           optimizer=s.optimizer).to_dict()
+    memory.pop("layers", None)
+    flops = {**report.to_dict(), "memory": memory}
+    s.run_dir.write_flops(flops)
+    recipe = s.handle.recipe
+    summary = runs.summarize(s.config, metrics, flops, recipe=recipe.preset or "custom", density=recipe.density,
+                             epochs=s.cfg.epochs, run_dir=s.run_dir.path)
+    s.run_dir.write_summary(summary)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, resume: str | Path | None = None, epochs: int | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume=None, epochs: int | None = None) -> dict[str, Any]:
     """Train as ``cfg`` says, or continue the run in ``resume``; returns the summary dict.
 
     A resumed run uses the config saved in its run directory (``cfg`` only sets ``quiet``); ``epochs`` may extend
@@ -182,161 +509,17 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, epochs: int | None
     Raises:
         NonFiniteError: the loss or the gradients became NaN/Inf (the last good checkpoint stays on disk).
     """
-    from sparsetrain.accounting import count_flops, memory_report
-    from sparsetrain.telemetry import JsonlSink, Monitor
-
-    # --- fail fast on bad names before anything is created on disk
-    if resume is None:
-        model_entrypoint(cfg.model)
-        dataset_info(cfg.dataset)
-        Recipe.load(cfg.recipe, **(cfg.recipe_overrides or {}))
-
-    # --- run directory and config: a resumed run takes its saved config (only more epochs may be asked for)
-    ckpt = None
-    if resume is not None:
-        resume = Path(resume)
-        run_dir = resume.parent if resume.is_file() else resume
-        ckpt = runs.load_checkpoint(resume)
-        saved = TrainConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-        cfg = dataclasses.replace(saved, epochs=epochs or saved.epochs, quiet=cfg.quiet)
-    else:
-        recipe_tag = cfg.recipe if isinstance(cfg.recipe, str) else "custom"
-        run_dir = Path(cfg.out or f"runs/{cfg.model}-{Path(str(recipe_tag)).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run_dir / runs.CHECKPOINT).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                                  "or choose another --out")
-    _seed_everything(cfg.seed, cfg.deterministic)
-    device = torch.device(cfg.device)
-
-    # --- data: whole uint8 tensors in memory; batch order depends only on (seed, epoch)
-    train_loader, test_loader, info = make_loaders(
-        cfg.dataset, cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
-        augment=cfg.augment, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-        channels_last=cfg.channels_last)
-    input_shape = (info.channels, info.image_size, info.image_size)
-
-    # --- only now, with names and data known to be good, the run directory is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_dict = cfg.to_dict()
-    cfg_dict["out"] = str(run_dir)
-    runs.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
-
-    # --- model, sparsity, optimiser, schedule
-    model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels,
-                         width_mult=cfg.width_mult).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # Trace layer shapes once on the dense model; each epoch re-counts with that epoch's measured densities.
-    dense_flops = count_flops(model, input_shape)
-    handle = sparsify_(model, cfg.recipe, **(cfg.recipe_overrides or {}))
-    opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(train_loader)))
-    start_epoch, step = 0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        handle.load_state_dict(ckpt["sparsity"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        # Drop whatever the killed process wrote after its last checkpoint.
-        runs.truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r["epoch"] < start_epoch)
-        runs.truncate_jsonl(run_dir / "telemetry.jsonl", lambda r: r["step"] < step)
-        log.info("resuming %s from epoch %d (step %d)", run_dir, start_epoch, step)
-    l1_params = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    monitor = None
-    if cfg.telemetry_every:
-        monitor = Monitor(model, every=cfg.telemetry_every, sinks=[JsonlSink(run_dir / "telemetry.jsonl")],
-                          start_step=step)
-
-    best_acc = max([r["test_acc"] for r in runs.read_jsonl(run_dir / "metrics.jsonl")], default=0.0)
-    metrics: dict[str, Any] = {}
+    s = setup(cfg, resume, epochs)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            train_loader.set_epoch(epoch)
-            handle.set_epoch(epoch)
-            model.train()
-            t0 = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = _progress(train_loader, epoch, cfg)
-            for x, y in bar:
-                x, y = x.to(device), y.to(device)
-                out = model(x)
-                loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-                if cfg.l1:
-                    loss = loss + cfg.l1 * sum(w.abs().sum() for w in l1_params)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-                loss_value, grad_norm = loss.item(), float(grad_norm)
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    raise NonFiniteError(
-                        f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} at epoch {epoch} "
-                        f"step {step} (loss {loss_value}, grad norm {grad_norm}); the last good checkpoint "
-                        f"is kept in {run_dir}. Lower the learning rate or check the recipe.")
-                if monitor is not None:
-                    monitor.step(epoch=epoch)  # records dW before the update consumes it
-                opt.step()
-                sched.step()
-                handle.step(opt)
-                step += 1
-                loss_sum += loss_value * len(y)
-                correct += int((out.argmax(1) == y).sum())
-                seen += len(y)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-            train_time = time.perf_counter() - t0
-
-            # --- end of epoch: densities of the last training step, evaluation, accounting, checkpoint
-            densities = handle.densities()
-            test_loss, test_acc = evaluate(model, test_loader, device)
-            report = dense_flops.with_densities(densities)
-            # Element-weighted over all conv/linear layers (dense ones count as 1), as the papers average them.
-            w_density = 1.0 / report.model_compression_x
-            a_density = 1.0 - report.act_memory_reduction_pct / 100.0
-            best_acc = max(best_acc, test_acc)
-            metrics = {
-                "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
-                "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                "test_loss": test_loss, "test_acc": test_acc, "time_s": train_time,
-                "samples_per_s": seen / train_time, "weight_density": w_density, "activation_density": a_density,
-                "training_flops_reduction_pct": report.training_flops_reduction_pct, "densities": densities,
-            }
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            runs.save_checkpoint(run_dir, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "sparsity": handle.state_dict(), "epoch": epoch, "step": step, "rng": _rng_state(),
-                "config": cfg_dict,
-            })
-            log.info("epoch %d/%d  loss %.4f  train %.2f%%  test %.2f%%  W density %.3f  act density %.3f  "
-                     "%.0f samples/s", epoch + 1, cfg.epochs, metrics["train_loss"], 100 * metrics["train_acc"],
-                     100 * test_acc, w_density, a_density, metrics["samples_per_s"])
+        for epoch in range(s.start_epoch, s.cfg.epochs):
+            stats = train_one_epoch(s, epoch)
+            densities = s.handle.densities()  # measured on the epoch's last training step
+            test_loss, test_acc = evaluate(s.model, s.test_loader, s.device, s.cfg.amp)
+            record_epoch(s, epoch, stats, densities, test_loss, test_acc)
     finally:
-        if monitor is not None:
-            monitor.close()
-
-    # --- summary: accounting from the measured densities of the last epoch
-    if not metrics:  # resumed a finished run
-        metrics = runs.read_jsonl(run_dir / "metrics.jsonl")[-1]
-        report = dense_flops.with_densities(metrics["densities"])
-    # Memory of one training step at this batch size, dense vs sparse storage of the sparsified operands
-    # (analytic; `sparsetrain flops --memory` adds a measured figure). Per-layer rows stay in the FLOP table.
-    memory = memory_report(model, input_shape, metrics["densities"], batch_size=cfg.batch_size,
-                           optimizer=opt).to_dict()
-    memory.pop("layers", None)
-    runs.atomic_write_text(run_dir / "flops.json", json.dumps({**report.to_dict(), "memory": memory}, indent=1))
-    recipe = handle.recipe
-    summary = {
-        "model": cfg.model, "dataset": cfg.dataset, "recipe": recipe.preset or "custom", "density": recipe.density,
-        "seed": cfg.seed, "epochs": cfg.epochs, "final_test_acc": metrics["test_acc"], "best_test_acc": best_acc,
-        "weight_density": metrics["weight_density"], "activation_density": metrics["activation_density"],
-        "flops": {k: report.to_dict()[k] for k in ("training_flops_reduction_pct", "inference_flops_reduction_pct",
-                                                    "act_memory_reduction_pct", "model_compression_x")},
-        "run_dir": str(run_dir),
-    }
-    runs.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
-    return summary
+        if s.monitor is not None:
+            s.monitor.close()
+    return finalize(s)
 
 
 def _progress(loader, epoch: int, cfg: TrainConfig):

@@ -10,7 +10,7 @@ Examples:
 
 Densities: with ``--recipe`` they are the recipe's nominal densities (``handle.densities()`` before any data has
 been seen; data-dependent sparsifiers such as thresholds count as dense); with ``--run`` they are the densities
-measured during training (last line of the run's ``metrics.jsonl``).
+measured during training (the last epoch of the run's metrics, ``RunDir.last_densities()``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         type=Path,
         default=None,
-        help="use a run's config.yaml (model, dataset) and measured densities (metrics.jsonl)",
+        help="use a run's config (model, dataset) and the densities measured in its last epoch",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="MACs per batch of this size (default 1)")
     parser.add_argument(
@@ -108,47 +108,35 @@ def _input_shape_and_classes(args: argparse.Namespace, model_name: str) -> tuple
     return args.input, kwargs
 
 
-def _densities_for(model: Any, args: argparse.Namespace) -> dict[str, dict[str, float]] | None:
-    if args.recipe is None:
-        if args.density is not None or args.sparsity is not None or args.first_layer_dense is not None:
+def _nominal_densities(model: Any, recipe: str | None, density: float | None = None, sparsity: float | None = None,
+                       first_layer_dense: bool | None = None) -> dict[str, dict[str, float]] | None:
+    """The recipe's nominal densities on ``model`` (None without a recipe: dense)."""
+    if recipe is None:
+        if density is not None or sparsity is not None or first_layer_dense is not None:
             raise ValueError("--density/--sparsity/--first-layer-dense need --recipe")
         return None
     import sparsetrain
 
     overrides: dict[str, Any] = {}
-    if args.density is not None:
-        overrides["density"] = args.density
-    if args.sparsity is not None:
+    if density is not None:
+        overrides["density"] = density
+    if sparsity is not None:
         # As density: a preset's default density would otherwise clash with an explicit sparsity.
-        overrides["density"] = round(1.0 - args.sparsity, 12)
-    if args.first_layer_dense is not None:
-        overrides["first_layer_dense"] = args.first_layer_dense
-    handle = sparsetrain.sparsify_(model, args.recipe, **overrides)
+        overrides["density"] = round(1.0 - sparsity, 12)
+    if first_layer_dense is not None:
+        overrides["first_layer_dense"] = first_layer_dense
+    handle = sparsetrain.sparsify_(model, recipe, **overrides)
     # Read before any forward pass: nominal densities (the trace below would replace them by measurements on
     # random data).
     return handle.densities()
 
 
-def _load_run(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict[str, dict[str, float]]]:
-    import yaml
+def _from_run(run_path: Path) -> tuple[Any, tuple[int, ...], dict[str, dict[str, float]]]:
+    """A run's model (architecture only), input shape and the densities measured in its last epoch."""
+    from sparsetrain.runs import load_run
 
-    import sparsetrain
-    from sparsetrain.accounting import densities_from_metrics
-    from sparsetrain.data import dataset_info
-
-    cfg_path = args.run / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: is {args.run} a run directory written by `sparsetrain train`?")
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    if "model" not in cfg or "dataset" not in cfg:
-        raise ValueError(f"{cfg_path} lacks 'model' or 'dataset'")
-    info = dataset_info(cfg["dataset"])
-    size = info.image_size
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    model = sparsetrain.create_model(
-        cfg["model"], num_classes=info.num_classes, in_channels=info.channels, width_mult=cfg.get("width_mult")
-    )
-    return model, (info.channels, *hw), densities_from_metrics(args.run / "metrics.jsonl")
+    run = load_run(run_path, weights=False)
+    return run.model, run.input_shape, run.run_dir.last_densities()
 
 
 def build_report(args: argparse.Namespace) -> tuple[Any, Any, dict[str, dict[str, float]] | None]:
@@ -159,13 +147,13 @@ def build_report(args: argparse.Namespace) -> tuple[Any, Any, dict[str, dict[str
     if args.run is not None:
         if args.recipe is not None or args.model is not None:
             raise ValueError("--run takes model, dataset and densities from the run; drop --model/--recipe")
-        model, shape, densities = _load_run(args)
+        model, shape, densities = _from_run(args.run)
     else:
         if not args.model:
             raise ValueError("give --model NAME (or --run RUN_DIR)")
         shape, kwargs = _input_shape_and_classes(args, args.model)
         model = sparsetrain.create_model(args.model, **kwargs)
-        densities = _densities_for(model, args)
+        densities = _nominal_densities(model, args.recipe, args.density, args.sparsity, args.first_layer_dense)
     report = count_flops(
         model,
         shape,
@@ -200,8 +188,7 @@ def _compare_depth_multiplier(args: argparse.Namespace) -> dict[str, Any]:
         model = sparsetrain.create_model(args.model, **(kwargs | {"width_mult": width}))
         densities = None
         if rec is not None:
-            ns = argparse.Namespace(**(vars(args) | {"recipe": rec, "density": alpha, "sparsity": None}))
-            densities = _densities_for(model, ns)
+            densities = _nominal_densities(model, rec, alpha, None, args.first_layer_dense)
         rep = count_flops(model, shape, densities, batch_size=args.batch_size)
         sp = rep.totals(sparse=True)
         conv = [r for r in rep.layers if r.type.endswith(("Conv1d", "Conv2d", "Conv3d"))]
@@ -270,7 +257,7 @@ def main(args: argparse.Namespace) -> int:
                 optimizer=opt,
                 fmt=args.storage_format,
             )
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:  # RunDirectoryError is a ValueError
         print(f"sparsetrain flops: error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="run directory or checkpoint.pt")
+    parser.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="run directory, or a checkpoint file in one")
     parser.add_argument("--data-dir", default=None, help="data root (default: the run's data_dir / $SPARSETRAIN_DATA)")
     parser.add_argument("--weight-threshold", type=float, default=None, metavar="T",
                         help="enforce |w| > T on every layer's weight")
@@ -91,12 +91,13 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"sparsetrain measure: --margin must be in (0, 1], got {args.margin}")
     if args.output and not args.search:
         raise SystemExit("sparsetrain measure: --output writes a searched recipe; add --search weight|activation")
-    try:
-        from sparsetrain.runs import load_run
-    except ImportError as e:  # the run loader is part of the training side of the package
-        raise SystemExit(f"sparsetrain measure: cannot load runs ({e})") from e
+    from sparsetrain.runs import load_run
 
-    run = load_run(args.run)
+    try:
+        run = load_run(args.run)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # not a run directory, missing or damaged checkpoint
+        print(f"sparsetrain measure: error: {e}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     model = _inference_model(run, args.dense).to(device).eval()
     evaluate = make_evaluator(_test_loader(run, args.data_dir, args.batch_size, device), max_batches=args.batches)

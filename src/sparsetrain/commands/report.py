@@ -1,7 +1,7 @@
 """``sparsetrain report``: Markdown + HTML report of one run, or a comparison table of several runs.
 
 Examples:
-    sparsetrain report runs/resnet18-swat-u               # -> runs/resnet18-swat-u/report/report.{md,html}
+    sparsetrain report runs/resnet18-swat-u               # -> Markdown + HTML in runs/resnet18-swat-u/report/
     sparsetrain report runs/swat-u-s* runs/dense-s* --out cmp --title "SWAT-U vs dense, ResNet-18"
 """
 
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--link-images",
         action="store_true",
-        help="reference the PNG files from report.html instead of embedding them as data URIs",
+        help="reference the PNG files from the HTML report instead of embedding them as data URIs",
     )
 
 

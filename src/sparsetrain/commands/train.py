@@ -12,7 +12,8 @@ HELP = "train a CNN with a sparsity recipe (no arguments: LeNet-5, SWAT-U 90%, b
 # flag -> config key, for the explicit flags (everything else: --set key=value)
 _FLAGS = {
     "model": "model", "dataset": "dataset", "data_dir": "data_dir", "width_mult": "width_mult", "recipe": "recipe",
-    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "momentum": "momentum", "nesterov": "nesterov",
+    "epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr", "momentum": "momentum",
+    "nesterov": "nesterov", "amp": "amp", "log_every": "log_every",
     "weight_decay": "weight_decay", "wd_exclude_bn_bias": "wd_exclude_bn_bias", "label_smoothing": "label_smoothing",
     "l1": "l1", "schedule": "schedule", "milestones": "milestones", "gamma": "gamma",
     "warmup_epochs": "warmup_epochs", "seed": "seed", "deterministic": "deterministic",
@@ -42,9 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
+                   help="sgd (default; --momentum, --nesterov) or adam/adamw (betas: --set betas=[0.9,0.999])")
     g.add_argument("--lr", type=float)
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--nesterov", action="store_true", default=None)
+    g.add_argument("--momentum", type=float, help="SGD momentum")
+    g.add_argument("--nesterov", action="store_true", default=None, help="SGD with Nesterov momentum")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--wd-exclude-bn-bias", action="store_true", default=None, help="no weight decay on BN and biases")
     g.add_argument("--label-smoothing", type=float)
@@ -58,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deterministic", action="store_true", default=None)
     g.add_argument("--channels-last", action="store_true", default=None)
     g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"],
+                   help="mixed precision: forward and loss under torch.autocast (fp16 needs CUDA); default none")
+    g.add_argument("--log-every", type=int, help="steps between progress updates and NaN/Inf checks (default 50)")
     g.add_argument("--telemetry-every", type=int, help="sample layer sparsity every N steps (0 = off)")
     g.add_argument("--out", help="run directory (default runs/<model>-<recipe>-<time>)")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars (CI, logs)")

@@ -6,8 +6,8 @@ One run gives a report with training curves, per-layer densities, per-layer grad
 
 Example:
     >>> from sparsetrain.reporting import write_report
-    >>> write_report(["runs/a", "runs/b", "runs/c"], out_dir="cmp").markdown  # doctest: +SKIP
-    PosixPath('cmp/report.md')
+    >>> write_report(["runs/a", "runs/b", "runs/c"], out_dir="cmp").markdown.parent  # doctest: +SKIP
+    PosixPath('cmp')
 """
 
 from sparsetrain.reporting.build import ReportResult, build_comparison_document, build_run_document, write_report

@@ -1,13 +1,14 @@
 """Assemble and write the report of one run or the comparison of several runs.
 
-Both outputs go to one folder: ``report.md`` (images referenced by relative file name), ``report.html`` (same
-content, inline CSS, PNGs embedded as base64 ``data:`` URIs so the single file opens anywhere) and the PNG files.
+Both outputs go to one folder (``RunDir.REPORT_DIR`` of the run by default): Markdown (``RunDir.REPORT_MARKDOWN``,
+images referenced by relative file name), HTML (``RunDir.REPORT_HTML``: same content, inline CSS, PNGs embedded as
+base64 ``data:`` URIs so the single file opens anywhere) and the PNG files.
 
 Example:
     >>> from sparsetrain.reporting import write_report
     >>> result = write_report(["runs/lenet5-swat-u"])  # doctest: +SKIP
-    >>> result.markdown  # doctest: +SKIP
-    PosixPath('runs/lenet5-swat-u/report/report.md')
+    >>> result.markdown.name == RunDir.REPORT_MARKDOWN  # doctest: +SKIP
+    True
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from sparsetrain.reporting.tables import (
     format_value,
     group_runs,
 )
+from sparsetrain.runs import RunDir
 
 __all__ = [
     "OPERANDS",
@@ -127,8 +129,8 @@ def _summary_section(run: RunFiles) -> list[Block]:
     if run.summary_derived:
         blocks.append(
             Note(
-                "`summary.json` is missing (unfinished run?); these values are derived from "
-                "`config.yaml` and `metrics.jsonl`."
+                f"`{RunDir.SUMMARY}` is missing (unfinished run?); these values are derived from "
+                f"`{RunDir.CONFIG}` and `{RunDir.METRICS}`."
             )
         )
     flat = flatten(
@@ -146,7 +148,7 @@ def _summary_section(run: RunFiles) -> list[Block]:
 def _config_section(config: dict[str, Any]) -> list[Block]:
     blocks: list[Block] = [Heading("Configuration")]
     if not config:
-        return blocks + [Note("`config.yaml` is empty.")]
+        return blocks + [Note(f"`{RunDir.CONFIG}` is empty.")]
     rows: list[list[str]] = []
     long_values: list[tuple[str, Any]] = []
     for key, value in config.items():
@@ -171,7 +173,7 @@ def _config_section(config: dict[str, Any]) -> list[Block]:
 def _curves_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path]) -> list[Block]:
     blocks: list[Block] = [Heading("Training curves")]
     if not run.metrics:
-        return blocks + [Note("`metrics.jsonl` holds no epochs yet.")]
+        return blocks + [Note(f"`{RunDir.METRICS}` holds no epochs yet.")]
     if plots:
         png = plot_training_curves(run.metrics, out_dir / _CURVES_PNG)
         if png is not None:
@@ -210,7 +212,8 @@ def _layer_densities(run: RunFiles) -> tuple[dict[str, dict[str, float]], str] |
                 for layer, ops in dens.items()
                 if isinstance(ops, dict)
             }
-            return table, f"`densities` of epoch {m.get('epoch', '?')} in `metrics.jsonl` (kept fraction per operand)"
+            return table, (f"`densities` of epoch {m.get('epoch', '?')} in `{RunDir.METRICS}` "
+                           "(kept fraction per operand)")
     tel = run.telemetry
     if tel is not None and (tel.last("weight") or tel.last("input")):
         from_tel: dict[str, dict[str, float]] = {}
@@ -227,7 +230,7 @@ def _density_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Pat
     if found is None:
         return blocks + [
             Note(
-                "No per-layer densities: the last epoch of `metrics.jsonl` has no `densities` and "
+                f"No per-layer densities: the last epoch of `{RunDir.METRICS}` has no `densities` and "
                 "there is no weight/input telemetry."
             )
         ]
@@ -259,10 +262,11 @@ def _telemetry_section(run: RunFiles, out_dir: Path, plots: bool, images: list[P
     tel = run.telemetry
     if tel is None:
         return blocks + [
-            Note("No `telemetry.jsonl` in this run (trained without telemetry): no per-layer sparsity over training.")
+            Note(f"No `{RunDir.TELEMETRY}` in this run (trained without telemetry): no per-layer sparsity over "
+                 "training.")
         ]
     if tel.num_records == 0:
-        return blocks + [Note("`telemetry.jsonl` holds no per-layer records.")]
+        return blocks + [Note(f"`{RunDir.TELEMETRY}` holds no per-layer records.")]
     grads = [t for t in ("grad_weight", "grad_output") if tel.series.get(t)]
     if not grads:
         blocks.append(Note("The telemetry has no `grad_weight` or `grad_output` records: no gradient-sparsity plot."))
@@ -307,7 +311,7 @@ def _flops_section(run: RunFiles) -> list[Block]:
     blocks: list[Block] = [Heading("FLOPs and memory")]
     flops = run.flops
     if flops is None:
-        return blocks + [Note("No `flops.json` in this run: FLOP and memory accounting not available.")]
+        return blocks + [Note(f"No `{RunDir.FLOPS}` in this run: FLOP and memory accounting not available.")]
     convention = flops.get("convention")
     if convention is not None:
         blocks.append(Paragraph(f"Convention: {convention if isinstance(convention, str) else json.dumps(convention)}"))
@@ -330,7 +334,7 @@ def _flops_section(run: RunFiles) -> list[Block]:
         body = [[f"`{r[k]}`" if k == "name" and k in r else format_value(r.get(k)) for k in keys] for r in rows_flat]
         blocks.append(Table(keys, body, align))
     elif not scalar_totals:
-        blocks.append(Note("`flops.json` holds neither totals nor a `layers` list."))
+        blocks.append(Note(f"`{RunDir.FLOPS}` holds neither totals nor a `layers` list."))
     return blocks
 
 
@@ -480,7 +484,7 @@ def build_comparison_document(
                 )
             )
         else:
-            blocks.append(Note("No run has a test accuracy in `metrics.jsonl`."))
+            blocks.append(Note(f"No run has a test accuracy in `{RunDir.METRICS}`."))
 
     blocks.append(Heading("Runs"))
     run_rows = []
@@ -533,7 +537,7 @@ def build_comparison_document(
     for run in runs:
         notes += [f"`{run.path}`: {n}" for n in run.notes]
         if run.flops is None and all(v is None for v in run.flops_summary().values()):
-            notes.append(f"`{run.path}`: no FLOP figures (no `flops.json`, none in `summary.json`).")
+            notes.append(f"`{run.path}`: no FLOP figures (no `{RunDir.FLOPS}`, none in `{RunDir.SUMMARY}`).")
     if notes:
         blocks += [Heading("Notes"), BulletList(notes)]
     return Document(title or f"Comparison of {len(runs)} runs", blocks), images
@@ -549,11 +553,12 @@ def write_report(
     plots: bool = True,
     embed_images: bool = True,
 ) -> ReportResult:
-    """Write ``report.md``, ``report.html`` and PNG plots for one run, or a comparison of several runs.
+    """Write the Markdown and HTML report and PNG plots for one run, or a comparison of several runs.
 
     Args:
         run_dirs: one run directory (single-run report) or several (comparison report).
-        out_dir: output folder; default ``RUN_DIR/report`` for one run, ``./sparsetrain-report`` for several.
+        out_dir: output folder; default the run's ``RunDir.report_dir`` for one run, ``./sparsetrain-report`` for
+            several.
         title: report title.
         plots: draw PNG figures (needs matplotlib, ``pip install 'sparsetrain[report]'``).
         embed_images: embed the PNGs in the HTML as data URIs (default) instead of referencing the files.
@@ -582,7 +587,7 @@ def write_report(
     runs = [read_run(p) for p in unique.values()]
 
     if len(runs) == 1:
-        out = Path(out_dir) if out_dir is not None else runs[0].path / "report"
+        out = Path(out_dir) if out_dir is not None else RunDir(runs[0].path).report_dir
         out.mkdir(parents=True, exist_ok=True)
         doc, images = build_run_document(runs[0], out, title, plots)
     else:
@@ -590,7 +595,7 @@ def write_report(
         out.mkdir(parents=True, exist_ok=True)
         doc, images = build_comparison_document(runs, out, title, plots)
 
-    md_path, html_path = out / "report.md", out / "report.html"
+    md_path, html_path = out / RunDir.REPORT_MARKDOWN, out / RunDir.REPORT_HTML
     md_path.write_text(to_markdown(doc), encoding="utf-8")
     html_path.write_text(to_html(doc, image_dir=out, embed_images=embed_images), encoding="utf-8")
     log.debug("wrote %s, %s and %d image(s)", md_path, html_path, len(images))

@@ -114,7 +114,7 @@ def plot_layer_sparsity(telemetry: TelemetrySeries, tensors: Sequence[str], path
     This is the layout of the TensorQuant paper's figures 3-7 (gradient sparsity over training).
 
     Args:
-        telemetry: parsed ``telemetry.jsonl``.
+        telemetry: the run's parsed telemetry.
         tensors: tensor kinds to draw, e.g. ``("grad_weight", "grad_output")``; absent ones are skipped.
         path: output PNG.
 

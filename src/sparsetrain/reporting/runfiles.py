@@ -1,8 +1,10 @@
-"""Read the files of a run directory written by ``sparsetrain train`` (no torch, no model loading).
+"""Read the files of a run directory written by ``sparsetrain train`` for a report (no model loading).
 
-Required: ``config.yaml`` and ``metrics.jsonl``. Optional: ``summary.json`` (derived from the config and the metrics
-when absent, e.g. for an interrupted run), ``telemetry.jsonl`` and ``flops.json``. Problems that do not prevent a
-report (a missing optional file, a truncated last JSON line) are collected in :attr:`RunFiles.notes`.
+The format -- file names, readers, the summary -- belongs to :class:`sparsetrain.runs.RunDir`; this module turns what
+it reads into a :class:`RunFiles` for the report. Required: the config and the metrics (``RunDir.REQUIRED``).
+Optional: the summary (derived by ``RunDir.derive_summary`` when absent, e.g. for an interrupted run), the telemetry
+and the FLOP accounting. Problems that do not prevent a report (a missing optional file, a truncated last JSON line)
+are collected in :attr:`RunFiles.notes`; corruption before the last line of a JSON-lines file is an error.
 
 Example:
     >>> run = read_run("runs/lenet5-swat-u")  # doctest: +SKIP
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from sparsetrain.runs import SUMMARY_FLOPS_KEYS, RunDir, RunDirectoryError
 
 __all__ = [
     "REQUIRED_FILES",
@@ -34,24 +36,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("config.yaml", "metrics.jsonl")
-OPTIONAL_FILES = ("summary.json", "telemetry.jsonl", "flops.json")
-# The run-level figures the papers' tables report; summary.json["flops"] holds them, flops.json has them top level.
-FLOPS_KEYS = (
-    "training_flops_reduction_pct",
-    "inference_flops_reduction_pct",
-    "act_memory_reduction_pct",
-    "model_compression_x",
-)
-
-
-class RunDirectoryError(ValueError):
-    """The path is not a readable sparsetrain run directory."""
+REQUIRED_FILES = RunDir.REQUIRED
+OPTIONAL_FILES = RunDir.OPTIONAL
+# The run-level figures the papers' tables report: the summary's "flops" holds them, the FLOP file top level.
+FLOPS_KEYS = SUMMARY_FLOPS_KEYS
 
 
 @dataclass
 class TelemetrySeries:
-    """Per-layer sparsity over training, from the ``kind == "layer"`` records of ``telemetry.jsonl``.
+    """Per-layer sparsity over training, from the ``kind == "layer"`` records of the run's telemetry.
 
     Attributes:
         series: ``series[tensor][layer] = (steps, sparsities)``; layers in order of first appearance, which is the
@@ -87,12 +80,12 @@ class RunFiles:
 
     Attributes:
         path: the run directory.
-        config: ``config.yaml``.
-        metrics: one dict per epoch from ``metrics.jsonl`` (possibly empty).
-        summary: ``summary.json``, or a summary derived from config and metrics (see ``summary_derived``).
-        summary_derived: True when ``summary.json`` was absent.
-        flops: ``flops.json`` or None.
-        telemetry: layer records of ``telemetry.jsonl`` or None.
+        config: the run's config.
+        metrics: one dict per epoch (possibly empty), sorted by epoch, the last record of a repeated epoch.
+        summary: the run's summary, or one derived from config and metrics (see ``summary_derived``).
+        summary_derived: True when the run has no (readable) summary file.
+        flops: the FLOP accounting or None.
+        telemetry: layer records of the telemetry or None.
         notes: human-readable remarks about missing or damaged files.
     """
 
@@ -116,7 +109,7 @@ class RunFiles:
         return self.metrics[-1] if self.metrics else {}
 
     def flops_summary(self) -> dict[str, float | None]:
-        """The four run-level figures of :data:`FLOPS_KEYS` from ``summary.json``, falling back to ``flops.json``."""
+        """The four run-level figures of :data:`FLOPS_KEYS` from the summary, falling back to the FLOP file."""
         from_summary = self.summary.get("flops") or {}
         from_file = self.flops or {}
         return {k: _as_float(from_summary.get(k, from_file.get(k))) for k in FLOPS_KEYS}
@@ -154,82 +147,40 @@ def recipe_label(recipe: Any) -> str:
     return str(recipe)
 
 
-def _read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    records = []
-    bad: list[int] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(lineno)
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-            else:
-                bad.append(lineno)
-    if bad:
-        # A run killed mid-write leaves a truncated last line; reporting the rest is more useful than failing.
-        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
-        notes.append(f"`{path.name}`: skipped {len(bad)} line(s) that are not JSON objects (line {shown}).")
-    return records
+def _skipped_note(name: str, skipped: list[int]) -> str:
+    shown = ", ".join(map(str, skipped[:5])) + (" ..." if len(skipped) > 5 else "")
+    return f"`{name}`: skipped {len(skipped)} line(s) that are not JSON objects (line {shown})."
 
 
-def _read_telemetry(path: Path, notes: list[str]) -> TelemetrySeries:
+def _read_telemetry(run_dir: RunDir, notes: list[str]) -> TelemetrySeries:
     # Streamed: a long run's telemetry can hold hundreds of thousands of records; keep only compact series.
     tel = TelemetrySeries()
     bad = 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-                if rec.get("kind", "layer") != "layer":
-                    continue
-                tensor, name, step = str(rec["tensor"]), str(rec["name"]), int(rec["step"])
-                sparsity = float(rec["sparsity"])
-            except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-                bad += 1
-                continue
-            steps, vals = tel.series.setdefault(tensor, {}).setdefault(name, ([], []))
-            # A resumed run appends from its checkpoint's step: the later records replace the overlapping ones.
-            while steps and steps[-1] >= step:
-                steps.pop()
-                vals.pop()
-            steps.append(step)
-            vals.append(sparsity)
-            if isinstance(rec.get("numel"), int):
-                tel.numel.setdefault(tensor, {})[name] = rec["numel"]
-            tel.num_records += 1
+    skipped: list[int] = []
+    for rec in run_dir.iter_telemetry(skipped):
+        if rec.get("kind", "layer") != "layer":
+            continue
+        try:
+            tensor, name, step = str(rec["tensor"]), str(rec["name"]), int(rec["step"])
+            sparsity = float(rec["sparsity"])
+        except (KeyError, TypeError, ValueError):
+            bad += 1
+            continue
+        steps, vals = tel.series.setdefault(tensor, {}).setdefault(name, ([], []))
+        # A resumed run appends from its checkpoint's step: the later records replace the overlapping ones.
+        while steps and steps[-1] >= step:
+            steps.pop()
+            vals.pop()
+        steps.append(step)
+        vals.append(sparsity)
+        if isinstance(rec.get("numel"), int):
+            tel.numel.setdefault(tensor, {})[name] = rec["numel"]
+        tel.num_records += 1
+    if skipped:
+        notes.append(_skipped_note(RunDir.TELEMETRY, skipped))
     if bad:
-        notes.append(f"`{path.name}`: skipped {bad} malformed record(s).")
+        notes.append(f"`{RunDir.TELEMETRY}`: skipped {bad} malformed record(s).")
     return tel
-
-
-def _derive_summary(config: dict[str, Any], metrics: list[dict[str, Any]], flops: dict | None) -> dict[str, Any]:
-    overrides = config.get("recipe_overrides") or {}
-    density = overrides.get("density", config.get("density"))
-    if density is None and overrides.get("sparsity") is not None:
-        density = 1.0 - float(overrides["sparsity"])
-    accs = [m["test_acc"] for m in metrics if isinstance(m.get("test_acc"), (int, float))]
-    summary: dict[str, Any] = {
-        "model": config.get("model"),
-        "dataset": config.get("dataset"),
-        "recipe": config.get("recipe"),
-        "density": density,
-        "seed": config.get("seed"),
-        "final_test_acc": accs[-1] if accs else None,
-        "best_test_acc": max(accs) if accs else None,
-        "epochs": len(metrics),
-    }
-    if flops:
-        summary["flops"] = {k: flops[k] for k in FLOPS_KEYS if k in flops}
-    return summary
 
 
 def _dedupe_epochs(metrics: list[dict[str, Any]], notes: list[str]) -> list[dict[str, Any]]:
@@ -244,29 +195,19 @@ def _dedupe_epochs(metrics: list[dict[str, Any]], notes: list[str]) -> list[dict
             no_epoch.append(m)
     if len(by_epoch) + len(no_epoch) < len(metrics):
         notes.append(
-            f"`metrics.jsonl`: {len(metrics) - len(by_epoch) - len(no_epoch)} repeated epoch(s) "
+            f"`{RunDir.METRICS}`: {len(metrics) - len(by_epoch) - len(no_epoch)} repeated epoch(s) "
             "(resumed run?); the last record of each epoch is used."
         )
     return [by_epoch[e] for e in sorted(by_epoch)] + no_epoch
 
 
-def _run_dirs_below(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES))
-
-
-def _read_json_object(file: Path, notes: list[str], fallback: str) -> dict[str, Any] | None:
-    """A JSON object from ``file``, or None (with a note saying what happens instead) if absent or malformed."""
-    if not file.is_file():
-        return None
+def _optional(read, notes: list[str], fallback: str) -> dict[str, Any] | None:
+    """``read()``, or None with a note saying what happens instead when the file is malformed."""
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        notes.append(f"`{file.name}` is not valid JSON ({e}); {fallback}.")
+        return read()
+    except RunDirectoryError as e:
+        notes.append(f"{e}; {fallback}.")
         return None
-    if not isinstance(data, dict):
-        notes.append(f"`{file.name}` holds a {type(data).__name__}, expected an object; {fallback}.")
-        return None
-    return data
 
 
 def read_run(run_dir: str | Path) -> RunFiles:
@@ -279,63 +220,49 @@ def read_run(run_dir: str | Path) -> RunFiles:
         The parsed :class:`RunFiles`.
 
     Raises:
-        RunDirectoryError: the folder does not exist or lacks ``config.yaml`` / ``metrics.jsonl``, or a file
+        RunDirectoryError: the folder does not exist or lacks a required file (``RunDir.REQUIRED``), or a file
             cannot be parsed.
     """
-    path = Path(run_dir)
-    expected = (
-        f"a run directory holds {' and '.join(REQUIRED_FILES)} (optional: {', '.join(OPTIONAL_FILES)}), "
-        "as written by `sparsetrain train`"
-    )
-    if not path.is_dir():
-        raise RunDirectoryError(f"{str(path)!r} is not a directory; {expected}")
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
-    if missing:
+    rd = RunDir(run_dir)
+    try:
+        rd.check()
+    except RunDirectoryError as e:
+        below = RunDir.find(rd.path) if rd.path.is_dir() else []
         hint = ""
-        below = _run_dirs_below(path)
         if below:
-            shown = " ".join(str(p) for p in below[:3]) + (" ..." if len(below) > 3 else "")
+            shown = " ".join(str(r.path) for r in below[:3]) + (" ..." if len(below) > 3 else "")
             hint = f". It contains {len(below)} run directories: pass them instead, e.g. `sparsetrain report {shown}`"
-        raise RunDirectoryError(
-            f"{str(path)!r} is not a sparsetrain run directory: missing {', '.join(missing)}; {expected}{hint}"
-        )
+        raise RunDirectoryError(f"{e}{hint}") from None
 
     notes: list[str] = []
+    config = rd.read_config()
+    skipped: list[int] = []
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise RunDirectoryError(f"{str(path / 'config.yaml')!r} is not valid YAML: {e}") from e
-    if not isinstance(config, dict):
-        raise RunDirectoryError(f"{str(path / 'config.yaml')!r} must hold a mapping, got {type(config).__name__}")
-
-    metrics = _dedupe_epochs(_read_jsonl(path / "metrics.jsonl", notes), notes)
+        metrics = rd.read_metrics(skipped)
+    except ValueError as e:  # corruption before the last line: nothing to guess
+        raise RunDirectoryError(str(e)) from None
+    if skipped:
+        notes.append(_skipped_note(RunDir.METRICS, skipped))
+    metrics = _dedupe_epochs(metrics, notes)
     if not metrics:
-        notes.append("`metrics.jsonl` holds no epochs yet: no training curves.")
+        notes.append(f"`{RunDir.METRICS}` holds no epochs yet: no training curves.")
 
-    flops = _read_json_object(path / "flops.json", notes, "FLOP table omitted")
-    summary_derived = False
-    summary = _read_json_object(path / "summary.json", notes, "summary derived from config and metrics")
-    if not (path / "summary.json").is_file():
-        notes.append(
-            "`summary.json` missing (run unfinished?): summary derived from `config.yaml` and `metrics.jsonl`."
-        )
+    flops = _optional(rd.read_flops, notes, "FLOP table omitted")
+    summary = _optional(rd.read_summary, notes, "summary derived from config and metrics")
+    if not rd.summary_path.is_file():
+        notes.append(f"`{RunDir.SUMMARY}` missing (run unfinished?): summary derived from `{RunDir.CONFIG}` and "
+                     f"`{RunDir.METRICS}`.")
+    summary_derived = summary is None
     if summary is None:
-        summary = _derive_summary(config, metrics, flops)
-        summary_derived = True
+        summary = rd.derive_summary(config, metrics, flops)
 
     telemetry = None
-    if (path / "telemetry.jsonl").is_file():
-        telemetry = _read_telemetry(path / "telemetry.jsonl", notes)
-    log.debug(
-        "read run %s: %d epochs, telemetry=%s, flops=%s", path, len(metrics), telemetry is not None, flops is not None
-    )
-    return RunFiles(
-        path=path,
-        config=config,
-        metrics=metrics,
-        summary=summary,
-        summary_derived=summary_derived,
-        flops=flops,
-        telemetry=telemetry,
-        notes=notes,
-    )
+    if rd.telemetry_path.is_file():
+        try:
+            telemetry = _read_telemetry(rd, notes)
+        except ValueError as e:
+            raise RunDirectoryError(str(e)) from None
+    log.debug("read run %s: %d epochs, telemetry=%s, flops=%s", rd.path, len(metrics), telemetry is not None,
+              flops is not None)
+    return RunFiles(path=rd.path, config=config, metrics=metrics, summary=summary, summary_derived=summary_derived,
+                    flops=flops, telemetry=telemetry, notes=notes)

@@ -126,7 +126,7 @@ def _mean(values: list[float | None]) -> float | None:
 class GroupRow:
     """Runs sharing (model, dataset, recipe, density), aggregated over seeds.
 
-    Accuracies and densities are fractions in [0, 1]; the FLOP figures are as in ``summary.json`` (percent, ×).
+    Accuracies and densities are fractions in [0, 1]; the FLOP figures are as in the run's summary (percent, ×).
     ``acc_sd`` is the sample SD (None for a single run). ``baseline_acc`` is the mean accuracy of the dense group of
     the same model and dataset, when one was given.
     """

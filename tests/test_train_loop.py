@@ -1,0 +1,137 @@
+"""The training loop's parts: optimizers with exact resume, mixed precision, host syncs only at log intervals."""
+
+import math
+
+import pytest
+import torch
+
+import sparsetrain.train as train_mod
+from sparsetrain import runs
+from sparsetrain.cli import main
+from sparsetrain.runs import RunDir
+from sparsetrain.train import NonFiniteError, TrainConfig, train
+
+# 4 steps per epoch, 200 test images: a few seconds per run.
+TINY = dict(train_subset=512, test_subset=200, batch_size=128, telemetry_every=0, quiet=True)
+
+
+class _Killed(Exception):
+    """Stands in for SIGKILL: raised from inside a training step."""
+
+
+def _kill_at_call(monkeypatch, n):
+    """Make the n-th training forward pass (1-based) die, as a kill mid-epoch would."""
+    real = train_mod.F.cross_entropy
+    calls = {"n": 0}
+
+    def dying(out, y, **kw):
+        if out.requires_grad:
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise _Killed
+        return real(out, y, **kw)
+
+    monkeypatch.setattr(train_mod.F, "cross_entropy", dying)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_resume_is_exact_for_each_optimizer(tmp_path, monkeypatch, optimizer):
+    cfg = dict(TINY, epochs=2, optimizer=optimizer, lr=2e-3, betas=[0.8, 0.99])
+    train(TrainConfig(**cfg, out=str(tmp_path / "full")))
+    with monkeypatch.context() as m:
+        _kill_at_call(m, 6)  # the second step of epoch 1, after epoch 0's checkpoint
+        with pytest.raises(_Killed):
+            train(TrainConfig(**cfg, out=str(tmp_path / "victim")))
+    assert runs.load_checkpoint(tmp_path / "victim")["epoch"] == 0
+    train(TrainConfig(quiet=True), resume=tmp_path / "victim")
+    a, b = runs.load_checkpoint(tmp_path / "full"), runs.load_checkpoint(tmp_path / "victim")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    state = b["optimizer"]
+    assert state["param_groups"][0]["betas"] == (0.8, 0.99)
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(next(iter(state["state"].values())))
+    assert opt_cls.__name__.lower() == optimizer
+    metrics = RunDir(tmp_path / "victim").read_metrics()
+    assert [r["epoch"] for r in metrics] == [0, 1]
+    assert [r["test_acc"] for r in metrics] == [r["test_acc"] for r in RunDir(tmp_path / "full").read_metrics()]
+
+
+def test_optimizer_flag_and_validation(tmp_path, caplog):
+    assert main(["train", "--optimizer", "adamw", "--set", "betas=[0.85,0.995]", "--epochs", "1", "--train-subset",
+                 "256", "--test-subset", "100", "--batch-size", "128", "--telemetry-every", "0", "--quiet", "--out",
+                 str(tmp_path / "run")]) == 0
+    config = RunDir(tmp_path / "run").read_config()
+    assert config["optimizer"] == "adamw" and config["betas"] == [0.85, 0.995]
+    assert runs.load_checkpoint(tmp_path / "run")["optimizer"]["param_groups"][0]["betas"] == (0.85, 0.995)
+    with pytest.raises(ValueError, match="optimizer 'lamb' is not one of sgd, adam, adamw"):
+        TrainConfig(optimizer="lamb")
+    with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
+        TrainConfig(optimizer="adam", betas=[0.9, 1.5])
+
+
+def test_amp_fp16_on_cpu_is_a_clear_error_before_anything_is_written(tmp_path, caplog):
+    out = tmp_path / "run"
+    assert main(["train", "--amp", "fp16", "--out", str(out), "--quiet"]) == 2
+    assert "fp16 autocast needs CUDA; use --amp bf16 on CPU" in caplog.text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("recipe", [
+    "dense",
+    # The sparse layers become autocast-safe with the core redesign (issue 10, item 4); until then the GEMM of a
+    # bf16 activation with a float32 weight fails ("expected m1 and m2 to have the same dtype").
+    pytest.param("swat-u", marks=pytest.mark.xfail(reason="sparse layers not autocast-safe yet (core)", strict=False)),
+])
+def test_amp_bf16_one_short_epoch(tmp_path, recipe):
+    out = tmp_path / recipe
+    assert main(["train", "--amp", "bf16", "--recipe", recipe, "--epochs", "1", "--train-subset", "512",
+                 "--test-subset", "200", "--batch-size", "128", "--telemetry-every", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    run = RunDir(out)
+    (m,) = run.read_metrics()
+    assert math.isfinite(m["train_loss"]) and m["test_acc"] > 0.1  # chance is 0.1
+    params = runs.load_checkpoint(out)["model"]
+    assert all(v.dtype == torch.float32 for k, v in params.items() if v.is_floating_point())
+    assert run.read_summary()["final_test_acc"] == m["test_acc"]
+
+
+def test_nonfinite_gradient_is_found_at_the_log_interval(tmp_path, monkeypatch):
+    real = train_mod._forward_backward
+    calls = {"n": 0}
+
+    def poison_grad(s, x, y):
+        out, loss = real(s, x, y)
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 1: the loss is finite, one gradient is not
+            next(s.model.parameters()).grad.view(-1)[0] = float("inf")
+        return out, loss
+
+    monkeypatch.setattr(train_mod, "_forward_backward", poison_grad)
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at epoch 0 step 1 \(found at the check after step "
+                                             r"2\); the last good checkpoint is kept in"):
+        train(TrainConfig(**TINY, epochs=1, log_every=3, out=str(tmp_path / "run")))
+    assert not RunDir(tmp_path / "run").has_checkpoint()
+
+
+def test_host_syncs_only_at_log_intervals(tmp_path, monkeypatch):
+    """The loop reads device values only every ``log_every`` steps, at the end of an epoch and once per evaluation."""
+    syncs = []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **kw):
+            import sys
+
+            if sys._getframe(1).f_globals.get("__name__") == "sparsetrain.train":
+                syncs.append(name)
+            return real(self, *a, **kw)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    # 12 steps per epoch, log every 5: reads after steps 5, 10 and 12, plus one for the evaluation.
+    train(TrainConfig(**dict(TINY, train_subset=1536), epochs=2, log_every=5, out=str(tmp_path / "run")))
+    assert len(syncs) == 2 * (3 + 1), syncs
