@@ -158,11 +158,12 @@ def test_every_registered_sparsifier_roundtrips_and_runs(name):
         assert out.count_nonzero() < w.numel()
 
 
-@pytest.mark.parametrize("kind", ["relu", "ties", "zeros", "heavy", "float64", "bfloat16", "all_equal"])
-def test_topk_threshold_bracket_path_is_exact(kind):
-    """Large tensors take the sampled-bracket path; it must return exactly the k-th largest value."""
+@pytest.mark.parametrize("kind", ["relu", "ties", "zeros", "heavy", "float64", "bfloat16", "all_equal", "signed",
+                                  "channels_last", "denormal", "small"])
+def test_topk_threshold_radix_select_is_exact(kind):
+    """The radix select must return exactly kthvalue's k-th largest magnitude, ties and zeros included."""
     g = torch.Generator().manual_seed(0)
-    n = 3 * sp._BRACKET_MIN_NUMEL + 7
+    n = 3 * 65536 + 7
     x = {
         "relu": torch.relu(torch.randn(n, generator=g)),
         "ties": torch.randint(0, 7, (n,), generator=g).float(),
@@ -171,8 +172,14 @@ def test_topk_threshold_bracket_path_is_exact(kind):
         "float64": torch.rand(n, generator=g, dtype=torch.float64),
         "bfloat16": torch.randn(n, generator=g).abs().bfloat16(),
         "all_equal": torch.full((n,), 0.25),
+        "signed": torch.randn(n, generator=g) * torch.randint(0, 2, (n,), generator=g),
+        "channels_last": torch.randn(8, 16, 33, 47, generator=g).contiguous(memory_format=torch.channels_last),
+        "denormal": torch.rand(n, generator=g) * 1e-39,
+        "small": torch.randn(1000, generator=g),
     }[kind]
-    flat = x.reshape(-1).float() if x.dtype == torch.bfloat16 else x.reshape(-1)
+    n = x.numel()
+    flat = x.reshape(-1).abs()
+    flat = flat.float() if flat.dtype == torch.bfloat16 else flat
     for density in (1e-4, 0.01, 0.1, 0.37, 0.5, 0.9, 0.999):
         k = math.ceil(density * n)
         expected = flat.kthvalue(n - k + 1).values

@@ -6,25 +6,38 @@ step/epoch counters, RNG states) so ``handle.state_dict()`` is all a resumed run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-from statistics import NormalDist
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from sparsetrain import sparsifiers as sp
 from sparsetrain.distributions import erk_densities, momentum_densities
-from sparsetrain.layers import INHERIT, OPERANDS, SPARSE_TYPES, LayerSpec, LayerState
-from sparsetrain.recipe import Recipe, _parse_freeze, resolve_layers
+from sparsetrain.layers import (
+    INHERIT,
+    OPERANDS,
+    LayerSpec,
+    LayerState,
+    OperandEvent,
+    PackedReLU,
+    effective_weight,
+    is_sparse_layer,
+    observe,
+    sparse_class,
+)
+from sparsetrain.recipe import Recipe, parse_freeze, resolve_layers
 
 __all__ = ["sparsify_", "SparsityHandle"]
 
 log = logging.getLogger(__name__)
 
-_DENSITY_TYPES = (sp.TopK, sp.ChannelTopK, sp.RandomChannel)
+#: Names optimizers give their first moment: SGD's momentum buffer, Adam/AdamW's exp_avg.
+FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg")
 
 
 def sparsify_(model: nn.Module, recipe: Any = "swat-u", **overrides: Any) -> "SparsityHandle":
@@ -45,7 +58,7 @@ def sparsify_(model: nn.Module, recipe: Any = "swat-u", **overrides: Any) -> "Sp
         >>> sorted(handle.layers)
         ['3']
     """
-    if any(isinstance(m, tuple(SPARSE_TYPES.values())) for m in model.modules()):
+    if any(is_sparse_layer(m) for m in model.modules()):
         raise ValueError("model is already sparsified; call handle.remove() on the existing handle first")
     r = Recipe.load(recipe, **overrides)
     resolved = resolve_layers(model, r)
@@ -54,27 +67,8 @@ def sparsify_(model: nn.Module, recipe: Any = "swat-u", **overrides: Any) -> "Sp
 
 def _with_density(spec: LayerSpec, density: float) -> LayerSpec:
     """The spec with every density-parameterised operand (W and the activations that follow it) at ``density``."""
-    kw = {}
-    for op in OPERANDS:
-        cfg = getattr(spec, op)
-        if isinstance(cfg, _DENSITY_TYPES):
-            kw[op] = dataclasses.replace(cfg, density=min(1.0, float(density)))
+    kw = {op: sp.with_density(getattr(spec, op), density) for op in OPERANDS if sp.has_density(getattr(spec, op))}
     return dataclasses.replace(spec, **kw)
-
-
-def _nominal(cfg: Any) -> float | None:
-    """Density implied by a config alone (None when it depends on the data)."""
-    if cfg is None:
-        return 1.0
-    if isinstance(cfg, (*_DENSITY_TYPES, sp.NM)):
-        return float(cfg.density)
-    if isinstance(cfg, sp.DBTD):
-        # Expected kept fraction for a Gaussian gradient: P(|g| >= tau) + E[|g|/tau; |g| < tau].
-        z = NormalDist().inv_cdf(cfg.p) * (1.0 if cfg.sigma == "consistent" else 2.0 / math.pi)
-        phi = NormalDist().pdf
-        above = 2.0 * (1.0 - NormalDist().cdf(z))
-        return above + (2.0 * (phi(0.0) - phi(z)) / z if cfg.stochastic else 0.0)
-    return None
 
 
 class SparsityHandle:
@@ -86,16 +80,31 @@ class SparsityHandle:
         self.step_count = 0
         self.epoch = 0
         self._frozen_done = False
-        self._freeze = _parse_freeze(recipe.freeze_topology_after)
+        self._freeze = parse_freeze(recipe.freeze_topology_after)
         self.modules: dict[str, nn.Module] = {}
+        self.states: dict[str, LayerState] = {}
+        self._measured: dict[str, dict[str, Tensor]] = {}
         self.distributed: list[str] = [n for n, (_, fp) in resolved.items() if fp]  # follow the distribution
+        momentum = recipe.distribution == "momentum"
         mods = dict(model.named_modules())
         for name, (spec, _) in resolved.items():
             dense = mods[name]
-            state = LayerState(name=name, period=recipe.threshold_period, seed=sp._seed_for(name, recipe.seed))
-            sparse = SPARSE_TYPES[type(dense)].from_dense(dense, spec, state)
+            state = LayerState(name=name, period=recipe.threshold_period, seed=sp.seed_for(name, recipe.seed),
+                               pack_saved=recipe.pack_saved, track_active=momentum and name in self.distributed)
+            sparse = sparse_class(dense).from_dense(dense, spec, state)
             self._set_module(name, sparse)
             self.modules[name] = sparse
+            self.states[name] = state
+        # With packed saved tensors a sparse conv no longer keeps its dense input alive, so a ReLU that saves its
+        # whole output (only to know its sign) would: swap in the 1-bit-mask ReLU (outputs and grads unchanged).
+        self.relus: dict[str, nn.Module] = {}
+        if recipe.pack_saved and self.modules:
+            for name, m in list(model.named_modules()):
+                if type(m) is nn.ReLU:
+                    lean = PackedReLU.__new__(PackedReLU)
+                    lean.__dict__.update(m.__dict__)
+                    self._set_module(name, lean)
+                    self.relus[name] = lean
         self._apply_distribution(initial=True)
         log.debug("sparsified %d layers with %s", len(self.modules), recipe.preset)
 
@@ -113,7 +122,7 @@ class SparsityHandle:
     # ------------------------------------------------------------------ distributions
     def _apply_distribution(self, initial: bool = False, optimizer: torch.optim.Optimizer | None = None) -> None:
         r = self.recipe
-        names = [n for n in self.distributed if isinstance(self.modules[n].spec.weight, _DENSITY_TYPES)]
+        names = [n for n in self.distributed if sp.has_density(self.modules[n].spec.weight)]
         if not names or r.density is None or (r.density >= 1.0 and not initial):
             return  # density 1: every layer stays dense, nothing to redistribute
         shapes = {n: tuple(self.modules[n].weight.shape) for n in names}
@@ -121,19 +130,30 @@ class SparsityHandle:
             dens = erk_densities(shapes, r.density)
         elif r.distribution == "momentum" and not initial:
             assert optimizer is not None
-            mom = {}
-            for n in names:
-                m = self.modules[n]
-                buf = optimizer.state.get(m.weight, {}).get("momentum_buffer")
-                if buf is None:
-                    return  # no momentum yet (first step, or an optimizer without momentum)
-                active = m.effective_weight() != 0
-                mom[n] = float(buf.abs()[active].mean()) if bool(active.any()) else 0.0
+            mom = self._mean_momentum(names, optimizer)
+            if mom is None:
+                return  # no first moment yet (first step, or an optimizer without one)
             dens = momentum_densities({n: math.prod(s) for n, s in shapes.items()}, mom, r.density)
         else:
             return  # uniform: the preset already built every spec at the recipe density
         for n, d in dens.items():
             self.modules[n].spec = _with_density(self.modules[n].spec, d)
+
+    def _mean_momentum(self, names: list[str], optimizer: torch.optim.Optimizer) -> dict[str, float] | None:
+        """SWAT-M's statistic: mean |first moment| over the weights the last forward used (its active set)."""
+        means = []
+        for n in names:
+            m, st = self.modules[n], self.states[n]
+            opt_state = optimizer.state.get(m.weight, {})
+            buf = next((opt_state[k] for k in FIRST_MOMENT_KEYS if k in opt_state), None)
+            if buf is None:
+                return None
+            active = st.active if st.active is not None else effective_weight(m) != 0
+            # masked mean on the device; one host read for all layers below
+            cnt = active.sum()
+            means.append(torch.where(cnt > 0, (buf.abs() * active).sum() / cnt.clamp(min=1), 0.0).float())
+        values = torch.stack(means).tolist()
+        return dict(zip(names, values))
 
     # ------------------------------------------------------------------ schedule
     def set_epoch(self, epoch: int) -> None:
@@ -148,8 +168,8 @@ class SparsityHandle:
         densifies random-channel masks when their schedules say so.
         """
         self.step_count += 1
-        for m in self.modules.values():
-            m.sparse_state.step = self.step_count
+        for st in self.states.values():
+            st.step = self.step_count
         r = self.recipe
         if r.distribution == "momentum" and not self._frozen_done:
             if optimizer is None:
@@ -165,23 +185,23 @@ class SparsityHandle:
         n, unit = self._freeze
         if (self.step_count if unit == "steps" else self.epoch) < n:
             return
-        for m in self.modules.values():
+        for name, m in self.modules.items():
             if m.spec.weight is not None:
-                m.sparse_state.frozen["weight"] = m.effective_weight() != 0
+                self.states[name].frozen["weight"] = effective_weight(m) != 0
         self._frozen_done = True
         log.info("topology frozen at step %d (epoch %d)", self.step_count, self.epoch)
 
     @torch.no_grad()
     def _densify(self) -> None:
-        """Changpinyo's incremental training: double every random-channel mask's connections, up to the target."""
+        """Changpinyo's incremental training: double every fixed mask's connections, up to the target density."""
         target = self.recipe.density or 1.0
         for name in self.distributed:
             m = self.modules[name]
             cfg = m.spec.weight
-            if not isinstance(cfg, sp.RandomChannel) or cfg.density >= target:
+            if cfg is None or not (sp.entry(cfg).fixed and sp.has_density(cfg)) or cfg.density >= target:
                 continue
             new_d = min(target, 2 * cfg.density)
-            st = m.sparse_state
+            st = self.states[name]
             old = st.thresholds.get("weight")
             if old is None:
                 old = sp.threshold(m.weight, cfg, key=name)
@@ -189,7 +209,7 @@ class SparsityHandle:
                 new_mask = torch.ones_like(old)
                 m.spec = dataclasses.replace(m.spec, weight=None, mask_inactive_grads=False)
             else:
-                new_cfg = dataclasses.replace(cfg, density=new_d)
+                new_cfg = sp.with_density(cfg, new_d)
                 new_mask = sp.threshold(m.weight, new_cfg, key=name)
                 m.spec = dataclasses.replace(m.spec, weight=new_cfg)
             st.thresholds["weight"], st.computed_at["weight"] = new_mask, self.step_count
@@ -198,12 +218,32 @@ class SparsityHandle:
                 m.weight.masked_fill_(grown.expand_as(m.weight), 0.0)
 
     # ------------------------------------------------------------------ densities
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Record the kept fraction of every operand of this handle's layers during the passes run inside.
+
+        Counting costs a pass over each operand, so it is off unless asked for (the trainer measures one step per
+        epoch). Results stay on the device until :meth:`densities` reads them.
+        """
+        mine = set(self.modules)
+
+        def record(ev: OperandEvent) -> None:
+            if ev.layer in mine and ev.after is not ev.before:
+                self._measured.setdefault(ev.layer, {})[ev.operand] = (
+                    torch.count_nonzero(ev.after).float() / max(1, ev.after.numel()))
+
+        with observe(record):
+            yield
+
     def densities(self) -> dict[str, dict[str, float]]:
-        """Per layer, the density of every operand: measured at the last forward/backward, else nominal."""
+        """Per layer, the density of every operand: measured in the last :meth:`measuring` block, else nominal.
+
+        The density is the kept fraction of the tensor the GEMM uses (exact zeros count as dropped).
+        """
         out: dict[str, dict[str, float]] = {}
         for name, m in self.modules.items():
-            spec, st = m.spec, m.sparse_state
-            measured = {op: float(v) for op, v in st.last_density.items()}
+            spec = m.spec
+            measured = self._measured.get(name, {})
             row: dict[str, float] = {}
             for op in OPERANDS:
                 cfg = spec.resolved(op)
@@ -212,10 +252,10 @@ class SparsityHandle:
                     src = "weight" if op == "weight_for_grad_input" else "input"
                 if cfg is None:
                     row[op] = 1.0
-                elif src in measured:
-                    row[op] = measured[src]
+                elif src in measured or op in measured:
+                    row[op] = float(measured.get(op, measured.get(src)))
                 else:
-                    nominal = _nominal(cfg)
+                    nominal = sp.nominal_density(cfg)
                     row[op] = 1.0 if nominal is None else nominal
             out[name] = row
         return out
@@ -224,7 +264,7 @@ class SparsityHandle:
         """Per layer, the densities the configs imply (data-dependent ones, e.g. thresholds, as 1.0)."""
         out = {}
         for name, m in self.modules.items():
-            out[name] = {op: (_nominal(m.spec.resolved(op)) or 1.0) for op in OPERANDS}
+            out[name] = {op: (sp.nominal_density(m.spec.resolved(op)) or 1.0) for op in OPERANDS}
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -232,7 +272,7 @@ class SparsityHandle:
         """Everything needed to resume exactly (plain containers and tensors: ``weights_only``-loadable)."""
         layers = {}
         for name, m in self.modules.items():
-            st = m.sparse_state
+            st = self.states[name]
             layers[name] = {
                 "spec": m.spec.to_dict(),
                 "thresholds": {k: v for k, v in st.thresholds.items()},
@@ -256,7 +296,7 @@ class SparsityHandle:
         for name, s in state["layers"].items():
             m = self.modules[name]
             m.spec = LayerSpec.from_dict(s["spec"], where=f"state[{name}]")
-            st = m.sparse_state
+            st = self.states[name]
             st.step = self.step_count
             st.thresholds = dict(s["thresholds"])
             st.computed_at = {k: int(v) for k, v in s["computed_at"].items()}
@@ -266,11 +306,24 @@ class SparsityHandle:
                 st.generator.set_state(s["generator"])
 
     # ------------------------------------------------------------------ teardown
-    def remove(self) -> nn.Module:
-        """Put plain Conv2d/Linear modules back (same parameters); the handle is unusable afterwards."""
+    @torch.no_grad()
+    def remove(self, bake: bool = False) -> nn.Module:
+        """Put plain Conv2d/Linear (and ReLU) modules back, with the same parameters; the handle is then unusable.
+
+        Args:
+            bake: first overwrite each sparse layer's weight with the weight its forward uses (masked, zeros where
+                pruned), so the plain model computes what the sparse model's forward computed on the weights.
+                Activation sparsifiers (``input``/``output``) are not carried over: they are not weights.
+        """
         for name, m in self.modules.items():
+            if bake:
+                m.weight.copy_(effective_weight(m))
             self._set_module(name, m.to_dense())
-        self.modules = {}
+        for name, r in self.relus.items():
+            plain = nn.ReLU.__new__(nn.ReLU)
+            plain.__dict__.update(r.__dict__)
+            self._set_module(name, plain)
+        self.modules, self.states, self.relus = {}, {}, {}
         self.distributed = []
         return self.model
 

@@ -65,6 +65,7 @@ def list_presets() -> list[str]:
 COMMON_KEYS = (
     "preset", "density", "sparsity", "distribution", "threshold_period", "first_layer_dense", "last_layer_dense",
     "mask_inactive_grads", "freeze_topology_after", "layer_types", "seed", "layers", "gradient_threshold",
+    "pack_saved",
 )
 PRESET_KEYS = ("p", "sigma", "stochastic", "placement", "weight_threshold", "activation_threshold",
                "densify_every", "start_density", "densify_init")
@@ -87,6 +88,7 @@ class Recipe:
     seed: int = 0
     layers: tuple[tuple[str, LayerSpec | None], ...] = ()
     gradient_threshold: float | None = None
+    pack_saved: bool = True
     # preset parameters
     p: float = 0.9
     sigma: str = "consistent"
@@ -192,7 +194,7 @@ class Recipe:
                 raise ValueError(f"recipe: {k} must be a number >= 0, got {d[k]!r}")
         if d.get("densify_every") is not None and (not isinstance(d["densify_every"], int) or d["densify_every"] < 1):
             raise ValueError(f"recipe: densify_every must be an integer number of steps >= 1, got {d['densify_every']!r}")
-        _parse_freeze(d.get("freeze_topology_after"))
+        parse_freeze(d.get("freeze_topology_after"))
         layers = d.pop("layers", None) or {}
         if isinstance(layers, Mapping):
             items = list(layers.items())
@@ -253,7 +255,7 @@ def _check_range(key: str, v: Any, lo: float, hi: float, *, lo_open: bool, hi_op
         raise ValueError(f"recipe: {key} must be in {interval}, got {v!r}")
 
 
-def _parse_freeze(v: Any) -> tuple[int, str] | None:
+def parse_freeze(v: Any) -> tuple[int, str] | None:
     """``freeze_topology_after``: an int (steps), ``"N steps"`` or ``"N epochs"``."""
     if v is None:
         return None

@@ -41,6 +41,13 @@ __all__ = [
     "random_channel_mask",
     "dbtd_tau",
     "stochastic_prune",
+    "seed_for",
+    "flat_memory_order",
+    "dense_order",
+    "entry",
+    "nominal_density",
+    "has_density",
+    "with_density",
 ]
 
 
@@ -151,10 +158,22 @@ SparsifierConfig = TopK | ChannelTopK | Threshold | NM | DBTD | RandomChannel
 
 @dataclass(frozen=True)
 class _Entry:
+    """Everything the kernel and the handle need to know about one sparsifier type (no isinstance elsewhere).
+
+    ``fixed``: the reusable quantity is computed once and never refreshed (a fixed random mask).
+    ``stochastic(cfg)``: the values need a random generator (the kernel then keeps one per layer).
+    ``nominal(cfg)``: the kept fraction the config implies on its own (None when it depends on the data).
+    ``density_param``: the config has a ``density`` field that distributions (ERK, SWAT-M, densification) set.
+    """
+
     name: str
     threshold: Callable[..., Tensor | None]
     keep: Callable[..., Tensor | None] | None  # bool mask (broadcastable to x) or None = keep all
     apply: Callable[..., Tensor]
+    fixed: bool = False
+    stochastic: Callable[[Any], bool] = lambda cfg: False
+    nominal: Callable[[Any], float | None] = lambda cfg: None
+    density_param: bool = False
 
 
 def _apply_keep(keep: Callable[..., Tensor | None]) -> Callable[..., Tensor]:
@@ -177,11 +196,32 @@ def register_sparsifier(
     threshold: Callable[..., Tensor | None],
     keep: Callable[..., Tensor | None] | None = None,
     apply: Callable[..., Tensor] | None = None,
+    fixed: bool = False,
+    stochastic: Callable[[Any], bool] | None = None,
+    nominal: Callable[[Any], float | None] | None = None,
 ) -> None:
-    """Register a sparsifier by config type and recipe name.
+    """Register a sparsifier: one frozen config type, its recipe ``type`` name and its pure functions.
 
-    ``threshold(x, cfg, *, key)`` returns the cacheable quantity; ``keep(x, cfg, thr)`` a boolean mask (or None =
-    keep all) for deterministic sparsifiers; ``apply(x, cfg, thr, generator)`` the values, by default ``x * keep``.
+    Args:
+        cfg_type: the frozen dataclass holding the sparsifier's parameters.
+        name: the ``type:`` name used in YAML recipes.
+        threshold: ``threshold(x, cfg, *, key) -> Tensor | None``, the cacheable quantity (threshold or mask).
+        keep: ``keep(x, cfg, thr) -> bool Tensor | None`` for deterministic sparsifiers (None = keep all).
+        apply: ``apply(x, cfg, thr, generator) -> Tensor``; defaults to ``x * keep``.
+        fixed: compute ``threshold`` once per layer and never refresh it (fixed topologies).
+        stochastic: ``cfg -> bool``, whether ``apply`` draws random numbers (a per-layer generator is then kept).
+        nominal: ``cfg -> float | None``, the kept fraction the config implies alone; by default its ``density``
+            field when it has one, else None (data-dependent).
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class Sign:
+        ...     pass
+        >>> register_sparsifier(Sign, "sign_example", threshold=lambda x, cfg, key="": None,
+        ...                     keep=lambda x, cfg, thr: x > 0)
+        >>> sparsify(torch.tensor([-1.0, 2.0]), Sign())
+        tensor([-0., 2.])
     """
     if name in _BY_NAME:
         raise ValueError(f"sparsifier {name!r} is already registered")
@@ -189,7 +229,11 @@ def register_sparsifier(
         if keep is None:
             raise ValueError("register_sparsifier needs keep= or apply=")
         apply = _apply_keep(keep)
-    _BY_TYPE[cfg_type] = _Entry(name, threshold, keep, apply)
+    has_density = "density" in {f.name for f in dataclasses.fields(cfg_type)}
+    if nominal is None:
+        nominal = (lambda cfg: float(cfg.density)) if has_density else (lambda cfg: None)
+    _BY_TYPE[cfg_type] = _Entry(name, threshold, keep, apply, fixed, stochastic or (lambda cfg: False), nominal,
+                                has_density)
     _BY_NAME[name] = cfg_type
 
 
@@ -198,11 +242,32 @@ def list_sparsifiers() -> list[str]:
     return sorted(_BY_NAME)
 
 
-def _entry(cfg: Any) -> _Entry:
+def entry(cfg: Any) -> _Entry:
+    """The registry entry of a config (its functions and capabilities); TypeError for an unregistered type."""
     try:
         return _BY_TYPE[type(cfg)]
     except KeyError:
         raise TypeError(f"no sparsifier registered for {type(cfg).__name__}; valid: {list_sparsifiers()}") from None
+
+
+_entry = entry
+
+
+def nominal_density(cfg: Any) -> float | None:
+    """Kept fraction implied by ``cfg`` alone: 1.0 for ``None`` (dense), None when it depends on the data."""
+    return 1.0 if cfg is None else entry(cfg).nominal(cfg)
+
+
+def has_density(cfg: Any) -> bool:
+    """Whether ``cfg`` is parameterised by a ``density`` that per-layer distributions may set."""
+    return type(cfg) in _BY_TYPE and _BY_TYPE[type(cfg)].density_param
+
+
+def with_density(cfg: Any, density: float) -> Any:
+    """``cfg`` at another density (capped at 1.0); configs without a density are returned unchanged."""
+    if not has_density(cfg):
+        return cfg
+    return dataclasses.replace(cfg, density=min(1.0, float(density)))
 
 
 def config_from_dict(d: dict[str, Any] | SparsifierConfig, where: str = "sparsifier") -> SparsifierConfig:
@@ -263,60 +328,72 @@ def mask(x: Tensor, cfg: SparsifierConfig, *, key: str = "") -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- top-K
-# Below this many elements a plain selection is cheap; above it the sampled bracket pays off.
-_BRACKET_MIN_NUMEL = 1 << 16
-_SAMPLE = 1 << 13
-_sample_index: dict[tuple[int, str], Tensor] = {}
+def _count(idx: Tensor, nbins: int) -> Tensor:
+    """Histogram of integer ``idx`` in ``[0, nbins)`` without a host sync (bincount sizes its output by a max)."""
+    if idx.device.type == "cpu":
+        return torch.bincount(idx, minlength=nbins)[:nbins]  # the fastest CPU kernel; a CPU "sync" is free
+    return torch.zeros(nbins, dtype=torch.int64, device=idx.device).index_add_(0, idx.long(), torch.ones_like(
+        idx, dtype=torch.int64))
 
 
-def _sample(n: int, device: torch.device) -> Tensor:
-    """A fixed pseudo-random set of indices into ``n`` elements (cached per size: thresholds stay deterministic)."""
-    key = (n, str(device))
-    idx = _sample_index.get(key)
-    if idx is None:
-        g = torch.Generator().manual_seed(n)
-        # Sorted indices: the gather walks memory forwards (a cache-friendlier read of a large tensor).
-        idx = torch.randint(0, n, (_SAMPLE,), generator=g).sort().values.to(device)
-        if len(_sample_index) > 256:
-            _sample_index.clear()
-        _sample_index[key] = idx
-    return idx
+def _select_bucket(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Bucket of the k-th largest element given a histogram, and the number of elements in higher buckets."""
+    above_or_in = hist.flip(0).cumsum(0)  # [i] = count in buckets >= nbins-1-i
+    i = torch.searchsorted(above_or_in, k.reshape(1)).reshape(())  # first i with count >= k
+    above = torch.where(i > 0, above_or_in[(i - 1).clamp(min=0)], torch.zeros_like(i))
+    return hist.numel() - 1 - i, above
+
+
+def dense_order(t: Tensor) -> tuple[int, ...] | None:
+    """A permutation of ``t``'s dims under which it is contiguous (e.g. NHWC for channels_last), or None."""
+    if t.is_contiguous():
+        return tuple(range(t.dim()))
+    perm = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    return perm if t.permute(perm).is_contiguous() else None
+
+
+def flat_memory_order(t: Tensor) -> Tensor:
+    """``t``'s elements as a 1-D view in memory order (no copy for contiguous or channels_last tensors).
+
+    Top-K and packing do not care about element order, and ``reshape(-1)`` of a channels_last tensor would copy it.
+    """
+    perm = dense_order(t)
+    return t.reshape(-1) if perm is None else t.permute(perm).reshape(-1)
 
 
 def topk_threshold(score: Tensor, density: float) -> Tensor:
-    """The k-th largest value of ``score`` (flattened), ``k = ceil(density * numel)``; a 0-dim tensor. Exact.
+    """The k-th largest ``|value|`` of ``score`` (flattened), ``k = ceil(density * numel)``; a 0-dim tensor. Exact.
 
-    ``kthvalue`` over a whole activation tensor copies it and runs a single-threaded selection, which costs more
-    than the convolution it serves. For large tensors the k-th value is instead *bracketed* from a fixed random
-    sample (a band of about +-6 standard errors of the sample quantile), the elements above the band are counted,
-    and the exact k-th value is selected among the few elements inside the band. If the band misses (never seen
-    in practice; possible with heavy ties) the plain selection runs, so the result is always the exact k-th value.
+    A radix select on the float's bit pattern: for non-negative IEEE floats the bits, read as integers, are
+    ordered like the values, so two histogram passes (the high 16 bits, then the low 16 bits inside the one
+    bucket that holds the k-th value) give its exact bits. Cost: a few streaming passes whatever k is (a sort or
+    ``kthvalue`` is a single-threaded selection that copies the tensor), ties and zeros need no special case, and
+    nothing leaves the device (no host sync, so an accelerator's stream is not stalled). ``score`` is used by
+    magnitude (the sign bit is cleared), so ``topk_threshold(x, d)`` equals ``topk_threshold(x.abs(), d)``.
     """
-    flat = score.detach().reshape(-1)
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()  # exact for bf16/fp16 values; float64 stays float64 so the k-th value is exact
+    flat = flat_memory_order(score.detach())
     n = flat.numel()
     k = min(n, max(1, math.ceil(density * n)))
-    if n >= _BRACKET_MIN_NUMEL and k > 1:
-        q = 1.0 - k / n  # the k-th largest sits at this quantile
-        m = _SAMPLE
-        half = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
-        sample = flat[_sample(n, flat.device)].sort().values
-        lo = sample[max(0, math.floor((q - half) * m))]
-        hi = sample[min(m - 1, math.ceil((q + half) * m))]
-        above = int(torch.count_nonzero(flat > hi))  # strictly above the band
-        band = flat[(flat >= lo) & (flat <= hi)]
-        # The k-th largest lies in the band iff fewer than k are above it and at least k are at or above lo.
-        if above < k <= above + band.numel():
-            return band.kthvalue(band.numel() - (k - above) + 1).values
-    # kthvalue is a selection (no full sort); the k-th largest is the (n-k+1)-th smallest.
-    return flat.kthvalue(n - k + 1).values
+    if flat.dtype == torch.float64 or n < 4096:
+        # float64 has 64-bit patterns; tiny tensors are cheaper to select directly.
+        a = flat.abs() if flat.dtype == torch.float64 else flat.float().abs()
+        return a.kthvalue(n - k + 1).values
+    if flat.dtype != torch.float32:
+        flat = flat.float()  # exact for bf16/fp16 values
+    bits = flat.view(torch.int32).bitwise_and(0x7FFFFFFF)  # |x|, as ordered integers
+    high = bits >> 16
+    kk = torch.tensor(k, device=flat.device)
+    b, above = _select_bucket(_count(high, 1 << 15), kk)
+    # Only the elements of bucket b compete for the low bits; the rest go to a spill bin that is cut off.
+    low = torch.where(high == b, bits.bitwise_and(0xFFFF), 1 << 16)
+    lo, _ = _select_bucket(_count(low, (1 << 16) + 1)[: 1 << 16], kk - above)
+    return ((b << 16) | lo).to(torch.int32).view(torch.float32)
 
 
 def _topk_thr(x: Tensor, cfg: TopK, *, key: str = "") -> Tensor | None:
     if cfg.density >= 1.0:
         return None
-    return topk_threshold(x.abs(), cfg.density)
+    return topk_threshold(x, cfg.density)
 
 
 def _magnitude_keep(x: Tensor, cfg: Any, thr: Tensor | None) -> Tensor | None:
@@ -387,12 +464,11 @@ def dbtd_tau(g: Tensor, p: float, sigma: str = "consistent") -> Tensor:
 def stochastic_prune(g: Tensor, tau: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Algorithm 1 of Ye et al.: below ``tau``, ``g -> sign(g)*tau`` w.p. ``|g|/tau`` else 0. Unbiased."""
     tau = tau.to(g.dtype)
-    if not bool(tau > 0):
-        return g  # an all-zero gradient has nothing to prune
     a = g.abs()
     r = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float32).to(g.dtype)
     # P(r*tau < |g|) = |g|/tau below tau, and 1 at or above it (r < 1): one mask serves both cases, and
     # max(|g|, tau) with g's sign is g above tau and sign(g)*tau below it. Four passes instead of nine.
+    # tau == 0 (an all-zero gradient) needs no branch (and so no host sync): the mask is then g != 0.
     promote = r.mul_(tau) < a
     return torch.maximum(a, tau).copysign_(g).mul_(promote)
 
@@ -434,7 +510,8 @@ def random_channel_mask(
     return m
 
 
-def _seed_for(key: str, seed: int) -> int:
+def seed_for(key: str, seed: int) -> int:
+    """A stable per-layer seed from a name and the recipe seed (Python's hash() is salted per process)."""
     # A stable per-layer seed (Python's hash() is salted per process, so roll our own).
     h = seed & 0xFFFFFFFF
     for ch in key.encode():
@@ -445,7 +522,7 @@ def _seed_for(key: str, seed: int) -> int:
 def _random_channel_thr(x: Tensor, cfg: RandomChannel, *, key: str = "") -> Tensor | None:
     if x.dim() < 2:
         raise ValueError(f"random_channel needs a weight with (out, in, ...) dims, got shape {tuple(x.shape)}")
-    g = torch.Generator().manual_seed(_seed_for(key, cfg.seed))
+    g = torch.Generator().manual_seed(seed_for(key, cfg.seed))
     return random_channel_mask(x.shape[0], x.shape[1], cfg.density, g).to(x.device)
 
 
@@ -454,9 +531,19 @@ def _random_channel_keep(x: Tensor, cfg: RandomChannel, thr: Tensor | None) -> T
     return thr.reshape(thr.shape + (1,) * (x.dim() - 2))
 
 
+def _dbtd_nominal(cfg: DBTD) -> float:
+    """Expected kept fraction for a Gaussian gradient: P(|g| >= tau) + E[|g|/tau; |g| < tau] when stochastic."""
+    z = NormalDist().inv_cdf(cfg.p) * (1.0 if cfg.sigma == "consistent" else 2.0 / math.pi)
+    phi = NormalDist().pdf
+    above = 2.0 * (1.0 - NormalDist().cdf(z))
+    return above + (2.0 * (phi(0.0) - phi(z)) / z if cfg.stochastic else 0.0)
+
+
 register_sparsifier(TopK, "topk", threshold=_topk_thr, keep=_magnitude_keep)
 register_sparsifier(ChannelTopK, "channel_topk", threshold=_channel_thr, keep=_channel_keep)
 register_sparsifier(Threshold, "threshold", threshold=_threshold_thr, keep=_threshold_keep)
-register_sparsifier(NM, "nm", threshold=_nm_thr, keep=_nm_keep)
-register_sparsifier(DBTD, "dbtd", threshold=_dbtd_thr, apply=_dbtd_apply)
-register_sparsifier(RandomChannel, "random_channel", threshold=_random_channel_thr, keep=_random_channel_keep)
+register_sparsifier(NM, "nm", threshold=_nm_thr, keep=_nm_keep, nominal=lambda cfg: cfg.n / cfg.m)
+register_sparsifier(DBTD, "dbtd", threshold=_dbtd_thr, apply=_dbtd_apply, stochastic=lambda cfg: cfg.stochastic,
+                    nominal=_dbtd_nominal)
+register_sparsifier(RandomChannel, "random_channel", threshold=_random_channel_thr, keep=_random_channel_keep,
+                    fixed=True)
