@@ -1,11 +1,16 @@
 """Model zoo tests: every registered model builds, runs forward/backward, survives every sparsity preset, and
-has the architecture the papers describe (parameter counts, names, width multiplier)."""
+has the architecture the papers describe (parameter counts, names, width multiplier).
+
+The parametrized tests take each model's input shape and class count from its declared metadata
+(``get_model_cfg``), not from tables here, and guard against an empty registry or preset list."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
+import types
 from collections import Counter
 from functools import lru_cache
 
@@ -15,7 +20,18 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 import sparsetrain
-from sparsetrain.models import count_parameters, create_model, find_classifier, list_models, model_entrypoint
+from sparsetrain.models import (
+    ModelCfg,
+    count_parameters,
+    create_model,
+    find_classifier,
+    find_first_conv,
+    get_model_cfg,
+    list_models,
+    model_entrypoint,
+    register_model,
+)
+from sparsetrain.models import _registry as registry_mod
 from sparsetrain.models._common import scale_channels
 
 EXPECTED_MODELS = {
@@ -41,7 +57,7 @@ EXPECTED_MODELS = {
     "resnet50_imagenet",
 }
 
-# Parameter counts with 10 classes (resnet50_imagenet: 1000). Sources:
+# Parameter counts with each model's declared num_classes (10; resnet50_imagenet: 1000). Sources:
 # - pytorch-cifar (kuangliu) / He et al. reference implementations, widely reported: resnet18 11,173,962,
 #   resnet34 21,282,122, resnet50 23,520,842, resnet101 42,512,970, resnet152 58,156,618, densenet121 6,956,298,
 #   mobilenet_v1 3,217,226, resnet20/32/56 (option A) 269,722 / 464,154 / 853,018, WRN-28-10 36,479,194,
@@ -78,17 +94,10 @@ PARAM_COUNTS = {
 }
 
 
-def _num_classes(name: str) -> int:
-    return 1000 if name == "resnet50_imagenet" else 10
-
-
-def _input_shape(name: str) -> tuple[int, ...]:
-    """Full-size input for the plain forward test: (batch, C, H, W)."""
-    if name == "lenet5":
-        return (2, 1, 28, 28)
-    if name == "resnet50_imagenet":
-        return (1, 3, 224, 224)
-    return (2, 3, 32, 32)
+def _meta_model(name: str, **kwargs) -> nn.Module:
+    """The model built on the meta device: real module tree and shapes, no memory or initialisation cost."""
+    with torch.device("meta"):
+        return create_model(name, **kwargs)
 
 
 def _assert_finite_grads(model: nn.Module) -> None:
@@ -99,6 +108,8 @@ def _assert_finite_grads(model: nn.Module) -> None:
 
 
 def test_registry_has_all_models():
+    # The parametrizations below iterate over list_models(): a broken registry must fail here, not make them vanish.
+    assert len(list_models()) >= 20
     assert EXPECTED_MODELS <= set(list_models())
     assert list_models("resnet5*") == ["resnet50", "resnet50_imagenet", "resnet56"]
 
@@ -131,9 +142,10 @@ class _GemmCounter(TorchFunctionMode):
 
 @pytest.mark.parametrize("name", list_models())
 def test_forward_backward(name):
+    cfg = get_model_cfg(name)
     torch.manual_seed(0)
-    model = create_model(name, num_classes=_num_classes(name))
-    x = torch.randn(*_input_shape(name))
+    model = create_model(name, num_classes=cfg.num_classes)
+    x = torch.randn(2, *cfg.input_size)
     # Every GEMM must come from an nn.Conv2d / nn.Linear module (the sparsifier swaps modules): count the
     # module calls with hooks and the functional calls with a TorchFunctionMode; they must agree.
     calls: Counter[str] = Counter()
@@ -147,31 +159,29 @@ def test_forward_backward(name):
     for h in hooks:
         h.remove()
     assert gemms.counts == calls
-    assert out.shape == (x.shape[0], _num_classes(name))
+    assert out.shape == (x.shape[0], cfg.num_classes)
     assert torch.isfinite(out).all()
     nn.functional.cross_entropy(out, torch.zeros(x.shape[0], dtype=torch.long)).backward()
     _assert_finite_grads(model)
     # The papers' parameter counts (see PARAM_COUNTS); the classifier is always the last Linear, named "fc".
     assert count_parameters(model) == PARAM_COUNTS[name]
-    assert find_classifier(model) == "fc"
+    assert find_classifier(model) == cfg.classifier == "fc"
     fc = model.fc
     assert count_parameters(model, exclude_classifier=True) == PARAM_COUNTS[name] - fc.weight.numel() - fc.bias.numel()
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_conv_bias_and_stem_name(name):
-    """Convs followed by BN have no bias; the first conv is the stem ``conv1`` (VGG: ``block1.conv1``)."""
-    model = create_model(name, num_classes=_num_classes(name))
+    """Convs followed by BN have no bias; the first conv is the declared ``first_conv``."""
+    cfg = get_model_cfg(name)
+    model = _meta_model(name, num_classes=cfg.num_classes)
     mods = list(model.named_modules())
     convs = [(n, m) for n, m in mods if isinstance(m, nn.Conv2d)]
     assert convs, "no nn.Conv2d found"
     for i, (n, m) in enumerate(mods):
         if isinstance(m, nn.Conv2d) and i + 1 < len(mods) and isinstance(mods[i + 1][1], nn.BatchNorm2d):
             assert m.bias is None, f"{n} is followed by BN but has a bias"
-    if name not in ("vgg11_bn", "vgg16_bn", "vgg19_bn"):
-        assert convs[0][0] == "conv1"
-    else:
-        assert convs[0][0] == "block1.conv1"
+    assert convs[0][0] == cfg.first_conv
 
 
 def test_stable_resnet_names():
@@ -359,13 +369,15 @@ def test_torchvision_missing_raises_clear_import_error(monkeypatch):
         factory(num_classes=10)
     with pytest.raises(ImportError, match="torchvision"):
         create_model("torchvision:resnet50", num_classes=1000)
+    with pytest.raises(ImportError, match=r"pip install 'sparsetrain\[torchvision\]'"):
+        get_model_cfg("torchvision:resnet18")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Every model x every sparsity preset.
 #
-# Budget: reduced inputs where the architecture allows it (16x16 for the CIFAR models with adaptive pooling,
-# 32x32 for the VGGs whose five 2x2 max-pools need it, 28x28 for LeNet-5, 64x64 for resnet50_imagenet) and
+# Budget: half the declared input size where the architecture runs on it (16x16 for the CIFAR models with
+# adaptive pooling, 112x112 for resnet50_imagenet; the VGGs' five 2x2 max-pools need their full 32x32), and
 # width_mult=0.25 for the heaviest models (HEAVY); the width-1.0 models are covered by test_forward_backward.
 HEAVY = {
     "resnet50",
@@ -383,29 +395,41 @@ HEAVY = {
 }
 
 
+def _width(name: str) -> float:
+    return 0.25 if name in HEAVY else 1.0
+
+
+@lru_cache(maxsize=None)
 def _sweep_input(name: str) -> tuple[int, ...]:
-    if name == "lenet5":
-        return (2, 1, 28, 28)
-    if name == "resnet50_imagenet":
-        return (2, 3, 64, 64)
-    if name.startswith("vgg"):
-        return (2, 3, 32, 32)
-    return (2, 3, 16, 16)
+    """(batch, C, H, W): the declared input at half its H, W if the model runs on that, else at full size.
+
+    The half-size try runs on the meta device (shapes only, no compute or memory).
+    """
+    c, h, w = get_model_cfg(name).input_size
+    half = (2, c, h // 2, w // 2)
+    with torch.device("meta"):
+        model = create_model(name, width_mult=_width(name))
+        try:
+            model(torch.empty(half))
+        except RuntimeError:  # e.g. a pooling layer whose output would be empty
+            return (2, c, h, w)
+    return half
 
 
 @lru_cache(maxsize=1)
 def _dense_model(name: str) -> nn.Module:
     # Cached for consecutive presets of one model (the parametrization is model-major); copies are sparsified.
     torch.manual_seed(0)
-    return create_model(name, width_mult=0.25 if name in HEAVY else 1.0)
+    return create_model(name, width_mult=_width(name))
 
 
-def _presets() -> list[str]:
-    list_presets = getattr(sparsetrain, "list_presets", None)
-    return list_presets() if list_presets is not None else []
+def test_sweep_is_not_empty():
+    # The sweep's parametrization is list_models() x list_presets(): neither may shrink to nothing unnoticed.
+    assert len(list_models()) >= 20 and len(sparsetrain.list_presets()) >= 9
+    assert _sweep_input("resnet20") == (2, 3, 16, 16) and _sweep_input("vgg16_bn") == (2, 3, 32, 32)
 
 
-@pytest.mark.parametrize("name,preset", [(m, p) for m in list_models() for p in _presets()])
+@pytest.mark.parametrize("name,preset", [(m, p) for m in list_models() for p in sparsetrain.list_presets()])
 def test_sparsify_every_preset(name, preset):
     dense = _dense_model(name)
     model = copy.deepcopy(dense)
@@ -421,10 +445,147 @@ def test_sparsify_every_preset(name, preset):
     torch.manual_seed(1)
     x = torch.randn(*_sweep_input(name))
     out = model(x)
-    assert out.shape == (x.shape[0], 10)
+    classes = dense.default_cfg.num_classes  # as built: the factories' default, 10
+    assert out.shape == (x.shape[0], classes)
     assert torch.isfinite(out).all()
-    nn.functional.cross_entropy(out, torch.arange(x.shape[0]) % 10).backward()
+    nn.functional.cross_entropy(out, torch.arange(x.shape[0]) % classes).backward()
     _assert_finite_grads(model)
     handle.remove()
     assert list(model.state_dict().keys()) == dense_keys
     assert not any(type(m).__module__.startswith("sparsetrain.layers") for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model metadata (timm-style default_cfg)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_metadata_names_real_layers(name):
+    cfg = get_model_cfg(name)
+    assert isinstance(cfg, ModelCfg) and cfg.name == name
+    assert None not in (cfg.first_conv, cfg.classifier, cfg.input_size, cfg.num_classes), cfg
+    model = _meta_model(name, num_classes=cfg.num_classes)
+    modules = dict(model.named_modules())
+    # first_conv is the first GEMM layer in module order and reads the declared input channels; the classifier
+    # is the last Linear and outputs the declared classes.
+    gemms = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    first, head = modules[cfg.first_conv], modules[cfg.classifier]
+    assert isinstance(first, nn.Conv2d) and gemms[0] == cfg.first_conv
+    assert first.in_channels == cfg.input_size[0]
+    assert isinstance(head, nn.Linear) and gemms[-1] == cfg.classifier
+    assert head.out_features == cfg.num_classes
+    assert model(torch.empty(2, *cfg.input_size, device="meta")).shape == (2, cfg.num_classes)
+    # Built with the declared defaults, the model carries exactly the declared cfg.
+    assert model.default_cfg == cfg
+    assert find_first_conv(model) == cfg.first_conv and find_classifier(model) == cfg.classifier
+
+
+def test_metadata_stable_names():
+    # Recipes address layers by these names (first/last-layer rules), so they are part of the public contract.
+    cfgs = {n: get_model_cfg(n) for n in list_models()}
+    assert {c.classifier for c in cfgs.values()} == {"fc"}
+    assert {n for n, c in cfgs.items() if c.first_conv != "conv1"} == {"vgg11_bn", "vgg16_bn", "vgg19_bn"}
+    assert cfgs["vgg16_bn"].first_conv == "block1.conv1"
+    assert (cfgs["lenet5"].input_size, cfgs["resnet50_imagenet"].input_size) == ((1, 28, 28), (3, 224, 224))
+    assert (cfgs["resnet20"].input_size, cfgs["resnet50_imagenet"].num_classes) == ((3, 32, 32), 1000)
+
+
+def test_default_cfg_follows_overrides():
+    # Factory defaults are unchanged: resnet50_imagenet still builds 10 classes unless asked for its natural 1000.
+    assert _meta_model("resnet50_imagenet").default_cfg.num_classes == 10
+    model = create_model("resnet20", in_channels=1, num_classes=7)
+    cfg = model.default_cfg
+    assert cfg == ModelCfg("resnet20", "conv1", "fc", (1, 32, 32), 7)
+    assert get_model_cfg("resnet20").input_size == (3, 32, 32)  # the registry's cfg is not touched
+    assert model(torch.randn(2, *cfg.input_size)).shape == (2, 7)
+    # The cfg is a plain attribute: state_dict keys and pickling are unaffected.
+    assert "default_cfg" not in str(list(model.state_dict()))
+    assert copy.deepcopy(model).default_cfg == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_classes = 3
+
+
+def test_get_model_cfg_unknown_lists_choices():
+    with pytest.raises(ValueError, match=r"unknown model 'resnet7'; valid choices: alexnet_cifar, .*resnet18"):
+        get_model_cfg("resnet7")
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Registrations made by a test are dropped afterwards (the registry is process-global)."""
+    monkeypatch.setattr(registry_mod, "_MODELS", dict(registry_mod._MODELS))
+    monkeypatch.setattr(registry_mod, "_CFGS", dict(registry_mod._CFGS))
+
+
+class _TinyNet(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 4, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.hidden = nn.Linear(4, 8)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(torch.flatten(self.pool(self.stem(x)), 1)))
+
+
+def test_register_model_bare_and_with_metadata(scratch_registry):
+    @register_model
+    def tiny_bare(num_classes: int = 5, in_channels: int = 2) -> nn.Module:
+        return _TinyNet(num_classes, in_channels)
+
+    @register_model(first_conv="stem", classifier="head", input_size=(2, 12, 12), num_classes=5)
+    def tiny_meta(num_classes: int = 5, in_channels: int = 2, image_size: int = 12) -> nn.Module:
+        return _TinyNet(num_classes, in_channels)
+
+    assert {"tiny_bare", "tiny_meta"} <= set(list_models("tiny_*"))
+    assert tiny_bare.__name__ == "tiny_bare"  # both forms return the factory itself
+    # Bare: classes from the factory's default, no input size, layers found by module order when built.
+    assert get_model_cfg("tiny_bare") == ModelCfg("tiny_bare", None, None, None, 5)
+    assert create_model("tiny_bare", num_classes=3).default_cfg == ModelCfg("tiny_bare", "stem", "head", None, 3)
+    # Declared: image size and channel overrides adjust the built model's input_size.
+    assert get_model_cfg("tiny_meta") == ModelCfg("tiny_meta", "stem", "head", (2, 12, 12), 5)
+    built = create_model("tiny_meta", in_channels=3, image_size=20).default_cfg
+    assert built == ModelCfg("tiny_meta", "stem", "head", (3, 20, 20), 5)
+    # Metadata wins over module order: a model whose last Linear is not the classifier.
+    model = create_model("tiny_meta")
+    model.extra = nn.Linear(5, 5)
+    assert find_classifier(model) == "head"
+    del model.default_cfg
+    assert find_classifier(model) == "extra" and find_first_conv(model) == "stem"
+
+
+def test_register_model_rejects_bad_metadata(scratch_registry):
+    with pytest.raises(ValueError, match=r"input_size must be three positive ints \(C, H, W\), got \(32, 32\)"):
+        register_model(first_conv="conv1", classifier="fc", input_size=(32, 32), num_classes=10)(lambda: None)
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+        register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=0)(lambda: None)
+
+    def three_channel(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+        return _TinyNet(num_classes, in_channels)
+
+    with pytest.raises(ValueError, match=r"has 1 channels but the factory's in_channels default is 3"):
+        register_model(first_conv="stem", classifier="head", input_size=(1, 28, 28), num_classes=10)(three_channel)
+    with pytest.raises(ValueError, match="model 'lenet5' is already registered"):
+        register_model(first_conv="conv1", classifier="fc", input_size=(1, 28, 28), num_classes=10)(
+            model_entrypoint("lenet5"))
+
+
+def _fake_torchvision(monkeypatch) -> None:
+    """A stand-in ``torchvision`` with one model (torchvision is an optional extra, absent here)."""
+
+    def get_model(name: str, num_classes: int = 1000) -> nn.Module:
+        return _TinyNet(num_classes, 3)
+
+    tv = types.ModuleType("torchvision")
+    tv.models = types.SimpleNamespace(list_models=lambda: ["tinynet"], get_model=get_model)
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+
+
+def test_torchvision_models_get_a_best_effort_cfg(monkeypatch):
+    _fake_torchvision(monkeypatch)
+    assert get_model_cfg("torchvision:tinynet") == ModelCfg("torchvision:tinynet", "stem", "head", (3, 224, 224), 1000)
+    model = create_model("torchvision:tinynet", num_classes=10)
+    assert model.default_cfg == ModelCfg("torchvision:tinynet", "stem", "head", (3, 224, 224), 10)
+    with pytest.raises(ValueError, match="unknown torchvision model 'nope'; valid choices: tinynet"):
+        get_model_cfg("torchvision:nope")

@@ -198,7 +198,7 @@ class AlexNetCifar(nn.Module):
         return self.fc(x)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(1, 28, 28), num_classes=10)
 def lenet5(num_classes: int = 10, in_channels: int = 1, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """LeNet-5 for MNIST-shaped input (1x28x28). See :class:`LeNet5` for ``kwargs``.
 
@@ -210,7 +210,7 @@ def lenet5(num_classes: int = 10, in_channels: int = 1, width_mult: float = 1.0,
     return LeNet5(num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def cifarnet(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """TF-slim CifarNet (TensorQuant's CIFAR-10 model). See :class:`CifarNet` for ``kwargs``.
 
@@ -221,7 +221,7 @@ def cifarnet(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.
     return CifarNet(num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def alexnet_cifar(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """AlexNet for CIFAR as in Ye et al. (2019). See :class:`AlexNetCifar` for ``kwargs``.
 

@@ -105,7 +105,7 @@ class DenseNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def densenet121(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """DenseNet-121 for CIFAR (growth 32, 3x3 stem). See :class:`DenseNet`.
 

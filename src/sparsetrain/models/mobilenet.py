@@ -75,7 +75,7 @@ class MobileNetV1(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def mobilenet_v1(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """MobileNet v1 for CIFAR (stride-1 stem). See :class:`MobileNetV1`.
 

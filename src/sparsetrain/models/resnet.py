@@ -210,7 +210,7 @@ def _he_resnet(n: int, shortcut: str = "A", **kwargs: Any) -> ResNet:
     return ResNet(BasicBlock, (n, n, n), (16, 32, 64), stem="cifar", stem_width=16, shortcut=shortcut, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def resnet18(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """ResNet-18 for CIFAR (pytorch-cifar layout, BasicBlock [2, 2, 2, 2]).
 
@@ -222,35 +222,35 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.
                          width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def resnet34(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """ResNet-34 for CIFAR (pytorch-cifar layout, BasicBlock [3, 4, 6, 3])."""
     return _cifar_resnet(BasicBlock, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels,
                          width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def resnet50(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """ResNet-50 for CIFAR (pytorch-cifar layout, Bottleneck [3, 4, 6, 3]). ImageNet: ``resnet50_imagenet``."""
     return _cifar_resnet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels,
                          width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def resnet101(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """ResNet-101 for CIFAR (pytorch-cifar layout, Bottleneck [3, 4, 23, 3])."""
     return _cifar_resnet(Bottleneck, (3, 4, 23, 3), num_classes=num_classes, in_channels=in_channels,
                          width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def resnet152(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """ResNet-152 for CIFAR (pytorch-cifar layout, Bottleneck [3, 8, 36, 3])."""
     return _cifar_resnet(Bottleneck, (3, 8, 36, 3), num_classes=num_classes, in_channels=in_channels,
                          width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def resnet20(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """ResNet-20 (He et al. CIFAR, n=3). ``shortcut="A"`` (default, as the paper) or ``"B"``.
 
@@ -261,19 +261,19 @@ def resnet20(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.
     return _he_resnet(3, num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def resnet32(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """ResNet-32 (He et al. CIFAR, n=5). ``shortcut="A"`` (default) or ``"B"``."""
     return _he_resnet(5, num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def resnet56(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """ResNet-56 (He et al. CIFAR, n=9). ``shortcut="A"`` (default) or ``"B"``."""
     return _he_resnet(9, num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def resnet14(
     num_classes: int = 10,
     in_channels: int = 3,
@@ -304,7 +304,7 @@ def resnet14(
     raise ValueError(f"unknown resnet14 style {style!r}; valid choices: tensorquant, he")
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 224, 224), num_classes=1000)
 def resnet50_imagenet(
     num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any
 ) -> nn.Module:

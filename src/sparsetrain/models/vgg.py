@@ -101,7 +101,7 @@ class VGG(nn.Module):
         return self.fc(x)
 
 
-@register_model
+@register_model(first_conv="block1.conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def vgg11_bn(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """VGG-11 with BN for CIFAR. See :class:`VGG` for ``kwargs`` (``head``, ``dropout``, ...).
 
@@ -112,7 +112,7 @@ def vgg11_bn(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.
     return VGG("vgg11", num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="block1.conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def vgg16_bn(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """VGG-16 with BN for CIFAR (SWAT's model). See :class:`VGG` for ``kwargs``.
 
@@ -123,7 +123,7 @@ def vgg16_bn(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.
     return VGG("vgg16", num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="block1.conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def vgg19_bn(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """VGG-19 with BN for CIFAR. See :class:`VGG` for ``kwargs``.
 

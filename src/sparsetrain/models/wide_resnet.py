@@ -94,7 +94,7 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def wrn16_8(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """WRN-16-8 (n=2 blocks per stage, widths 128-256-512). ``kwargs``: ``dropout``.
 
@@ -105,7 +105,7 @@ def wrn16_8(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0
     return WideResNet(16, 8, num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
 
 
-@register_model
+@register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
 def wrn28_10(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
     """WRN-28-10 (n=4 blocks per stage, widths 160-320-640). ``kwargs``: ``dropout``."""
     return WideResNet(28, 10, num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
