@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -14,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsetrain
 from sparsetrain.accounting import FlopReport, count_flops, densities_from_metrics, format_table
 from sparsetrain.accounting.memory import measure_saved_tensors, memory_report, storage_bytes
+from sparsetrain.layers import effective_weight
 
 GEMM_OPS = {"aten.convolution", "aten.addmm", "aten.mm", "aten.convolution_backward"}
 
@@ -134,18 +136,39 @@ def test_pruned_grad_output_and_first_layer_option() -> None:
     assert r3.with_densities({"0": {"weight": 0.5}}).layers[0].sparse_forward_macs == 16
 
 
+def _same(a: object, b: object) -> bool:
+    """Deep equality of nested containers holding tensors (e.g. two ``handle.state_dict()``)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def test_count_flops_leaves_sparse_state_untouched() -> None:
     model = sparsetrain.create_model("lenet5").train()
     handle = sparsetrain.sparsify_(model, "swat-u", density=0.1)
-    before = handle.densities()
-    states = {n: (dict(m.sparse_state.computed_at), dict(m.sparse_state.last_density)) for n, m in
-              model.named_modules() if hasattr(m, "sparse_state")}  # fmt: skip
+    model(torch.randn(2, 1, 28, 28)).sum().backward()  # cache thresholds: the trace must not refresh them
+    before, state = handle.densities(), copy.deepcopy(handle.state_dict())
+    weight = effective_weight(model.conv2).clone()
     r = count_flops(model, (1, 28, 28), before)
     assert handle.densities() == before
-    assert states == {n: (dict(m.sparse_state.computed_at), dict(m.sparse_state.last_density)) for n, m in
-                      model.named_modules() if hasattr(m, "sparse_state")}  # fmt: skip
-    assert model.training and not model.conv2.spec.is_dense  # mode and spec restored
+    assert _same(handle.state_dict(), state)
+    assert model.training and torch.equal(effective_weight(model.conv2), weight)
+    assert float((weight != 0).float().mean()) == pytest.approx(0.1, abs=0.01)  # still sparse after the trace
     assert r.layers[1].type == "SparseConv2d" and r.layers[1].weight_density == pytest.approx(0.1)
+
+
+def test_count_flops_counts_conv_and_linear_subclasses() -> None:
+    class MyConv(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(MyConv(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    r = count_flops(model, (1, 6, 6))
+    assert [row.type for row in r.layers] == ["MyConv", "Linear"]
+    assert r.layers[0].dense_forward_macs == 2 * 4 * 4 * 9
 
 
 def test_report_dict_keys_and_table() -> None:
@@ -253,6 +276,9 @@ def test_measured_saved_tensors_swat_u_below_dense() -> None:
     sparse = measure_saved_tensors(sparse_model, x, y)
     assert sparse.layer_input_compressed_bytes < dense.layer_input_compressed_bytes
     assert sparse.layer_input_nonzeros < dense.layer_input_nonzeros
+    # Every sparse layer input is counted, also when the layer keeps it packed (values + bitmap) for backward.
+    assert sparse.layer_input_elements == dense.layer_input_elements
+    assert dense.packed_bytes == 0 and sparse.packed_bytes <= sparse.total_bytes
     rep = memory_report(sparse_model, (1, 28, 28), handle.densities(), batch_size=8, measured=sparse)
     assert rep.sparse_saved_activation_bytes < rep.dense_saved_activation_bytes
     assert rep.measured_peak_bytes == rep.param_bytes + rep.grad_bytes + rep.optimizer_bytes + sparse.total_bytes

@@ -20,7 +20,7 @@ from sparsetrain.analysis import (
     search_thresholds,
     threshold_recipe,
 )
-from sparsetrain.layers import OPERANDS
+from sparsetrain.layers import OPERANDS, effective_weight, is_sparse_layer
 from sparsetrain.telemetry import apply_thresholds
 
 
@@ -94,7 +94,7 @@ def test_threshold_recipe_loads_with_sparsify():
     handle = sparsetrain.sparsify_(model, recipe)
     assert list(handle.layers) == ["conv1"]
     w = model.conv1.weight.detach()
-    assert torch.equal(model.conv1.effective_weight(), w * (w.abs() > 0.05))
+    assert torch.equal(effective_weight(model.conv1), w * (w.abs() > 0.05))
     with pytest.raises(ValueError, match="operand"):
         threshold_recipe({"conv1": 0.1}, operand="output")
     assert set(SEARCH_OPERANDS) == {"weight", "input"} and set(SEARCH_OPERANDS) <= set(OPERANDS)
@@ -108,7 +108,7 @@ def test_weight_search_on_mnist(trained, tmp_path):
     result = search_thresholds(model, evaluate, operand="weight", margin=0.99)
     # The searched model is untouched.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not any(isinstance(m, (sparsetrain.SparseConv2d, sparsetrain.SparseLinear)) for m in model.modules())
+    assert not any(is_sparse_layer(m) for m in model.modules())
 
     baseline = _accuracy(model, batches)
     assert result.baseline_accuracy == pytest.approx(baseline)
@@ -144,7 +144,7 @@ def test_weight_search_on_mnist(trained, tmp_path):
     mods = dict(combined.named_modules())
     zeros = numel = 0
     for name in result.layers:
-        ew = mods[name].effective_weight() if name in handle.layers else mods[name].weight.detach()
+        ew = effective_weight(mods[name])  # the plain weight for the layers left dense
         s = float((ew == 0).sum()) / ew.numel()
         assert s == pytest.approx(result.combined_sparsity[name])
         zeros += int((ew == 0).sum())
@@ -197,15 +197,33 @@ def test_activation_search_on_mnist(trained):
 def test_bake_and_apply_thresholds():
     torch.manual_seed(0)
     model = sparsetrain.create_model("lenet5", num_classes=10, in_channels=1)
-    sparsetrain.sparsify_(model, "swat-u", density=0.3)
-    expected = {n: m.effective_weight().clone() for n, m in model.named_modules() if hasattr(m, "effective_weight")}
+    handle = sparsetrain.sparsify_(model, "swat-u", density=0.3)
+    mods = dict(model.named_modules())
+    expected = {n: effective_weight(mods[n]).clone() for n in handle.layers}
     with pytest.raises(ValueError, match="dense model"):
         apply_thresholds(model, weight={"conv1": 0.1})
-    assert bake_sparse_weights(model) == []  # SWAT's forward activations are dense: nothing lost
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        y_sparse = model.eval()(x)
+    assert bake_sparse_weights(handle) == []  # SWAT's forward activations are dense: nothing lost
     for name, m in model.named_modules():
         assert type(m) in (nn.Conv2d, nn.Linear) or not isinstance(m, (nn.Conv2d, nn.Linear))
         if name in expected:
             assert torch.equal(m.weight.detach(), expected[name])
+            assert 0.6 < float((m.weight == 0).float().mean()) < 0.8  # 30 % of each baked weight kept
+    with torch.no_grad():
+        assert torch.allclose(model(x), y_sparse, atol=1e-6)  # the baked dense model computes the sparse forward
     clone = apply_thresholds(model, weight={"fc1": 1e9})
-    assert float(clone.fc1.effective_weight().abs().sum()) == 0.0
+    assert float(effective_weight(clone.fc1).abs().sum()) == 0.0
     assert float(model.fc1.weight.detach().abs().sum()) > 0  # original untouched
+
+
+def test_bake_without_a_handle_reports_activation_sparsity_as_lost():
+    torch.manual_seed(0)
+    model = sparsetrain.create_model("lenet5", num_classes=10, in_channels=1)
+    recipe = {"layers": {"conv2": {"weight": {"type": "threshold", "threshold": 0.05},
+                                   "input": {"type": "threshold", "threshold": 0.1}}}}
+    sparsetrain.sparsify_(model, recipe)
+    w = model.conv2.weight.detach().clone()
+    assert bake_sparse_weights(model) == ["conv2"]  # the input threshold is not part of a dense model
+    assert type(model.conv2) is nn.Conv2d and torch.equal(model.conv2.weight.detach(), w * (w.abs() > 0.05))

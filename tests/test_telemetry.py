@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import sparsetrain
+from sparsetrain.layers import effective_weight
 from sparsetrain.telemetry import (
     TOTAL,
     Count,
@@ -260,20 +262,17 @@ def test_custom_autograd_function_module_and_inplace_relu():
     assert torch.allclose(x.grad, dy @ (w * w))
 
 
-def test_effective_weight_is_used_when_present():
-    class Masked(nn.Linear):
-        def effective_weight(self):
-            return self.weight.detach() * (self.weight.detach().abs() > 0.2)
-
-        def forward(self, x):
-            return nn.functional.linear(x, self.effective_weight(), self.bias)
-
+def test_weight_is_counted_as_the_forward_uses_it():
     torch.manual_seed(0)
-    m = Masked(10, 10)
-    with Monitor(m, blocks=None, total=False) as mon:
-        m(torch.randn(1, 10))
+    model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 4))
+    w = model[0].weight.detach().clone()
+    sparsetrain.sparsify_(model, {"layers": {"0": {"weight": {"type": "threshold", "threshold": 0.2}}}})
+    with Monitor(model, blocks=None, total=False) as mon:
+        model(torch.randn(1, 10))
         recs = _by(mon.step())
-    assert recs["", "weight"]["zeros"] == int((m.weight.abs() <= 0.2).sum()) > 0
+    # Counted independently of the library: a threshold sparsifier zeroes exactly |w| <= 0.2.
+    assert recs["0", "weight"]["zeros"] == int((w.abs() <= 0.2).sum()) > 0
+    assert recs["2", "weight"]["zeros"] == int((model[2].weight == 0).sum())  # a dense layer: its own weight
 
 
 def test_blocks_auto_and_explicit():
@@ -487,9 +486,6 @@ def test_tensorboard_sink_import_error_names_extra(monkeypatch):
 
 
 def test_monitor_on_sparsified_model():
-    sparsetrain = pytest.importorskip("sparsetrain")
-    if not hasattr(sparsetrain, "sparsify_"):
-        pytest.skip("sparsetrain.sparsify_ not available yet")
     torch.manual_seed(0)
     model = sparsetrain.create_model("lenet5", num_classes=10, in_channels=1)
     handle = sparsetrain.sparsify_(model, "swat-u", density=0.25)
@@ -502,8 +498,7 @@ def test_monitor_on_sparsified_model():
     modules = dict(model.named_modules())
     for name in handle.layers:
         m = modules[name]
-        assert hasattr(m, "effective_weight")
-        ew = m.effective_weight()
+        ew = effective_weight(m)
         assert recs[name, "weight"]["zeros"] == int((ew == 0).sum())
         # top-K at density 0.25 leaves ~75% zeros in the forward weight
         assert recs[name, "weight"]["sparsity"] == pytest.approx(0.75, abs=0.02)

@@ -25,9 +25,10 @@ analytical model in that spirit, fed with the *real* operand tensors of a traini
   whose tensors contain no zeros gives exactly 1.0x.
 
 The operands are those the layer *actually* uses (:func:`capture_step`): for ``SparseConv2d``/``SparseLinear``
-the tensors passed to the layer's GEMM in the forward (``x_f``, ``W_f``) and backward (``dy`` after any gradient
-pruning, ``W`` for grad-input and ``x`` for grad-weight as saved by the layer); for plain conv/linear layers the
-module input, its weight and the gradient reaching its output. The grad-input GEMM of a layer whose input needs
+the ``after`` tensors of the layer's operand events (:func:`sparsetrain.layers.observe`): ``input`` and ``weight``
+for the forward, ``grad_output`` (after any gradient pruning) with ``weight_for_grad_input`` for grad-input and with
+``input_for_grad_weight`` for grad-weight; for plain conv/linear layers the module input, its weight and the
+gradient reaching its output. The grad-input GEMM of a layer whose input needs
 no gradient (the first layer) is not executed and not counted, as in :mod:`sparsetrain.accounting.flops`.
 
 Example:
@@ -386,39 +387,51 @@ class AcceleratorReport:
         return "\n".join(lines)
 
 
+# Operand events of a sparse layer (sparsetrain.layers.OperandEvent) -> keys of a capture record. The GEMMs are
+# f(input, weight), G(grad_output, weight_for_grad_input) and H(grad_output, input_for_grad_weight) on the events'
+# ``after`` tensors; grad_input / grad_weight only say that their GEMM ran.
+_EVENT_KEYS = {
+    "input": "x",
+    "weight": "w",
+    "weight_for_grad_input": "w_b",
+    "input_for_grad_weight": "x_b",
+    "grad_output": "dy",
+}
+_FORWARD_KEYS = ("x", "w", "w_b", "x_b")
+
+
+def _event_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """A sparse layer's events as the record :func:`_to_capture` reads (the backward operands of GEMMs that ran)."""
+    out = {"module": rec["module"], "x": rec["x"], "w": rec["w"]}
+    if "dy" in rec:
+        out["dy"] = rec["dy"]
+        out["w_gi"] = rec.get("w_b") if rec.get("ran_dx") else None
+        out["x_gw"] = rec.get("x_b") if rec.get("ran_dw") else None
+    return out
+
+
 @contextmanager
-def _capturing(model: nn.Module) -> Iterator[dict[str, dict[str, Any]]]:
+def _capturing(model: nn.Module) -> Iterator[dict[str, dict[str, dict[str, Any]]]]:
     """Record the operands every conv/linear GEMM uses during one forward+backward.
 
-    Sparse layers (``sparsetrain.layers``) route both passes through ``layer._gemm(x, w, b)`` and
-    ``layer._gemm_backward(dy, x, w, needs)`` with exactly the operands they use, so those two methods are wrapped
-    (as instance attributes, removed on exit). Dense layers use a forward hook and a tensor hook on the output.
+    Every counted layer gets a forward hook and a tensor hook on its output (the module input, its weight and the
+    gradient reaching its output). A sparse layer also reports the operands its GEMMs actually use through the
+    public seam (:func:`sparsetrain.layers.observe`); where it did, those replace the hook's. Sparse layers whose
+    spec is dense emit no events and run the plain module's forward, so the hooks describe them exactly.
     """
-    records: dict[str, dict[str, Any]] = {}
+    from sparsetrain.layers import observe
+
+    hooked: dict[str, dict[str, Any]] = {}
+    observed: dict[str, dict[str, Any]] = {}
     handles: list[Any] = []
-    wrapped: list[nn.Module] = []
-
-    def sparse_wrappers(name: str, m: Any) -> None:
-        gemm, gemm_backward = m._gemm, m._gemm_backward
-
-        def _gemm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-            records[name] = {"module": m, "x": x.detach(), "w": w.detach(), "needs_dx": x.requires_grad}
-            return gemm(x, w, b)
-
-        def _gemm_backward(dy: Tensor, x: Tensor, w: Tensor, mask: tuple[bool, bool, bool]) -> Any:
-            rec = records.setdefault(name, {"module": m})
-            rec.update(dy=dy.detach(), x_gw=x.detach() if mask[1] else None, w_gi=w.detach() if mask[0] else None)
-            return gemm_backward(dy, x, w, mask)
-
-        object.__setattr__(m, "_gemm", _gemm)
-        object.__setattr__(m, "_gemm_backward", _gemm_backward)
-        wrapped.append(m)
+    names = {id(m): n for n, m in model.named_modules() if is_counted_layer(m)}
+    layer_names = set(names.values())
 
     def dense_hook(name: str) -> Callable[..., None]:
         def hook(m: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
             x = inputs[0]
             rec = {"module": m, "x": x.detach(), "w": m.weight.detach(), "needs_dx": x.requires_grad}
-            records[name] = rec
+            hooked[name] = rec
             if output.requires_grad:
 
                 def grad_hook(g: Tensor) -> None:
@@ -430,22 +443,31 @@ def _capturing(model: nn.Module) -> Iterator[dict[str, dict[str, Any]]]:
 
         return hook
 
+    def on_event(ev: Any) -> None:
+        name = names.get(id(ev.module)) if ev.module is not None else (ev.layer if ev.layer in layer_names else None)
+        if name is None:  # a sparse layer of another model
+            return
+        key = _EVENT_KEYS.get(ev.operand)
+        rec = observed.get(name)
+        if rec is None or (key in _FORWARD_KEYS and key in rec):  # a new forward call replaces the last one
+            rec = observed[name] = {"module": ev.module}
+        if key is not None:
+            # Only the zero pattern matters; a mask also survives later in-place ops on the tensor.
+            rec[key] = ev.after != 0
+        elif ev.operand == "grad_input":
+            rec["ran_dx"] = True
+        elif ev.operand == "grad_weight":
+            rec["ran_dw"] = True
+
     for name, m in model.named_modules():
-        if not is_counted_layer(m):
-            continue
-        if hasattr(m, "_gemm_backward") and hasattr(m, "spec") and not m.spec.is_dense:
-            sparse_wrappers(name, m)
-        else:
+        if is_counted_layer(m):
             handles.append(m.register_forward_hook(dense_hook(name)))
     try:
-        yield records
+        with observe(on_event):
+            yield {"hooked": hooked, "observed": observed}
     finally:
         for h in handles:
             h.remove()
-        for m in wrapped:
-            for attr in ("_gemm", "_gemm_backward"):
-                if attr in m.__dict__:
-                    object.__delattr__(m, attr)
 
 
 def _to_capture(name: str, rec: dict[str, Any]) -> GemmCapture:
@@ -492,9 +514,11 @@ def capture_step(
         out = model(inputs)
         loss = loss_fn(out, targets) if targets is not None else out.float().sum()
         loss.backward()
-        order = list(records)
-        snapshot = {k: dict(v) for k, v in records.items()}
-    return [_to_capture(name, snapshot[name]) for name in order]
+    hooked, observed = records["hooked"], records["observed"]
+    # Every counted layer's forward hook fired (sparse layers too), so the hooks give the first-call order.
+    return [
+        _to_capture(name, _event_record(observed[name]) if name in observed else hooked[name]) for name in hooked
+    ]
 
 
 def simulate(

@@ -3,8 +3,9 @@
 Convention (also returned as :data:`CONVENTION` and printed by ``sparsetrain flops``):
 
 * Only ``nn.Conv2d`` and ``nn.Linear`` layers, including subclasses such as ``SparseConv2d``, are counted (the
-  layer types sparsetrain sparsifies; the same ``isinstance`` test as the telemetry and the accelerator model). BatchNorm, ReLU, pooling, softmax, residual additions and the optimizer update are
-  not: they are O(activations) and SWAT's tables ignore them too.
+  layer types sparsetrain sparsifies; the same ``isinstance`` test as the telemetry and the accelerator model).
+  BatchNorm, ReLU, pooling, softmax, residual additions and the optimizer update are not: they are O(activations)
+  and SWAT's tables ignore them too.
 * Counts are MACs. One MAC = one multiply + one add, so FLOPs = 2 x MACs (``FlopCounterMode`` reports FLOPs).
   Biases are not counted (``FlopCounterMode`` ignores them as well).
 * Per layer, with ``F`` the dense MACs of the forward GEMM ``y = f(x, W)``:
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from sparsetrain.layers import OPERANDS
+from sparsetrain.layers import OPERANDS, counted_layer, dense_mode
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,11 @@ CONVENTION = (
 
 
 def is_counted_layer(module: nn.Module) -> bool:
-    """True for the layers whose GEMMs are counted: ``nn.Conv2d`` and ``nn.Linear``, subclasses included."""
-    return isinstance(module, (nn.Conv2d, nn.Linear))
+    """True for the layers whose GEMMs are counted: ``nn.Conv2d`` and ``nn.Linear``, subclasses included.
+
+    The same test as everywhere else in sparsetrain (:func:`sparsetrain.layers.counted_layer`).
+    """
+    return counted_layer(module)
 
 
 def layer_density(densities: Mapping[str, Mapping[str, float]] | None, name: str, operand: str) -> float:
@@ -277,7 +281,7 @@ class _Trace:
     calls: int = 0
 
 
-def _gemm_macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+def _layer_macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Dense MACs of one call of a conv/linear layer, from its actual input and output."""
     if isinstance(module, nn.Linear):
         rows = x.numel() // module.in_features  # every leading dim is a batch of GEMM rows
@@ -303,7 +307,7 @@ def _trace_layers(
             traces[name] = _Trace(module)
             order.append(name)
         t = traces[name]
-        macs = _gemm_macs(module, x, y)
+        macs = _layer_macs(module, x, y)
         t.forward_macs += macs
         # Autograd only computes dx when x needs a gradient, i.e. not for layers fed by the data.
         t.grad_input_macs += macs if x.requires_grad else 0
@@ -322,30 +326,19 @@ def _trace_layers(
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn((batch_size, *input_shape), generator=gen).to(device=device, dtype=dtype)
     modes = {m: m.training for m in model.modules()}
-    # Sparse layers (sparsetrain.layers) run dense during the trace: only shapes matter here, and their own
-    # forward would refresh cached top-K thresholds and measured densities from this random input.
-    swapped = [(m, m.spec) for m in model.modules() if is_counted_layer(m) and not _spec_is_dense(m)]
     try:
-        for m, spec in swapped:
-            m.spec = type(spec)()
         # eval(): BatchNorm must not update running stats nor fail on 1x1 maps at batch 1. Grad stays on so that
-        # requires_grad tells which layer inputs need a gradient.
+        # requires_grad tells which layer inputs need a gradient. dense_mode(): only shapes matter here, and a
+        # sparse layer's own forward would refresh its cached top-K thresholds from this random input.
         model.eval()
-        with torch.enable_grad():
+        with torch.enable_grad(), dense_mode():
             model(x)
     finally:
         for m, mode in modes.items():
             m.training = mode
-        for m, spec in swapped:
-            m.spec = spec
         for h in handles:
             h.remove()
     return traces, order, last[0]
-
-
-def _spec_is_dense(module: nn.Module) -> bool:
-    spec = getattr(module, "spec", None)
-    return spec is None or bool(getattr(spec, "is_dense", True))
 
 
 def count_flops(
@@ -360,8 +353,8 @@ def count_flops(
 
     Runs one real forward pass (eval mode, autograd on, random input) with forward hooks on every conv/linear
     layer to get the actual input/output shapes, so any architecture (residuals, concatenations, reused modules)
-    is handled. Sparse layers run dense during that pass (their spec is swapped for a dense one and restored), so
-    the model's sparsity state -- cached thresholds, measured densities, BatchNorm statistics -- is left untouched.
+    is handled. Sparse layers run dense during that pass (:func:`sparsetrain.layers.dense_mode`), so the model's
+    sparsity state -- cached thresholds, measured densities, BatchNorm statistics -- is left untouched.
     See the module docstring for the convention.
 
     Args:

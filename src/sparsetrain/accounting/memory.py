@@ -21,10 +21,13 @@ stay dense:
 * ``"dense"``: ``n*v`` (no compression; zeros are still stored).
 
 Measured (:func:`measure_saved_tensors`): one real forward+backward with ``torch.autograd.graph.saved_tensors_hooks``
-that records every tensor autograd saves for backward, deduplicated by storage (a view counts its own bytes). Parameters saved by reference cost
-no extra memory and are reported apart. The conv/linear *inputs* saved by conv/linear layers are reported both as
-stored by PyTorch (dense, zeros included) and as they would be stored in the chosen sparse format (counting their
-actual non-zeros), side by side with the analytic figure. The process peak-RSS increase over the step is read from
+that records every tensor autograd saves for backward, deduplicated by storage (a view counts its own bytes).
+Parameters saved by reference cost no extra memory and are reported apart. The conv/linear *inputs* kept for the
+grad-weight GEMM are reported both at their dense size (zeros included) and as they would be stored in the chosen
+sparse format (counting their actual non-zeros), side by side with the analytic figure. A sparse layer reports that
+operand through the public seam (``input_for_grad_weight`` of :func:`sparsetrain.layers.observe`), because it may
+save it packed (values plus a bitmap or indices, :mod:`sparsetrain.packing`) rather than as an input-shaped tensor;
+those packed pieces are counted in ``packed_bytes``. The process peak-RSS increase over the step is read from
 ``/proc/self/status`` (Linux; None elsewhere) and is informational only (allocator caching makes it noisy).
 
 Example:
@@ -48,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsetrain.accounting.flops import count_flops, is_counted_layer, layer_density
+from sparsetrain.layers import is_sparse_layer, observe
 
 __all__ = [
     "SPARSE_FORMATS",
@@ -123,11 +127,14 @@ class SavedTensorStats:
         total_bytes: non-parameter tensors saved, as PyTorch stores them (dense), each storage counted once (its
             largest saved view; a batch sliced from a bigger tensor counts as the slice).
         parameter_bytes: parameters saved by reference (no extra memory; listed for completeness).
-        layer_input_bytes: unique input-shaped tensors saved by conv/linear layers, as stored (dense).
+        layer_input_bytes: the unique conv/linear inputs kept for the grad-weight GEMM, at their dense size
+            (elements x element size; a sparse layer may store them packed, see ``packed_bytes``).
         layer_input_elements: their elements; ``layer_input_nonzeros``: their non-zeros.
         layer_input_compressed_bytes: the same tensors in the sparse format (bitmap/csr) when they contain zeros
             that pay off, else dense (``min`` of both).
         weight_copy_bytes: non-parameter weight-shaped tensors saved by conv/linear layers (e.g. pruned ``W``).
+        packed_bytes: tensors sparse layers saved in packed form (values, bitmaps, indices of sparsified operands
+            and masks): neither input- nor weight-shaped; part of ``total_bytes``.
         by_module_type: ``total_bytes`` split by the type of the innermost module running when the tensor was saved.
         rss_peak_delta_bytes: increase of the process peak RSS during the step (Linux only, noisy).
         format: sparse format used for ``layer_input_compressed_bytes``.
@@ -140,6 +147,7 @@ class SavedTensorStats:
     layer_input_nonzeros: int = 0
     layer_input_compressed_bytes: float = 0.0
     weight_copy_bytes: int = 0
+    packed_bytes: int = 0
     by_module_type: dict[str, int] = field(default_factory=dict)
     rss_peak_delta_bytes: int | None = None
     format: str = "bitmap"
@@ -221,10 +229,11 @@ class MemoryReport:
                 "",
                 f"measured on this model (batch {self.batch_size}):",
                 f"  saved for backward, all tensors    {m.total_bytes / mib:12.3f}",
-                f"  conv/linear inputs as stored       {m.layer_input_bytes / mib:12.3f}",
+                f"  conv/linear inputs, dense size     {m.layer_input_bytes / mib:12.3f}",
                 f"  conv/linear inputs in {m.format:<6}       {m.layer_input_compressed_bytes / mib:12.3f}"
                 f"  (non-zeros {m.layer_input_nonzeros}/{m.layer_input_elements})",
                 f"  pruned weight copies               {m.weight_copy_bytes / mib:12.3f}",
+                f"  packed by sparse layers            {m.packed_bytes / mib:12.3f}",
                 f"  peak = params+grads+opt+saved      {self.measured_peak_bytes / mib:12.3f}",
             ]
             if m.rss_peak_delta_bytes is not None:
@@ -384,8 +393,42 @@ def measure_saved_tensors(
     seen_all: dict[int, int] = {}
     seen_param: dict[int, int] = {}
     seen_wcopy: dict[int, int] = {}
+    seen_packed: dict[int, int] = {}
     owner_of: dict[int, str] = {}
     seen_inputs: set[tuple[Any, ...]] = set()
+
+    observed: set[int] = set()  # sparse layers that report their operands through the seam
+
+    def count_input(t: torch.Tensor, shared: bool = True) -> None:
+        """Add one conv/linear input kept for grad-weight.
+
+        ``shared``: ``t`` may be saved by several layers (a block input feeding conv and shortcut); count it once.
+        Such a tensor stays alive until backward, so its storage address identifies it. A sparse layer's own
+        sparsified copy (``shared=False``) is new and may be freed once packed, so its address may be reused.
+        """
+        if shared:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+            if key in seen_inputs:
+                return
+            seen_inputs.add(key)
+        numel, nnz = t.numel(), int(torch.count_nonzero(t))
+        dense = numel * t.element_size()
+        stats.layer_input_bytes += dense
+        stats.layer_input_elements += numel
+        stats.layer_input_nonzeros += nnz
+        comp = storage_bytes(
+            numel, nnz, fmt, value_bytes=t.element_size(), index_bytes=index_bytes, rows=_rows(t.shape)
+        )
+        stats.layer_input_compressed_bytes += min(dense, comp)
+
+    def on_event(ev: Any) -> None:
+        # A sparse layer's grad-weight operand, whatever form the layer stores it in (saved only when the weight
+        # gets a gradient). Its input-shaped saved tensors are then not classified again by the saved-tensor hook.
+        if ev.module is None:
+            return
+        observed.add(id(ev.module))
+        if ev.operand == "input_for_grad_weight" and ev.module.weight.requires_grad:
+            count_input(ev.after, shared=ev.after is ev.before)
 
     def pre(module: nn.Module, _args: Any) -> None:
         stack.append(module)
@@ -415,21 +458,14 @@ def measure_saved_tensors(
         if delta:
             key = owner_of[ptr]
             stats.by_module_type[key] = stats.by_module_type.get(key, 0) + delta
-        if owner is not None and id(owner) in weight_shapes and t.is_floating_point():
-            if tuple(t.shape) == weight_shapes[id(owner)]:
+        if owner is not None and id(owner) in weight_shapes:
+            if t.is_floating_point() and tuple(t.shape) == weight_shapes[id(owner)]:
                 stats.weight_copy_bytes += _grow(seen_wcopy, ptr, nbytes)
-            elif t.dim() >= 2 and (key := (ptr, t.storage_offset(), tuple(t.shape), t.stride())) not in seen_inputs:
-                # The same tensor saved by two layers (a block input feeding conv and shortcut) is stored once.
-                seen_inputs.add(key)
-                numel, nnz = t.numel(), int(torch.count_nonzero(t))
-                stats.layer_input_bytes += nbytes
-                stats.layer_input_elements += numel
-                stats.layer_input_nonzeros += nnz
-                dense = numel * t.element_size()
-                comp = storage_bytes(
-                    numel, nnz, fmt, value_bytes=t.element_size(), index_bytes=index_bytes, rows=_rows(t.shape)
-                )
-                stats.layer_input_compressed_bytes += min(dense, comp)
+            elif t.is_floating_point() and t.dim() >= 2:
+                if id(owner) not in observed:
+                    count_input(t)
+            elif is_sparse_layer(owner):
+                stats.packed_bytes += _grow(seen_packed, ptr, nbytes)
         return t
 
     def unpack(t: torch.Tensor) -> torch.Tensor:
@@ -445,7 +481,7 @@ def measure_saved_tensors(
     try:
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack), observe(on_event):
             out = model(inputs)
             loss = loss_fn(out, targets) if targets is not None else out.float().sum()
         loss.backward()

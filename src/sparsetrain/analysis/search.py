@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,9 @@ import torch.nn as nn
 from sparsetrain.layers import OPERANDS
 from sparsetrain.telemetry.monitor import evaluate_with_monitor, monitored_layers
 from sparsetrain.telemetry.tables import apply_thresholds, ensure_dense
+
+if TYPE_CHECKING:
+    from sparsetrain.handle import SparsityHandle
 
 __all__ = [
     "SEARCH_OPERANDS",
@@ -87,32 +90,44 @@ def threshold_recipe(thresholds: Mapping[str, float | None], operand: str = "wei
     return {"layers": layers}
 
 
-def bake_sparse_weights(model: nn.Module) -> list[str]:
-    """Turn a sparsified model into a dense one computing the same weights: in place.
+def _reads_activations(spec: Any) -> bool:
+    """Whether a layer spec sparsifies forward activations (what baking the weights cannot keep)."""
+    return spec.input is not None or spec.output is not None
 
-    Every sparse layer's weight is overwritten by its ``effective_weight()`` (the weight as the forward used it)
-    and the layer is swapped back to the plain ``nn.Conv2d``/``nn.Linear``. This is how a sparse-trained run
-    (SWAT's top-K weights, a random channel mask) is measured "as trained" and thresholds enforced on top.
+
+def bake_sparse_weights(target: SparsityHandle | nn.Module) -> list[str]:
+    """Turn a sparsified model into a dense one computing the same forward weights: in place.
+
+    Every sparse layer's weight is overwritten by its effective weight (the weight as the forward uses it:
+    SWAT's top-K, a random channel mask) and the plain ``nn.Conv2d``/``nn.Linear`` is put back. This is how a
+    sparse-trained run is measured "as trained" and thresholds enforced on top.
+
+    Args:
+        target: the :class:`~sparsetrain.handle.SparsityHandle` of the model (preferred: baking is then
+            ``handle.remove(bake=True)``), or the model itself when its handle is gone.
 
     Returns:
         The layers whose forward also sparsified activations (``input``/``output`` operands): that part of the
         inference function is not kept by baking.
     """
-    from sparsetrain.layers import SparseConv2d, SparseLinear
+    from sparsetrain.handle import SparsityHandle
+    from sparsetrain.layers import effective_weight, is_sparse_layer
 
+    if isinstance(target, SparsityHandle):
+        lost = [name for name, spec in target.layers.items() if _reads_activations(spec)]
+        target.remove(bake=True)
+        return lost
     lost = []
     with torch.no_grad():
-        for name, m in list(model.named_modules()):
-            if not isinstance(m, (SparseConv2d, SparseLinear)):
+        for name, m in list(target.named_modules()):
+            if not is_sparse_layer(m):
                 continue
             if not name:
                 raise ValueError("bake_sparse_weights needs a container module, got a bare sparse layer")
-            if m.spec.input is not None or m.spec.output is not None:
+            if _reads_activations(m.spec):
                 lost.append(name)
-            m.weight.copy_(m.effective_weight())
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, m.to_dense())
+            m.weight.copy_(effective_weight(m))
+            target.set_submodule(name, m.to_dense())
     return lost
 
 

@@ -4,7 +4,7 @@ For each ``nn.Conv2d`` / ``nn.Linear`` (sparse layers subclass these) the :class
 ``every``-th step, the fraction of exact zeros (and optionally of near-zeros, ``|v| <= threshold``) of
 
 ============== =====================================================================================
-``weight``      the weight as used in forward: ``m.effective_weight()`` when the module has it, else ``m.weight``
+``weight``      the weight as used in forward: ``sparsetrain.layers.effective_weight(m)`` (``m.weight`` if dense)
 ``input``       the activation the layer receives (``x``, at the module boundary)
 ``output``      the activation the layer returns (``y``)
 ``grad_output`` ``dy``, the gradient w.r.t. the layer's output, as the layer receives it
@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from sparsetrain.layers import OPERANDS
+from sparsetrain.layers import OPERANDS, counted_layer, effective_weight
 from sparsetrain.telemetry.blocks import (
     ELEMENT_WEIGHTED,
     TOTAL,
@@ -69,7 +69,14 @@ from sparsetrain.telemetry.blocks import (
     resolve_blocks,
 )
 
-__all__ = ["Monitor", "TENSORS", "NearZeroThreshold", "monitored_layers", "counts_from_records", "evaluate_with_monitor"]
+__all__ = [
+    "Monitor",
+    "TENSORS",
+    "NearZeroThreshold",
+    "monitored_layers",
+    "counts_from_records",
+    "evaluate_with_monitor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +99,7 @@ def monitored_layers(model: nn.Module, layers: Sequence[str] | None = None) -> d
     Raises:
         ValueError: if a requested name is not a conv/linear layer of the model, or the model has none.
     """
-    found = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    found = {name: m for name, m in model.named_modules() if counted_layer(m)}
     if layers is None:
         if not found:
             raise ValueError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to monitor")
@@ -281,8 +288,7 @@ class Monitor:
         if not self._active(module):
             return
         if (name, "weight") not in self._acc:
-            w = module.effective_weight() if hasattr(module, "effective_weight") else module.weight
-            self._count(name, "weight", w)
+            self._count(name, "weight", effective_weight(module))
         if isinstance(output, Tensor):
             self._count(name, "output", output)
             if torch.is_grad_enabled() and output.requires_grad:

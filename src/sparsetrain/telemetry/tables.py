@@ -23,6 +23,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from sparsetrain.layers import is_sparse_layer
 from sparsetrain.telemetry.blocks import TOTAL
 from sparsetrain.telemetry.monitor import evaluate_with_monitor, monitored_layers
 
@@ -171,9 +172,7 @@ def resolve_thresholds(
 
 def ensure_dense(model: nn.Module) -> None:
     """Raise ``ValueError`` naming the sparse layers of ``model``, if any (thresholds are enforced on dense models)."""
-    from sparsetrain.layers import SparseConv2d, SparseLinear
-
-    sparse = [n for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    sparse = [n for n, m in model.named_modules() if is_sparse_layer(m)]
     if sparse:
         raise ValueError(f"threshold enforcement needs a dense model, but layers {sparse} are sparse; "
                          "call handle.remove(bake=True) first (or sparsetrain.analysis.bake_sparse_weights)")
