@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# pytester runs the fixtures' own skip/fail rule in an inner session (tests/test_data.py).
+pytest_plugins = ["pytester"]
+
 DATA_ENV_VAR = "SPARSETRAIN_DATA"
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 _REPO = Path(__file__).resolve().parents[1]

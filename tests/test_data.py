@@ -122,6 +122,41 @@ def test_registry_and_info():
 
 
 # cifar10's 50,000 colour images take ~5 s to read and check; the MNISTs well under 2 s.
+_FIXTURE_USER = """
+def test_root(data_root):
+    assert data_root.is_dir()
+
+def test_mnist(require_dataset):
+    assert (require_dataset("mnist") / "test.npz").is_file()
+"""
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_data_fixtures_skip_or_fail_in_ci(pytester, monkeypatch, tmp_path, ci):
+    """The conftest fixtures skip when the data is missing, but fail when CI is set: real-data tests cannot
+    vanish from a CI run."""
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(test_uses_data=_FIXTURE_USER)
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setenv("SPARSETRAIN_DATA", str(tmp_path / "absent"))
+    result = pytester.runpytest("-rsf")
+    if ci:
+        result.assert_outcomes(errors=2)  # pytest.fail in a fixture: an error, the run fails
+        result.stdout.fnmatch_lines([f"*shared data folder {tmp_path / 'absent'} not found*CI is set*"])
+    else:
+        result.assert_outcomes(skipped=2)
+        result.stdout.fnmatch_lines([f"*shared data folder {tmp_path / 'absent'} not found*"])
+    # The folder exists but lacks the dataset: the message names the dataset's folder.
+    (tmp_path / "present" / "mnist").mkdir(parents=True)
+    monkeypatch.setenv("SPARSETRAIN_DATA", f"{tmp_path / 'absent'}{os.pathsep}{tmp_path / 'present'}")
+    result = pytester.runpytest("-rsf")
+    if ci:
+        result.assert_outcomes(passed=1, failed=1)  # called in the test body: a failure
+    else:
+        result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines([f"*shared dataset 'mnist' not found: no .npz files in {tmp_path / 'present' / 'mnist'}*"])
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "cifar10" else n for n in sorted(REAL)])
 def test_real_dataset(name, require_dataset, data_root):
     require_dataset(name)
