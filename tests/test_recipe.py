@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import torch.nn as nn
 
 import sparsetrain
@@ -148,3 +149,67 @@ def test_every_preset_builds_with_defaults(preset):
     if preset != "dense":
         assert h.layers
     assert Recipe.load(h.recipe.to_dict()) == h.recipe
+
+
+# ------------------------------------------------------------------------------------------------ method configs
+def test_method_configs_validate_themselves():
+    from sparsetrain.methods import GradPruneConfig, RandomChannelConfig, SwatConfig
+
+    with pytest.raises(ValueError, match=r"p must be in \(0.5, 1\), got 1.0"):
+        GradPruneConfig(p=1.0)
+    with pytest.raises(ValueError, match="placement 'dx' is not one of grad_output, grad_input"):
+        GradPruneConfig(placement="dx")
+    with pytest.raises(ValueError, match="structure 'blocks' is not one of unstructured, channel"):
+        SwatConfig(density=0.1, structure="blocks")
+    with pytest.raises(ValueError, match="densify_every must be an integer number of steps >= 1"):
+        RandomChannelConfig(density=0.5, densify_every=0)
+    assert Recipe.load("swat-channel").method == SwatConfig(density=0.5, structure="channel")
+    assert Recipe.load("grad-prune", p=0.95).method == GradPruneConfig(p=0.95)
+
+
+def test_stacked_methods_share_a_layer_and_round_trip():
+    r = Recipe.load({"preset": "swat-u", "density": 0.2, "first_layer_dense": False,
+                     "stack": [{"preset": "grad-prune", "p": 0.95}]})
+    h = sparsetrain.sparsify_(net(), r)
+    spec = h.layers["2.0"]
+    assert spec.weight == sp.TopK(0.2) and spec.input_for_grad_weight == sp.TopK(0.2)
+    assert spec.grad_output == sp.DBTD(p=0.95)
+    assert Recipe.load(r.to_dict()) == r
+    with pytest.raises(ValueError, match=r"operand 'grad_output' is set by two stacked methods"):
+        sparsetrain.sparsify_(net(), {"preset": "meprop", "stack": [{"preset": "grad-prune"}]})
+    with pytest.raises(ValueError, match=r"recipe: stack\[grad-prune\]: key 'density' does not apply|is set by p"):
+        Recipe.load({"preset": "swat-u", "stack": [{"preset": "grad-prune", "density": 0.5}]})
+
+
+def test_layer_entries_may_name_a_method_or_a_list():
+    h = sparsetrain.sparsify_(net(), {"preset": "dense", "layers": {
+        "0": {"preset": "swat-u", "density": 0.5},
+        "2.0": [{"preset": "swat-u", "density": 0.25}, {"grad_output": {"type": "dbtd", "p": 0.9}}],
+    }})
+    assert h.layers["0"].weight == sp.TopK(0.5)
+    assert h.layers["2.0"].weight == sp.TopK(0.25) and h.layers["2.0"].grad_output == sp.DBTD(p=0.9)
+
+
+def test_conv_subclasses_are_layers_too():
+    class MyConv(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), MyConv(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 8, 8))
+    h = sparsetrain.sparsify_(model, "swat-u", density=0.5)
+    assert "2" in h.layers
+    h.remove()
+    assert type(model[2]) is MyConv
+
+
+def test_first_and_last_layer_come_from_model_metadata():
+    from types import SimpleNamespace
+
+    from sparsetrain.recipe import first_and_last_layers
+
+    m = net()
+    assert first_and_last_layers(m) == ("0", "5")  # registration order
+    m.default_cfg = SimpleNamespace(first_conv="2.0", classifier="2.2")
+    assert first_and_last_layers(m) == ("2.0", "2.2")
+    r = Recipe.load("swat-u", density=0.5, first_layer_dense=True, last_layer_dense=True)
+    assert sorted(resolve_layers(m, r)) == ["0", "5"]

@@ -42,6 +42,7 @@ __all__ = [
     "dbtd_tau",
     "stochastic_prune",
     "seed_for",
+    "density_from",
     "flat_memory_order",
     "dense_order",
     "entry",
@@ -51,20 +52,32 @@ __all__ = [
 ]
 
 
+def density_from(density: Any, sparsity: Any, where: str) -> float:
+    """The kept fraction from ``density`` or ``sparsity`` (never both); errors are prefixed with ``where``.
+
+    The one place the two spellings are reconciled: ``sparsity=0.8`` gives exactly ``0.2`` (``1 - 0.8`` does not).
+    """
+    if density is not None and sparsity is not None:
+        raise ValueError(f"{where}: give either density or sparsity, not both (got density={density}, "
+                         f"sparsity={sparsity})")
+    if density is None and sparsity is None:
+        raise ValueError(f"{where}: density (kept fraction) or sparsity is required")
+    if sparsity is not None:
+        if not (_is_number(sparsity) and 0.0 <= sparsity < 1.0):
+            raise ValueError(f"{where}: sparsity must be in [0, 1), got {sparsity!r}")
+        density = round(1.0 - float(sparsity), 12)
+    if not (_is_number(density) and 0.0 < density <= 1.0):
+        raise ValueError(f"{where}: density must be in (0, 1], got {density!r}")
+    return float(density)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _resolve_density(obj: Any) -> None:
     """Normalise ``density``/``sparsity`` so that only ``density`` (the kept fraction) is stored."""
-    d, s = obj.density, obj.sparsity
-    if d is not None and s is not None:
-        raise ValueError(f"{type(obj).__name__}: give either density or sparsity, not both (got {d} and {s})")
-    if d is None and s is None:
-        raise ValueError(f"{type(obj).__name__}: density (kept fraction) or sparsity is required")
-    if s is not None:
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"{type(obj).__name__}: sparsity must be in [0, 1), got {s}")
-        d = round(1.0 - s, 12)  # so that sparsity=0.8 equals density=0.2 exactly
-    if not 0.0 < d <= 1.0:
-        raise ValueError(f"{type(obj).__name__}: density must be in (0, 1], got {d}")
-    object.__setattr__(obj, "density", float(d))
+    object.__setattr__(obj, "density", density_from(obj.density, obj.sparsity, type(obj).__name__))
     object.__setattr__(obj, "sparsity", None)
 
 

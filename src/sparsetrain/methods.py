@@ -1,0 +1,249 @@
+"""One frozen config per method; each validates itself and builds the :class:`LayerSpec` of the layers it targets.
+
+A *preset* is a named method config plus the recipe-wide defaults it comes with (SWAT-U: first layer dense;
+SWAT-ERK: the ERK distribution; grad-prune: convolutions only). Presets are registered by name; recipes
+(:mod:`sparsetrain.recipe`) build them from YAML and may stack several on the same layers.
+
+Example:
+    >>> SwatConfig(density=0.1).layer_spec(seed=0).weight
+    TopK(density=0.1, sparsity=None)
+    >>> sorted(list_presets())[:3]
+    ['dense', 'grad-prune', 'meprop']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from sparsetrain import sparsifiers as sp
+from sparsetrain.layers import INHERIT, OPERANDS, LayerSpec
+
+__all__ = [
+    "SwatConfig",
+    "MePropConfig",
+    "GradPruneConfig",
+    "RandomChannelConfig",
+    "ThresholdConfig",
+    "DenseConfig",
+    "Preset",
+    "PRESETS",
+    "register_preset",
+    "list_presets",
+    "merge_specs",
+]
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+
+
+def _interval(name: str, v: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if ok:
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, "
+                         f"got {v!r}")
+
+
+@dataclass(frozen=True)
+class SwatConfig:
+    """SWAT: top-K W in forward; top-K W (inherited) and top-K x in backward; dense weight update.
+
+    ``structure="channel"`` is structured SWAT: whole ``(out, in)`` kernel slices by L1 norm (activations stay
+    unstructured). The activation density follows the weight density (METHODS §1).
+    """
+
+    density: float
+    structure: str = "unstructured"
+
+    def __post_init__(self) -> None:
+        _interval("density", self.density, 0.0, 1.0, True, False)
+        _choice("structure", self.structure, ("unstructured", "channel"))
+
+    def layer_spec(self, seed: int = 0) -> LayerSpec:
+        weight = sp.TopK(density=self.density) if self.structure == "unstructured" else sp.ChannelTopK(
+            density=self.density)
+        return LayerSpec(weight=weight, input_for_grad_weight=sp.TopK(density=self.density))
+
+
+@dataclass(frozen=True)
+class MePropConfig:
+    """meProp (SWAT's backward ablation): top-K on the output gradient ``dy`` only."""
+
+    density: float
+
+    def __post_init__(self) -> None:
+        _interval("density", self.density, 0.0, 1.0, True, False)
+
+    def layer_spec(self, seed: int = 0) -> LayerSpec:
+        return LayerSpec(grad_output=sp.TopK(density=self.density))
+
+
+@dataclass(frozen=True)
+class GradPruneConfig:
+    """Ye et al.: DBTD threshold + unbiased stochastic pruning of the gradient feeding both backward GEMMs.
+
+    ``placement="grad_output"`` prunes a conv's ``dy`` (Conv-BN-ReLU: after BN's backward);
+    ``"grad_input"`` prunes its ``dx``, which the preceding ReLU keeps sparse (Conv-ReLU nets).
+    """
+
+    p: float = 0.9
+    sigma: str = "consistent"
+    stochastic: bool = True
+    placement: str = "grad_output"
+
+    def __post_init__(self) -> None:
+        _interval("p", self.p, 0.5, 1.0, True, True)
+        _choice("sigma", self.sigma, ("consistent", "literal"))
+        _choice("placement", self.placement, ("grad_output", "grad_input"))
+
+    def layer_spec(self, seed: int = 0) -> LayerSpec:
+        cfg = sp.DBTD(p=self.p, sigma=self.sigma, stochastic=self.stochastic)
+        return LayerSpec(**{self.placement: cfg})
+
+
+@dataclass(frozen=True)
+class RandomChannelConfig:
+    """Changpinyo et al.: a fixed random channel mask; optionally trained incrementally (double every N steps)."""
+
+    density: float
+    densify_every: int | None = None
+    start_density: float = 0.01
+    densify_init: str = "zero"
+
+    def __post_init__(self) -> None:
+        _interval("density", self.density, 0.0, 1.0, True, False)
+        _interval("start_density", self.start_density, 0.0, 1.0, True, False)
+        _choice("densify_init", self.densify_init, ("zero", "keep"))
+        de = self.densify_every
+        if de is not None and (not isinstance(de, int) or isinstance(de, bool) or de < 1):
+            raise ValueError(f"densify_every must be an integer number of steps >= 1, got {de!r}")
+
+    def layer_spec(self, seed: int = 0) -> LayerSpec:
+        d = self.density if self.densify_every is None else min(self.density, self.start_density)
+        # A fixed topology: inactive connections must not learn (otherwise the mask would be meaningless).
+        return LayerSpec(weight=sp.RandomChannel(density=d, seed=seed), mask_inactive_grads=True)
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """TensorQuant: magnitude thresholds (``|v| > t`` kept) on weights and/or layer inputs (activations)."""
+
+    weight_threshold: float | None = None
+    activation_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        for k in ("weight_threshold", "activation_threshold"):
+            v = getattr(self, k)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+                raise ValueError(f"{k} must be a number >= 0, got {v!r}")
+
+    def layer_spec(self, seed: int = 0) -> LayerSpec:
+        wt, at = self.weight_threshold, self.activation_threshold
+        return LayerSpec(weight=None if wt is None else sp.Threshold(wt),
+                         input=None if at is None else sp.Threshold(at))
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """No sparsification: a baseline through the same training path."""
+
+    def layer_spec(self, seed: int = 0) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named method: its config class, the config values it fixes, and the recipe-wide defaults it brings.
+
+    ``density_hint`` names what sets a method that has no density (for the error when one is given).
+    """
+
+    name: str
+    description: str
+    config: type
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    density_hint: str = ""
+
+    @property
+    def takes_density(self) -> bool:
+        return "density" in {f.name for f in dataclasses.fields(self.config)}
+
+    @property
+    def uses(self) -> frozenset[str]:
+        """The preset's own recipe keys (its config's fields, less density and what the preset fixes)."""
+        return frozenset(f.name for f in dataclasses.fields(self.config)) - {"density"} - set(self.fixed)
+
+    def build(self, params: Mapping[str, Any]) -> Any:
+        """The config from recipe keys; errors name the bad key and the preset's parameters."""
+        extra = set(params) - self.uses - ({"density"} if self.takes_density else set())
+        if extra:
+            k = sorted(extra)[0]
+            if k == "density":
+                raise ValueError(f"preset {self.name!r} is set by {self.density_hint}, not density")
+            raise ValueError(f"key {k!r} does not apply to preset {self.name!r} "
+                             f"(its parameters: {', '.join(sorted(self.uses)) or 'none'})")
+        if self.takes_density and params.get("density") is None:
+            raise ValueError(f"preset {self.name!r} needs a density (kept fraction) or sparsity")
+        return self.config(**{**params, **self.fixed})
+
+    def params(self, config: Any) -> dict[str, Any]:
+        """The recipe keys that rebuild ``config`` (inverse of :meth:`build`)."""
+        return {k: v for k, v in dataclasses.asdict(config).items() if k not in self.fixed}
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(name: str, description: str, config: type, *, fixed: Mapping[str, Any] | None = None,
+                    density_hint: str = "", **defaults: Any) -> Preset:
+    """Register a preset: ``config`` (a frozen dataclass with ``layer_spec(seed)``) plus recipe-wide defaults."""
+    if name in PRESETS:
+        raise ValueError(f"preset {name!r} is already registered")
+    PRESETS[name] = Preset(name, description, config, dict(fixed or {}), defaults, density_hint)
+    return PRESETS[name]
+
+
+def list_presets() -> list[str]:
+    """Names of the registered presets."""
+    return sorted(PRESETS)
+
+
+def merge_specs(a: LayerSpec | None, b: LayerSpec | None, where: str = "recipe") -> LayerSpec | None:
+    """Stack two methods on one layer: each operand may be set by at most one of them."""
+    if a is None or b is None:
+        return a if b is None else b
+    kw: dict[str, Any] = {}
+    for op in OPERANDS:
+        va, vb = getattr(a, op), getattr(b, op)
+        unset = (None, INHERIT)
+        if va not in unset and vb not in unset and va != vb:
+            raise ValueError(f"{where}: operand {op!r} is set by two stacked methods ({va} and {vb}); "
+                             "each operand can be sparsified by one method")
+        kw[op] = va if va not in unset else vb if vb not in unset else va
+    return LayerSpec(**kw, mask_inactive_grads=a.mask_inactive_grads or b.mask_inactive_grads)
+
+
+register_preset("dense", "no sparsification (a baseline that still runs through the same training path)",
+                DenseConfig, density_hint="nothing (it is dense)")
+register_preset("swat-u", "SWAT, uniform density; top-K W in forward, top-K W and x in backward; first layer dense",
+                SwatConfig, fixed={"structure": "unstructured"}, first_layer_dense=True, density=0.1)
+register_preset("swat-erk", "SWAT with Erdős–Rényi-Kernel per-layer densities", SwatConfig,
+                fixed={"structure": "unstructured"}, distribution="erk", density=0.1)
+register_preset("swat-m", "SWAT with momentum-driven per-layer densities (call handle.step(optimizer))", SwatConfig,
+                fixed={"structure": "unstructured"}, distribution="momentum", density=0.1)
+register_preset("swat-channel", "structured SWAT: top-K (out,in) kernel slices by L1 norm; activations unstructured",
+                SwatConfig, fixed={"structure": "channel"}, first_layer_dense=True, density=0.5)
+register_preset("meprop", "meProp: top-K on the output gradient dy only", MePropConfig, density=0.1)
+register_preset("grad-prune", "Ye et al.: DBTD threshold + unbiased stochastic pruning of conv output gradients",
+                GradPruneConfig, layer_types="conv", density_hint="p (the percentile)")
+register_preset("random-channel", "Changpinyo et al.: fixed random channel connectivity (convs only), optional "
+                "incremental densification", RandomChannelConfig, layer_types="conv", density=0.5)
+register_preset("threshold", "TensorQuant: magnitude thresholds on weights / activations / weight gradients "
+                "(weight_threshold 0.01 when none is given)", ThresholdConfig,
+                density_hint="weight_threshold / activation_threshold / gradient_threshold")
