@@ -1,37 +1,54 @@
 """sparsetrain: sparse training of CNNs.
 
+``import sparsetrain`` is cheap: the names below are imported on first use (PEP 562), so the CLI's ``--help`` and
+tools that only need a submodule do not pay for torch and every subpackage up front.
+
 Example:
     >>> import torch, sparsetrain
     >>> model = sparsetrain.create_model("lenet5", num_classes=10, in_channels=1)
     >>> handle = sparsetrain.sparsify_(model, "swat-u", density=0.1)
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from sparsetrain import data, sparsifiers  # noqa: E402
-from sparsetrain.accounting import count_flops  # noqa: E402
-from sparsetrain.handle import SparsityHandle, sparsify_  # noqa: E402
-from sparsetrain.layers import INHERIT, LayerSpec, SparseConv2d, SparseLinear  # noqa: E402
-from sparsetrain.models import count_parameters, create_model, list_models, register_model  # noqa: E402
-from sparsetrain.recipe import Recipe, list_presets  # noqa: E402
-from sparsetrain.telemetry import Monitor  # noqa: E402
+# public name -> the module that defines it (a module itself when the value is None)
+_EXPORTS: dict[str, str] = {
+    "INHERIT": "sparsetrain.layers",
+    "LayerSpec": "sparsetrain.layers",
+    "SparseConv2d": "sparsetrain.layers",
+    "SparseLinear": "sparsetrain.layers",
+    "Monitor": "sparsetrain.telemetry",
+    "Recipe": "sparsetrain.recipe",
+    "list_presets": "sparsetrain.recipe",
+    "SparsityHandle": "sparsetrain.handle",
+    "sparsify_": "sparsetrain.handle",
+    "count_flops": "sparsetrain.accounting",
+    "count_parameters": "sparsetrain.models",
+    "create_model": "sparsetrain.models",
+    "list_models": "sparsetrain.models",
+    "register_model": "sparsetrain.models",
+}
+_SUBMODULES = ("data", "sparsifiers", "layers", "handle", "recipe", "methods", "packing", "models", "telemetry",
+               "accounting", "analysis", "reporting", "runs", "train")
 
-__all__ = [
-    "__version__",
-    "INHERIT",
-    "LayerSpec",
-    "Monitor",
-    "Recipe",
-    "SparseConv2d",
-    "SparseLinear",
-    "SparsityHandle",
-    "count_flops",
-    "count_parameters",
-    "create_model",
-    "data",
-    "list_models",
-    "list_presets",
-    "register_model",
-    "sparsifiers",
-    "sparsify_",
-]
+__all__ = ["__version__", *sorted(_EXPORTS), "data", "sparsifiers"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"sparsetrain.{name}")
+    else:
+        raise AttributeError(f"module 'sparsetrain' has no attribute {name!r}")
+    globals()[name] = value  # cache: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
