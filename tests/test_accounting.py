@@ -16,12 +16,23 @@ import sparsetrain
 from sparsetrain.accounting import FlopReport, count_flops, densities_from_metrics, format_table
 from sparsetrain.accounting.memory import measure_saved_tensors, memory_report, storage_bytes
 from sparsetrain.layers import effective_weight
+from sparsetrain.models import get_model_cfg
 
 GEMM_OPS = {"aten.convolution", "aten.addmm", "aten.mm", "aten.convolution_backward"}
 
 
+MODELS = sparsetrain.list_models()
+
+
 def _shape(name: str) -> tuple[int, ...]:
-    return {"lenet5": (1, 28, 28), "resnet50_imagenet": (3, 224, 224)}.get(name, (3, 32, 32))
+    shape = get_model_cfg(name).input_size
+    assert shape is not None, f"registered model {name!r} declares no input_size"
+    return shape
+
+
+def test_model_parametrization_is_not_empty() -> None:
+    # The per-model tests below are parametrized over the registry: an empty registry must fail, not pass vacuously.
+    assert "lenet5" in MODELS and "resnet50_imagenet" in MODELS
 
 
 def _op_counts(fc: FlopCounterMode) -> dict[str, int]:
@@ -41,9 +52,10 @@ def _traced(name: str) -> tuple[nn.Module, FlopReport, dict[str, int], int]:
 
 
 # ----------------------------------------------------------------------------------------- dense vs FlopCounterMode
-@pytest.mark.parametrize("name", sparsetrain.list_models())
+@pytest.mark.parametrize("name", MODELS)
 def test_dense_forward_macs_match_flop_counter(name: str) -> None:
     model, report, ops, total = _traced(name)
+    assert report.classifier == get_model_cfg(name).classifier  # the registry's classifier, as recipes see it
     assert set(ops) <= GEMM_OPS - {"aten.convolution_backward"}, f"non-GEMM ops counted: {ops}"
     assert 2 * report.totals(sparse=False)["forward_macs"] == total
     convs = sum(r.dense_forward_macs for r in report.layers if "Conv" in r.type)

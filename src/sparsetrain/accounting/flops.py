@@ -151,8 +151,9 @@ class FlopReport:
         input_shape: per-sample input shape the model was traced with.
         batch_size: batch the MAC counts refer to.
         other_params: parameters outside conv/linear layers (BatchNorm, ...), counted dense.
-        classifier: name of the last counted layer executed (the classifier, excluded from the
-            Changpinyo-style parameter count), or None.
+        classifier: name of the classifier, excluded from the Changpinyo-style parameter count:
+            :func:`sparsetrain.models.find_classifier` when that layer ran, else the last counted layer executed
+            (a fully convolutional head); None for a model without counted layers.
         convention: the counting convention in words.
     """
 
@@ -405,12 +406,17 @@ def count_flops(
             )
         )
     other = sum(p.numel() for p in model.parameters() if id(p) not in counted_params)
+    from sparsetrain.models import find_classifier
+
+    # The model's own classifier (declared by the registry, else its last nn.Linear), as the recipes' last-layer
+    # rule sees it; a fully convolutional head has none, and then its last counted layer run is the classifier.
+    classifier = find_classifier(model)
     dense = FlopReport(
         layers=rows,
         input_shape=input_shape,
         batch_size=batch_size,
         other_params=other,
-        classifier=last,
+        classifier=classifier if classifier in traces else last,
     )
     return dense.with_densities(densities) if densities else dense
 
