@@ -15,8 +15,9 @@ For each ``nn.Conv2d`` / ``nn.Linear`` (sparse layers subclass these) the :class
 Activations and activation gradients are measured at the module boundary. ``output`` and ``grad_input`` are what
 a sparse layer emits, so its output / grad-input sparsifiers show; ``input`` and ``grad_output`` are what it is
 given, *before* its own input / grad-output sparsifier (SWAT's top-K on x, Ye et al.'s pruning of dy). For the
-operand as a sparse layer's GEMM uses it, read ``SparsityHandle.densities()``, or, for a threshold sparsifier, set
-the same ``near_zero_threshold``: ``|v| <= thr`` counts exactly the values the threshold zeroes.
+operand as a sparse layer's GEMM uses it, read ``SparsityHandle.densities()`` after a ``with handle.measuring():``
+block, or, for a threshold sparsifier, set the same ``near_zero_threshold``: ``|v| <= thr`` counts exactly the values
+the threshold zeroes.
 
 Usage (one ``mon.step()`` per optimizer step, anywhere after ``backward()``)::
 
