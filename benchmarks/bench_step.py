@@ -13,21 +13,28 @@ state cannot flatter or penalise the next. Each child prints
 and the parent prints ratios to ``dense`` *from the same run* (same machine state, same build).
 
 How the peak is measured, and why it is trustworthy: glibc serves large blocks with ``mmap`` and unmaps them on
-``free`` only above a threshold it raises on its own as a program runs, and keeps freed heap pages resident.
-After the timed steps the child therefore fixes glibc's mmap and trim thresholds at 128 KiB (``mallopt``; fixing
-them also stops the automatic raising) and calls ``malloc_trim(0)`` before each measured step, so every tensor's
-memory is mapped when it is first written and returned when it is freed: RSS follows the live tensors. A
-background thread reads ``/proc/self/statm`` every ~1 ms during the step (torch releases the GIL inside its
-kernels, so the thread keeps sampling); the peak minus the RSS just before the forward is the step's growth. The
-maximum over ``--mem-steps`` steps is reported (a missed sample can only lower a step's peak). Not used:
-``ru_maxrss`` (a high-water mark of the whole process: after warm-up its delta is zero) and the malloc settings
-during the *timed* steps (mapping fresh pages for every tensor made a ResNet-20 step up to 2-3x slower here).
-The sampling thread runs only in the memory steps, after the timed ones.
+``free`` only above a threshold it raises on its own as a program runs, and it keeps freed heap chunks (and
+reuses them for later tensors, so their pages stay resident). The child is therefore *started* with glibc's mmap
+and trim thresholds fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``; fixing them also
+stops the automatic raising): every tensor's memory is mapped when it is first written and returned when it is
+freed, so RSS follows the live tensors. (Switching with ``mallopt`` after some steps is not enough: the large
+free chunks already in the heap keep being reused and never returned; this inflated the peaks by up to 2x.)
+A background thread reads ``/proc/self/statm`` every ~1 ms during the step (torch releases the GIL inside its
+kernels, so the thread keeps sampling); the peak minus the RSS just before the forward is the step's growth, and
+the maximum over ``--mem-steps`` steps is reported (a missed sample can only lower a step's peak). Not used:
+``ru_maxrss`` (a high-water mark of the whole process: after warm-up its delta is zero).
+
+The memory steps run first (after one warm-up step); the child then sets the thresholds to glibc's own ceiling
+(32 MiB mmap, 64 MiB trim: where its automatic raising ends up) with ``mallopt``, runs ``--warmup`` more steps
+and times ``--steps`` steps. Timing under the 128 KiB thresholds would not be representative: mapping fresh,
+zero-filled pages for every tensor made a ResNet-20 step up to 2-3x slower here. The last warm-up step counts
+the saved bytes (the pack hook costs a little time, so it is not a timed step).
 
     python benchmarks/bench_step.py                     # ResNet-18 + ResNet-20, batch 64 and 128, all modes
     python benchmarks/bench_step.py --quick             # < 1 min smoke run
     python benchmarks/bench_step.py --models resnet20 --batch 128 --modes dense swat-u-0.1-p1 naive-0.1
     python benchmarks/bench_step.py --json out.json
+    python benchmarks/bench_step.py --compare before.json after.json     # side-by-side ratio tables
 
 Modes: ``dense``, ``swat-u-<d>[-p<P>]``, ``swat-channel-<d>``, ``grad-prune-<p>``, ``naive-<d>`` (see
 ``_common.py``; ``naive`` is a plain autograd Function with an exact ``kthvalue`` every step and the top-K copies
@@ -55,6 +62,8 @@ DEFAULT_MODES = ["dense", "swat-u-0.1-p1", "swat-u-0.1-p100", "swat-u-0.2-p1", "
                  "swat-u-0.5-p100", "swat-channel-0.5", "grad-prune-0.9", "naive-0.1"]
 QUICK_MODES = ["dense", "swat-u-0.1-p1", "swat-u-0.1-p100", "naive-0.1"]
 LEAN_MALLOC_BYTES = 128 * 1024
+LEAN_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(LEAN_MALLOC_BYTES), "MALLOC_TRIM_THRESHOLD_": str(LEAN_MALLOC_BYTES)}
+GLIBC_MMAP_MAX = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit glibc; the dynamic trim threshold is twice it
 MIB = 2**20
 
 
@@ -103,14 +112,12 @@ class RssSampler:
         os.close(self.fd)
 
 
-def lean_malloc() -> bool:
-    """Make RSS follow live memory (see the module docstring); ``False`` where glibc's ``mallopt`` is missing."""
+def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
+    """glibc ``mallopt`` M_MMAP_THRESHOLD / M_TRIM_THRESHOLD; ``False`` where glibc is missing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-        ok = libc.mallopt(m_mmap_threshold, LEAN_MALLOC_BYTES) == 1
-        ok = libc.mallopt(m_trim_threshold, LEAN_MALLOC_BYTES) == 1 and ok
-        return ok
+        return libc.mallopt(m_mmap_threshold, mmap_bytes) == 1 and libc.mallopt(m_trim_threshold, trim_bytes) == 1
     except (OSError, AttributeError):
         return False
 
@@ -176,6 +183,21 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         forward().backward()
         finish()
 
+    # Memory first, while the malloc thresholds set at process start still hold (see the module docstring).
+    lean = all(os.environ.get(k) == v for k, v in LEAN_MALLOC_ENV.items())
+    step()  # warm-up: lazy initialisation, optimizer state, first thresholds
+    sampler = RssSampler()
+    peaks = []
+    for _ in range(args.mem_steps):
+        opt.zero_grad(set_to_none=True)
+        malloc_trim()
+        base = sampler.start()
+        forward().backward()
+        peaks.append(sampler.stop() - base)
+        finish()
+    sampler.close()
+
+    set_malloc_thresholds(GLIBC_MMAP_MAX, 2 * GLIBC_MMAP_MAX)
     for _ in range(max(0, args.warmup - 1)):
         step()
     # The last warm-up step counts the saved bytes (the pack hook costs a little time, so not in a timed step).
@@ -190,17 +212,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
 
-    lean = lean_malloc()
-    sampler = RssSampler()
-    peaks = []
-    for _ in range(args.mem_steps):
-        opt.zero_grad(set_to_none=True)
-        malloc_trim()
-        base = sampler.start()
-        forward().backward()
-        peaks.append(sampler.stop() - base)
-        finish()
-    sampler.close()
     return {"model": args.model, "batch": args.batch, "mode": args.mode, "threads": torch.get_num_threads(),
             "ms": 1e3 * statistics.median(wall), "cpu_ms": 1e3 * statistics.median(cpu), "min_ms": 1e3 * min(wall),
             "ms_all": [round(1e3 * w, 2) for w in wall], "peak_mib": max(peaks) / MIB,
@@ -216,7 +227,7 @@ def run_child(model: str, batch: int, mode: str, args: argparse.Namespace) -> di
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--batch", str(batch),
            "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup), "--mem-steps",
            str(args.mem_steps), "--threads", str(args.threads)]
-    env = dict(os.environ)
+    env = {**os.environ, **LEAN_MALLOC_ENV}
     load = loadavg()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -259,19 +270,48 @@ def print_tables(results: list[dict[str, Any]]) -> str:
     return text
 
 
+def compare(before_path: str, after_path: str) -> str:
+    """Before/after ratio tables from two ``--json`` files (each ratio is to dense of its *own* run)."""
+    runs = []
+    for path in (before_path, after_path):
+        with open(path) as f:
+            runs.append({(r["model"], r["batch"], r["mode"]): r for r in json.load(f)["results"] if "error" not in r})
+    out = []
+    for model, batch in sorted({k[:2] for k in runs[0]} & {k[:2] for k in runs[1]}):
+        bases = [run.get((model, batch, "dense")) for run in runs]
+        out.append(f"\n{model}, batch {batch}: ratios to dense of the same run, before -> after")
+        out.append("| mode | CPU time / dense | time / dense | peak RSS growth / dense | saved bytes / dense "
+                   "| peak MiB | saved MiB |")
+        out.append("|---|---|---|---|---|---|---|")
+        modes = [k[2] for k in runs[0] if k[:2] == (model, batch) and (model, batch, k[2]) in runs[1]]
+        for mode in modes:
+            a, b = runs[0][(model, batch, mode)], runs[1][(model, batch, mode)]
+            cells = []
+            for key in ("cpu_ms", "ms", "peak_mib", "saved_mib"):
+                cells.append(f"{_ratio(a[key], bases[0][key]).strip()} -> {_ratio(b[key], bases[1][key]).strip()}")
+            out.append(f"| {mode} | {' | '.join(cells)} | {a['peak_mib']:.0f} -> {b['peak_mib']:.0f} "
+                       f"| {a['saved_mib']:.0f} -> {b['saved_mib']:.0f} |")
+    text = "\n".join(out)
+    print(text)
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet20"])
     p.add_argument("--batch", nargs="+", type=int, default=[64, 128])
     p.add_argument("--modes", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps; the last one counts the saved bytes")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps before the timed ones (the last counts the saved bytes); >= 1")
     p.add_argument("--mem-steps", type=int, default=2, help="steps with the RSS sampler (max reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1,
                    help="run every mode this many times, interleaved, and keep the run with the median time")
     p.add_argument("--quick", action="store_true", help="ResNet-20, batch 32, 4 modes, 3 steps: < 1 min")
     p.add_argument("--json", metavar="OUT", help="write every child's result (and the machine) here")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                   help="print before/after ratio tables from two --json files and exit")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -282,6 +322,9 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
 
+    if args.compare:
+        compare(*args.compare)
+        return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import machine_info, parse_mode
 
@@ -289,6 +332,8 @@ def main() -> None:
         args.models, args.batch, args.steps, args.warmup, args.mem_steps = ["resnet20"], [32], 3, 1, 1
         args.modes = args.modes or QUICK_MODES
     modes = args.modes or DEFAULT_MODES
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the last warm-up step counts the saved bytes)")
     for m in modes:
         parse_mode(m)  # fail before any child starts
     if "dense" not in modes:
