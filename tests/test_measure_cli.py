@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import sparsetrain
-from sparsetrain.telemetry.search import make_evaluator
+from sparsetrain.analysis import make_evaluator
 from sparsetrain.telemetry.tables import measure_sparsity, resolve_thresholds
 
 

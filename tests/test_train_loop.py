@@ -108,8 +108,8 @@ def test_nonfinite_gradient_is_found_at_the_log_interval(tmp_path, monkeypatch):
         return out, loss
 
     monkeypatch.setattr(train_mod, "_forward_backward", poison_grad)
-    with pytest.raises(NonFiniteError, match=r"non-finite gradient at epoch 0 step 1 \(found at the check after step "
-                                             r"2\); the last good checkpoint is kept in"):
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at epoch 0 step 1 \(loss [0-9.]+, grad norm inf; found at the check after "
+                                             r"step 2\); the last good checkpoint is kept in"):
         train(TrainConfig(**TINY, epochs=1, log_every=3, out=str(tmp_path / "run")))
     assert not RunDir(tmp_path / "run").has_checkpoint()
 

@@ -218,13 +218,6 @@ def _autocast(amp: str, device: torch.device) -> Callable[[], ContextManager]:
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-def _measuring(handle: SparsityHandle) -> ContextManager:
-    """``handle.measuring()``: record the operands' kept fractions during the passes run inside it."""
-    # TEMPORARY: the core's SparsityHandle.measuring() is landing; until then the layers measure every pass.
-    measuring = getattr(handle, "measuring", None)
-    return measuring() if measuring is not None else contextlib.nullcontext()
-
-
 def _overall_densities(densities: dict[str, dict[str, float]], flops) -> tuple[float, float]:
     """Weight and activation density, element-weighted over all conv/linear layers (dense ones count as 1).
 
@@ -242,52 +235,60 @@ def _overall_densities(densities: dict[str, dict[str, float]], flops) -> tuple[f
 
 
 class _Totals:
-    """The running loss sum, correct count and first non-finite step of an epoch, accumulated on the device.
+    """Loss, correct count and gradient norm of every step, left on the device until :meth:`read` (one host sync).
 
-    Nothing here waits for the device; :meth:`read` is the one host sync, called at log intervals.
+    The per-step values are only referenced between reads (a few dozen 0-dim tensors), so a step launches no extra
+    kernels and never waits for the device; the sums are then formed on the host in step order, exactly as a
+    per-step ``loss.item()`` accumulation would.
     """
 
-    _NONE = float(2**53)  # "no non-finite step yet": larger than any step, exact in float64
-
-    def __init__(self, device: torch.device) -> None:
-        # float64 sums reproduce the former per-step float(loss) accumulation bit for bit (MPS has no float64).
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.loss_sum = torch.zeros((), dtype=dtype, device=device)
-        self.correct = torch.zeros((), dtype=dtype, device=device)
-        self.first_bad_loss = torch.full((), self._NONE, dtype=dtype, device=device)
-        self.first_bad_grad = torch.full((), self._NONE, dtype=dtype, device=device)
-        self.seen = 0
-
-    def _first_bad(self, first: torch.Tensor, value: torch.Tensor, step: int) -> torch.Tensor:
-        bad = (~torch.isfinite(value)).to(first.dtype)
-        return torch.minimum(first, self._NONE - bad * (self._NONE - step))
+    def __init__(self, loss_is_mean: bool = True) -> None:
+        self.loss_is_mean = loss_is_mean  # a training step's loss is the batch mean, an evaluation batch's the sum
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        self._steps: list[int] = []
+        self._sizes: list[int] = []
+        self._losses: list[torch.Tensor] = []
+        self._correct: list[torch.Tensor] = []
+        self._grad_norms: list[torch.Tensor] = []
 
     def add(self, step: int, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor,
-            grad_norm: torch.Tensor | None) -> None:
-        loss = loss.detach()
-        self.loss_sum += loss.to(self.loss_sum.dtype) * len(y)
-        self.correct += (out.argmax(1) == y).sum()
-        self.seen += len(y)
-        self.first_bad_loss = self._first_bad(self.first_bad_loss, loss, step)
+            grad_norm: torch.Tensor | None = None) -> None:
+        """Record one step (or evaluation batch)."""
+        self._steps.append(step)
+        self._sizes.append(len(y))
+        self._losses.append(loss.detach())
+        self._correct.append((out.argmax(1) == y).sum())
         if grad_norm is not None:
-            self.first_bad_grad = self._first_bad(self.first_bad_grad, grad_norm, step)
+            self._grad_norms.append(grad_norm)
 
-    def read(self) -> tuple[float, int, int | None, int | None]:
-        """``(loss sum, correct, first non-finite loss step, first non-finite gradient step)``: one host sync."""
-        loss_sum, correct, bad_loss, bad_grad = torch.stack(
-            [self.loss_sum, self.correct, self.first_bad_loss, self.first_bad_grad]).tolist()
-        return (loss_sum, int(correct), None if bad_loss == self._NONE else int(bad_loss),
-                None if bad_grad == self._NONE else int(bad_grad))
+    def read(self) -> list[tuple[int, int, float, float]]:
+        """Fold the recorded steps into the totals; returns ``(step, size, loss, grad norm)`` of each (one sync)."""
+        if not self._steps:
+            return []
+        parts = [torch.stack(self._losses).double(), torch.stack(self._correct).double()]
+        if self._grad_norms:
+            parts.append(torch.stack(self._grad_norms).double())
+        values = torch.cat(parts).tolist()
+        k = len(self._steps)
+        losses, corrects, norms = values[:k], values[k:2 * k], values[2 * k:] or [0.0] * k
+        for size, loss, c in zip(self._sizes, losses, corrects):
+            self.loss_sum += loss * size if self.loss_is_mean else loss
+            self.correct += int(c)
+            self.seen += size
+        rows = list(zip(self._steps, self._sizes, losses, norms))
+        self._steps, self._sizes, self._losses, self._correct, self._grad_norms = [], [], [], [], []
+        return rows
 
 
-def _check_finite(bad_loss: int | None, bad_grad: int | None, epoch: int, step: int, run_dir: RunDir) -> None:
-    if bad_loss is None and bad_grad is None:
-        return
-    first = min(s for s in (bad_loss, bad_grad) if s is not None)
-    what = "loss" if bad_loss == first else "gradient"
-    raise NonFiniteError(f"non-finite {what} at epoch {epoch} step {first} (found at the check after step {step}); "
-                         f"the last good checkpoint is kept in {run_dir.path}. Lower the learning rate or check the "
-                         "recipe.")
+def _check_finite(rows: list[tuple[int, int, float, float]], epoch: int, run_dir: RunDir) -> None:
+    """Raise at the first step whose loss or gradient norm is NaN/Inf."""
+    for step, _, loss, grad_norm in rows:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = "loss" if not math.isfinite(loss) else "gradient"
+            raise NonFiniteError(
+                f"non-finite {what} at epoch {epoch} step {step} (loss {loss}, grad norm {grad_norm}; found at the "
+                f"check after step {rows[-1][0]}); the last good checkpoint is kept in {run_dir.path}. Lower the "
+                "learning rate or check the recipe.")
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -410,15 +411,14 @@ def train_one_epoch(s: Session, epoch: int) -> dict[str, float]:
     s.train_loader.set_epoch(epoch)
     s.handle.set_epoch(epoch)
     s.model.train()
-    totals = _Totals(s.device)
+    totals = _Totals()
     last = len(s.train_loader) - 1
     bar = _progress(s.train_loader, epoch, cfg)
-    loss_sum, correct = 0.0, 0
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(bar):
         x, y = x.to(s.device), y.to(s.device)
         # Densities are measured on the last step only: the epoch's metrics report them, counting costs a pass.
-        with _measuring(s.handle) if i == last else contextlib.nullcontext():
+        with s.handle.measuring() if i == last else contextlib.nullcontext():
             out, loss = _forward_backward(s, x, y)
         totals.add(s.step, out, y, loss, _grad_norm(s))
         if s.monitor is not None:
@@ -426,14 +426,13 @@ def train_one_epoch(s: Session, epoch: int) -> dict[str, float]:
         _optimizer_step(s)
         s.step += 1
         if (i + 1) % cfg.log_every == 0 or i == last:
-            loss_sum, correct, bad_loss, bad_grad = totals.read()  # the only host sync of the loop
-            _check_finite(bad_loss, bad_grad, epoch, s.step - 1, s.run_dir)
+            _check_finite(totals.read(), epoch, s.run_dir)  # the only host sync of the loop
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_sum / totals.seen:.3f}", acc=f"{correct / totals.seen:.3f}",
-                                refresh=False)
+                bar.set_postfix(loss=f"{totals.loss_sum / totals.seen:.3f}",
+                                acc=f"{totals.correct / totals.seen:.3f}", refresh=False)
     train_time = time.perf_counter() - t0
-    return {"train_loss": loss_sum / totals.seen, "train_acc": correct / totals.seen, "seen": totals.seen,
-            "time_s": train_time}
+    return {"train_loss": totals.loss_sum / totals.seen, "train_acc": totals.correct / totals.seen,
+            "seen": totals.seen, "time_s": train_time}
 
 
 @torch.no_grad()
@@ -441,16 +440,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none") 
     """Mean cross-entropy and top-1 accuracy over a loader (one host sync, at the end)."""
     model.eval()
     autocast = _autocast(amp, torch.device(device))
-    totals = _Totals(torch.device(device))
+    totals = _Totals(loss_is_mean=False)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         with autocast():
             out = model(x)
-        totals.loss_sum += F.cross_entropy(out.float(), y, reduction="sum").to(totals.loss_sum.dtype)
-        totals.correct += (out.argmax(1) == y).sum()
-        totals.seen += len(y)
-    loss_sum, correct, _, _ = totals.read()
-    return loss_sum / max(1, totals.seen), correct / max(1, totals.seen)
+        totals.add(0, out, y, F.cross_entropy(out.float(), y, reduction="sum"))
+    totals.read()
+    return totals.loss_sum / max(1, totals.seen), totals.correct / max(1, totals.seen)
 
 
 def record_epoch(s: Session, epoch: int, stats: dict[str, float], densities: dict[str, dict[str, float]],

@@ -49,14 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _inference_model(run, dense: bool):
     """The run's model as trained, as a dense module (sparse forward weights baked in)."""
-    from sparsetrain.telemetry.search import bake_sparse_weights
+    from sparsetrain.analysis import bake_sparse_weights
 
     model = run.model
     recipe = run.config.get("recipe")
     if dense or recipe in (None, "dense"):
         return model
-    run.sparsify()
-    lost = bake_sparse_weights(model)
+    lost = bake_sparse_weights(run.sparsify())  # handle.remove(bake=True): plain modules, forward weights kept
     if lost:
         logger.warning("the run's recipe also sparsifies forward activations of %s; measured without that "
                        "(only its forward weights are kept)", ", ".join(lost))
@@ -82,7 +81,7 @@ def _test_loader(run, data_dir, batch_size, device):
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from sparsetrain.telemetry.search import make_evaluator, search_thresholds
+    from sparsetrain.analysis import make_evaluator, search_thresholds
     from sparsetrain.telemetry.tables import measure_sparsity
 
     if args.batches is not None and args.batches < 1:
