@@ -87,6 +87,9 @@ def _register(fn: Factory, meta: dict[str, Any]) -> Factory:
     name = fn.__name__
     if name in _MODELS:
         raise ValueError(f"model {name!r} is already registered")
+    if meta["num_classes"] is None:  # undeclared: the factory's own default, if it has one
+        default = _signature_default(fn, "num_classes")
+        meta = {**meta, "num_classes": default if isinstance(default, int) and not isinstance(default, bool) else None}
     cfg = ModelCfg(name=name, **meta)
     # Catch metadata that contradicts the factory it describes: the declared input channels must be what the
     # factory builds by default.
@@ -131,8 +134,9 @@ def register_model(
         @register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
         def my_net(num_classes=10, in_channels=3, **kwargs): ...
 
-    A bare registration takes ``num_classes`` from the factory's default, leaves ``input_size`` unknown, and
-    finds ``first_conv``/``classifier`` by module order in each built model.
+    What is not declared is filled in where possible: ``num_classes`` from the factory's default, and
+    ``first_conv``/``classifier`` by module order in each built model (:func:`infer_first_conv`,
+    :func:`infer_classifier`); ``input_size`` stays unknown (None).
 
     Args:
         fn: The factory (when used bare).
@@ -147,14 +151,11 @@ def register_model(
     Raises:
         ValueError: if the name is taken or the metadata is malformed.
     """
+    meta = dict(first_conv=first_conv, classifier=classifier, input_size=input_size, num_classes=num_classes)
     if fn is not None:
         if not callable(fn):
             raise TypeError(f"register_model takes a factory function or keyword metadata, got {fn!r}")
-        default_classes = _signature_default(fn, "num_classes")
-        meta = dict(first_conv=None, classifier=None, input_size=None,
-                    num_classes=default_classes if isinstance(default_classes, int) else None)
         return _register(fn, meta)
-    meta = dict(first_conv=first_conv, classifier=classifier, input_size=input_size, num_classes=num_classes)
     return lambda f: _register(f, meta)
 
 
