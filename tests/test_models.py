@@ -551,6 +551,10 @@ def test_register_model_bare_and_with_metadata(scratch_registry):
     model = create_model("tiny_meta")
     model.extra = nn.Linear(5, 5)
     assert find_classifier(model) == "head"
+    model.default_cfg = {"first_conv": "stem", "classifier": "head"}  # timm models carry a dict
+    assert find_classifier(model) == "head"
+    model.default_cfg = ModelCfg("tiny_meta", "stem", "gone", (2, 12, 12), 5)  # names no module: ignored
+    assert find_classifier(model) == "extra"
     del model.default_cfg
     assert find_classifier(model) == "extra" and find_first_conv(model) == "stem"
 

@@ -17,7 +17,7 @@ import dataclasses
 import fnmatch
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, overload
+from typing import Any, Callable, Mapping, overload
 
 import torch
 import torch.nn as nn
@@ -281,10 +281,13 @@ def infer_classifier(model: nn.Module) -> str | None:
 
 
 def _declared(model: nn.Module, field: str) -> str | None:
-    """``model.default_cfg.<field>`` when it names a module of ``model`` (a user may have replaced the head)."""
+    """``model.default_cfg``'s ``field`` when it names a module of ``model`` (a user may have replaced the head).
+
+    The cfg may be a :class:`ModelCfg`, any object with that attribute, or a mapping (timm models carry a dict).
+    """
     cfg = getattr(model, "default_cfg", None)
-    name = getattr(cfg, field, None) if isinstance(cfg, ModelCfg) else None
-    if name is None:
+    name = cfg.get(field) if isinstance(cfg, Mapping) else getattr(cfg, field, None)
+    if not isinstance(name, str):
         return None
     try:
         model.get_submodule(name)
