@@ -98,7 +98,8 @@ def test_packing_does_not_change_gradients(preset):
     for pack in (True, False):
         model = copy.deepcopy(ref)
         h = sparsetrain.sparsify_(model, preset, pack_saved=pack, seed=3, **_preset_kwargs(preset))
-        assert any(isinstance(m, PackedReLU) for m in model.modules()) == (pack and bool(h.layers))
+        packs_input = any(spec.resolved("input_for_grad_weight") is not None for spec in h.layers.values())
+        assert any(isinstance(m, PackedReLU) for m in model.modules()) == (pack and packs_input)
         x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
         F.cross_entropy(model(x), torch.arange(4)).backward()
         results.append([x.grad] + [p.grad for p in model.parameters()])
@@ -168,6 +169,23 @@ def test_packed_relu_matches_relu():
         ya.backward(g)
         yb.backward(g)
         assert torch.equal(a.grad, b.grad)
+
+
+def test_only_relus_whose_output_nothing_else_saves_are_swapped():
+    class PoolNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.relu1, self.pool = nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2)
+            self.conv2, self.relu2 = nn.Conv2d(8, 8, 3), nn.ReLU()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.pool(self.relu1(self.conv1(x)))  # max-pool saves its input: a packed ReLU would only cost
+            return self.fc(self.relu2(self.conv2(x)).mean((2, 3)))  # mean saves nothing: relu2 is swapped
+
+    model = PoolNet()
+    sparsetrain.sparsify_(model, "swat-u", density=0.2, first_layer_dense=False)
+    assert type(model.relu1) is nn.ReLU and type(model.relu2) is PackedReLU
 
 
 def test_remove_restores_plain_relus_and_bake():

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from sparsetrain import sparsifiers as sp
 from sparsetrain.distributions import erk_densities, momentum_densities
+from sparsetrain.graph import relus_saved_only_by_themselves
 from sparsetrain.layers import (
     INHERIT,
     OPERANDS,
@@ -87,6 +88,15 @@ class SparsityHandle:
         self.distributed: list[str] = [n for n, (_, fp) in resolved.items() if fp]  # follow the distribution
         momentum = recipe.distribution == "momentum"
         mods = dict(model.named_modules())
+        # With packed saved tensors a sparse layer no longer keeps its dense input alive, so a ReLU that saves its
+        # whole output (only to know its sign) would. Swap in the 1-bit-mask ReLU where the trace shows that no
+        # other consumer saves that output (before a max-pool or BN it would only cost time). Traced on the dense
+        # model, before the swap; an untraceable model gets every ReLU swapped (memory first; outputs unchanged).
+        lean: list[str] = []
+        packs_input = [n for n, (spec, _) in resolved.items() if spec.resolved("input_for_grad_weight") is not None]
+        if recipe.pack_saved and packs_input:
+            found = relus_saved_only_by_themselves(model, packs_input)
+            lean = found if found is not None else [n for n, m in mods.items() if type(m) is nn.ReLU]
         for name, (spec, _) in resolved.items():
             dense = mods[name]
             state = LayerState(name=name, period=recipe.threshold_period, seed=sp.seed_for(name, recipe.seed),
@@ -95,16 +105,12 @@ class SparsityHandle:
             self._set_module(name, sparse)
             self.modules[name] = sparse
             self.states[name] = state
-        # With packed saved tensors a sparse conv no longer keeps its dense input alive, so a ReLU that saves its
-        # whole output (only to know its sign) would: swap in the 1-bit-mask ReLU (outputs and grads unchanged).
         self.relus: dict[str, nn.Module] = {}
-        if recipe.pack_saved and self.modules:
-            for name, m in list(model.named_modules()):
-                if type(m) is nn.ReLU:
-                    lean = PackedReLU.__new__(PackedReLU)
-                    lean.__dict__.update(m.__dict__)
-                    self._set_module(name, lean)
-                    self.relus[name] = lean
+        for name in lean:
+            relu = PackedReLU.__new__(PackedReLU)
+            relu.__dict__.update(mods[name].__dict__)
+            self._set_module(name, relu)
+            self.relus[name] = relu
         self._apply_distribution(initial=True)
         log.debug("sparsified %d layers with %s", len(self.modules), recipe.preset)
 

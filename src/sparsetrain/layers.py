@@ -460,7 +460,7 @@ class _PackedReLUFn(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, None]:
         mask = packing.unpack_mask(ctx.meta, ctx.saved_tensors)
         # Same values as autograd's threshold_backward: dy where the output is positive, else exactly 0.
-        return dy.masked_fill(~mask, 0), None
+        return torch.where(mask, dy, 0.0), None
 
 
 class PackedReLU(nn.ReLU):
@@ -468,7 +468,8 @@ class PackedReLU(nn.ReLU):
 
     In Conv-BN-ReLU stacks the ReLU output is the next conv's input. A dense conv saves that tensor anyway, but a
     sparse conv saves only its packed top-K copy, and then the ReLU alone would keep the dense output alive for a
-    mask. ``sparsify_`` swaps ``nn.ReLU`` modules for this class when the recipe packs saved tensors. Outputs and
+    mask. ``sparsify_`` swaps in this class for the ``nn.ReLU`` modules whose output nothing else saves (see
+    :func:`sparsetrain.graph.relus_saved_only_by_themselves`) when the recipe packs saved tensors. Outputs and
     gradients are bit-identical to ``nn.ReLU``.
     """
 

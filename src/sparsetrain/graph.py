@@ -1,0 +1,88 @@
+"""What the model's dataflow says about its layers, from a ``torch.fx`` trace (with a fallback when tracing fails).
+
+Two decisions need to know what consumes a tensor, not just which modules exist:
+
+* which ``nn.ReLU`` outputs are kept alive only by the ReLU itself once the layers after it are sparse (so a
+  1-bit-mask ReLU frees them), and
+* whether a conv feeds BatchNorm or a ReLU (where Ye et al.'s gradient pruning must act).
+
+Tracing is symbolic (no data runs); a model fx cannot trace gets ``None`` and the caller falls back, with a
+warning naming the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["trace", "relus_saved_only_by_themselves", "consumers"]
+
+log = logging.getLogger(__name__)
+
+# Consumers that keep nothing of their input for backward (or only its shape): a ReLU output read only by these
+# (and by sparse layers, which save their own packed copy) dies after the forward unless the ReLU saves it.
+_FREE_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Dropout, nn.Identity, nn.Flatten)
+_FREE_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, torch.flatten, F.adaptive_avg_pool2d,
+                   F.avg_pool2d, F.dropout}
+_FREE_METHODS = {"add", "add_", "view", "reshape", "flatten", "mean", "sum", "size", "contiguous"}
+# Views share the tensor's storage: what consumes the view consumes the tensor.
+_VIEWS_FUNCTIONS = {torch.flatten}
+_VIEWS_METHODS = {"view", "reshape", "flatten", "contiguous"}
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule | None:
+    """A symbolic ``torch.fx`` trace of ``model``'s module calls, or None (logged) when it cannot be traced."""
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)
+        log.warning("could not trace %s with torch.fx (%s: %s); falling back to module order",
+                    type(model).__name__, type(e).__name__, str(e).splitlines()[0][:200])
+        return None
+
+
+def _module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
+
+
+def consumers(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes that read ``node``'s tensor, looking through views (flatten/view/reshape)."""
+    out: list[torch.fx.Node] = []
+    for user in node.users:
+        is_view = (user.op == "call_function" and user.target in _VIEWS_FUNCTIONS) or (
+            user.op == "call_method" and user.target in _VIEWS_METHODS) or isinstance(
+            _module(gm, user), nn.Flatten)
+        out.extend(consumers(gm, user) if is_view else [user])
+    return out
+
+
+def _frees_input(gm: torch.fx.GraphModule, node: torch.fx.Node, sparse: set[str]) -> bool:
+    if node.op == "call_module":
+        return node.target in sparse or isinstance(_module(gm, node), _FREE_MODULES)
+    if node.op == "call_function":
+        return node.target in _FREE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _FREE_METHODS
+    return False  # the model's output, or anything unknown: assume it keeps the tensor
+
+
+def relus_saved_only_by_themselves(model: nn.Module, sparse_layers: Iterable[str]) -> list[str] | None:
+    """Names of the ``nn.ReLU`` modules whose output no other op saves for backward, once ``sparse_layers`` pack theirs.
+
+    Returns None when the model cannot be traced (the caller decides the fallback).
+    """
+    gm = trace(model)
+    if gm is None:
+        return None
+    sparse = set(sparse_layers)
+    verdict: dict[str, bool] = {}
+    for node in gm.graph.nodes:
+        if type(_module(gm, node)) is nn.ReLU:
+            ok = all(_frees_input(gm, u, sparse) for u in consumers(gm, node))
+            # A ReLU module called at several places is swapped only if every call site qualifies.
+            verdict[str(node.target)] = verdict.get(str(node.target), True) and ok
+    return [name for name, ok in verdict.items() if ok]
