@@ -73,6 +73,30 @@ def test_swat_m_follows_momentum():
         h.step()
 
 
+def test_swat_m_averages_momentum_over_the_forward_active_set():
+    """The statistic is the mean |momentum| over the weights the forward used, not those active after the step."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    h = sparsetrain.sparsify_(model, "swat-m", density=0.2)
+    x, y = torch.randn(4, 3, 8, 8), torch.arange(4)
+    # the forward's masks, computed independently from the weights before the step
+    active = {n: sp.mask(getattr(model, n).weight.detach(), sp.TopK(0.2)) for n in ("a", "b", "c")}
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # a large step: the post-step top-K set differs from the forward's
+    mom = {n: opt.state[getattr(model, n).weight]["momentum_buffer"].abs() for n in active}
+    expected = {n: float(mom[n][active[n]].mean()) for n in active}
+    numel = {n: getattr(model, n).weight.numel() for n in active}
+    from sparsetrain.distributions import momentum_densities
+
+    want = momentum_densities(numel, expected, 0.2)
+    h.step(opt)
+    got = {n: s.weight.density for n, s in h.layers.items()}
+    assert got == pytest.approx(want, rel=1e-5)
+    post = {n: sp.mask(getattr(model, n).weight.detach(), sp.TopK(0.2)) for n in active}
+    assert any(not torch.equal(post[n], active[n]) for n in active)  # the two active sets really differ
+
+
 def _train(model, handle, opt, steps, seed):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -154,17 +178,65 @@ def test_freeze_topology_after_epochs():
     assert torch.equal(h.modules["b"].effective_weight() != 0, mask)
 
 
-def test_densification_doubles_until_dense():
+def _mask(h, name):
+    return h.state_dict()["layers"][name]["thresholds"]["weight"]
+
+
+def test_densification_masks_are_nested_and_double_until_dense():
     model = Net()
     h = sparsetrain.sparsify_(model, {"preset": "random-channel", "density": 1.0, "start_density": 0.125,
                                       "densify_every": 1})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    seen = []
+    counts, masks = [], [_mask(h, "b").clone()]
     for _ in range(4):
-        seen.append(h.layers["b"].weight.density if h.layers["b"].weight is not None else 1.0)
+        counts.append(int(masks[-1].sum()))
         _train(model, h, opt, 1, seed=0)
-    assert seen == [0.125, 0.25, 0.5, 1.0]
+        if h.layers["b"].weight is None:
+            break
+        masks.append(_mask(h, "b").clone())
+    # b connects 16 inputs to 32 outputs: 2 inputs per output, then 4, 8, 16 (dense: the sparsifier is dropped)
+    assert counts == [64, 128, 256]
+    for old, new in zip(masks, masks[1:]):
+        assert torch.equal(old & new, old)  # connections are only added
     assert h.layers["b"].is_dense
+
+
+def test_densification_survives_a_resume():
+    recipe = {"preset": "random-channel", "density": 1.0, "start_density": 0.125, "densify_every": 2}
+    torch.manual_seed(0)
+    m1 = Net()
+    m2 = copy.deepcopy(m1)
+    h1 = sparsetrain.sparsify_(m1, recipe)
+    o1 = torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9)
+    _train(m1, h1, o1, 3, seed=1)
+    buf = io.BytesIO()  # through a real checkpoint: loading shares no tensor with the running run
+    torch.save({"model": m1.state_dict(), "opt": o1.state_dict(), "sparsity": h1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    h2 = sparsetrain.sparsify_(m2, recipe)
+    o2 = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    h2.load_state_dict(ckpt["sparsity"])
+    _train(m1, h1, o1, 3, seed=2)
+    _train(m2, h2, o2, 3, seed=2)
+    assert torch.equal(_mask(h1, "a"), _mask(h2, "a"))
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_random_channel_reports_what_the_mask_keeps():
+    h = sparsetrain.sparsify_(Net(), "random-channel", density=0.1)
+    nominal = h.nominal_densities()
+    # a: 3 input channels -> one each (1/3); b: 16 inputs -> round(1.6) = 2 each (1/8)
+    assert nominal["a"]["weight"] == pytest.approx(1 / 3)
+    assert nominal["b"]["weight"] == pytest.approx(2 / 16)
+    assert h.densities()["a"]["weight"] == pytest.approx(1 / 3)
+
+
+def test_single_input_channel_layers_keep_sqrt_alpha_of_their_outputs():
+    mask = sp.random_channel_mask(16, 1, 0.25, torch.Generator().manual_seed(0))
+    assert int(mask.sum()) == 8  # sqrt(0.25) * 16, as Changpinyo et al. do for layers with one filter
 
 
 def test_random_channel_mask_is_fixed_and_inactive_weights_do_not_learn():

@@ -101,6 +101,10 @@ class SparsityHandle:
             dense = mods[name]
             state = LayerState(name=name, period=recipe.threshold_period, seed=sp.seed_for(name, recipe.seed),
                                pack_saved=recipe.pack_saved, track_active=momentum and name in self.distributed)
+            if spec.weight is not None and sp.entry(spec.weight).fixed:
+                # A fixed topology is drawn now, so what it really keeps is known before the first step.
+                state.thresholds["weight"] = sp.threshold(dense.weight.detach(), spec.weight, key=name)
+                state.computed_at["weight"] = 0
             sparse = sparse_class(dense).from_dense(dense, spec, state)
             self._set_module(name, sparse)
             self.modules[name] = sparse
@@ -199,25 +203,28 @@ class SparsityHandle:
 
     @torch.no_grad()
     def _densify(self) -> None:
-        """Changpinyo's incremental training: double every fixed mask's connections, up to the target density."""
+        """Changpinyo's incremental training: double every fixed mask's connections, up to the target density.
+
+        Connections are only added (the new mask is a superset of the old one) and their number doubles; the added
+        ones are drawn from a generator seeded by the layer, the recipe seed and the step, so a resumed run grows
+        the same masks.
+        """
         target = self.recipe.density or 1.0
         for name in self.distributed:
-            m = self.modules[name]
+            m, st = self.modules[name], self.states[name]
             cfg = m.spec.weight
-            if cfg is None or not (sp.entry(cfg).fixed and sp.has_density(cfg)) or cfg.density >= target:
+            if cfg is None or not (sp.entry(cfg).fixed and sp.has_density(cfg)) or "weight" not in st.thresholds:
                 continue
-            new_d = min(target, 2 * cfg.density)
-            st = self.states[name]
-            old = st.thresholds.get("weight")
-            if old is None:
-                old = sp.threshold(m.weight, cfg, key=name)
-            if new_d >= 1.0:
-                new_mask = torch.ones_like(old)
+            old = st.thresholds["weight"]
+            g = torch.Generator().manual_seed(sp.seed_for(f"{name}@{self.step_count}", self.recipe.seed))
+            new_mask = sp.grow_channel_mask(old, g, target)
+            if torch.equal(new_mask, old):
+                continue
+            kept = float(new_mask.float().mean())
+            if bool(new_mask.all()):
                 m.spec = dataclasses.replace(m.spec, weight=None, mask_inactive_grads=False)
             else:
-                new_cfg = sp.with_density(cfg, new_d)
-                new_mask = sp.threshold(m.weight, new_cfg, key=name)
-                m.spec = dataclasses.replace(m.spec, weight=new_cfg)
+                m.spec = dataclasses.replace(m.spec, weight=sp.with_density(cfg, kept))
             st.thresholds["weight"], st.computed_at["weight"] = new_mask, self.step_count
             if self.recipe.densify_init == "zero":
                 grown = (new_mask & ~old).reshape(new_mask.shape + (1,) * (m.weight.dim() - 2))
@@ -247,6 +254,7 @@ class SparsityHandle:
         The density is the kept fraction of the tensor the GEMM uses (exact zeros count as dropped).
         """
         out: dict[str, dict[str, float]] = {}
+        nominal = self.nominal_densities()
         for name, m in self.modules.items():
             spec = m.spec
             measured = self._measured.get(name, {})
@@ -261,16 +269,25 @@ class SparsityHandle:
                 elif src in measured or op in measured:
                     row[op] = float(measured.get(op, measured.get(src)))
                 else:
-                    nominal = sp.nominal_density(cfg)
-                    row[op] = 1.0 if nominal is None else nominal
+                    row[op] = nominal[name][op]
             out[name] = row
         return out
 
     def nominal_densities(self) -> dict[str, dict[str, float]]:
-        """Per layer, the densities the configs imply (data-dependent ones, e.g. thresholds, as 1.0)."""
+        """Per layer, the densities the configs imply (data-dependent ones, e.g. thresholds, as 1.0).
+
+        A fixed mask (random channel connectivity) reports what it really keeps: fan-in rounding and the
+        one-connection minimum can keep far more than the configured density on narrow layers.
+        """
         out = {}
         for name, m in self.modules.items():
-            out[name] = {op: (sp.nominal_density(m.spec.resolved(op)) or 1.0) for op in OPERANDS}
+            st, row = self.states[name], {}
+            for op in OPERANDS:
+                cfg = m.spec.resolved(op)
+                src = "weight" if op == "weight_for_grad_input" and getattr(m.spec, op) is INHERIT else op
+                mask = st.thresholds.get(src) if cfg is not None and sp.entry(cfg).fixed else None
+                row[op] = float(mask.float().mean()) if mask is not None else (sp.nominal_density(cfg) or 1.0)
+            out[name] = row
         return out
 
     # ------------------------------------------------------------------ persistence

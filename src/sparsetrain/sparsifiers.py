@@ -42,6 +42,7 @@ __all__ = [
     "dbtd_tau",
     "stochastic_prune",
     "seed_for",
+    "grow_channel_mask",
     "density_from",
     "flat_memory_order",
     "dense_order",
@@ -506,7 +507,16 @@ def random_channel_mask(
     Each output gets ``max(1, round(density * n_in))`` random inputs (raised to ``ceil(n_in / n_out)`` when fewer
     connections could not cover every input). Uncovered inputs are then swapped in for a connection to an
     over-covered input of a random output, which keeps every output's fan-in unchanged.
+
+    A layer with a single input channel cannot keep a fraction of it: as in Changpinyo et al. (Sect. 5.1), a
+    fraction ``sqrt(density)`` of its *outputs* stays connected instead (at least one); the others are dead
+    filters, which that layer cannot avoid at this density.
     """
+    if n_in == 1:
+        keep = max(1, round(math.sqrt(density) * n_out))
+        m = torch.zeros(n_out, 1, dtype=torch.bool)
+        m[torch.randperm(n_out, generator=generator)[:keep], 0] = True
+        return m
     k = min(n_in, max(1, round(density * n_in), math.ceil(n_in / n_out)))
     order = torch.rand(n_out, n_in, generator=generator).argsort(dim=1)
     m = torch.zeros(n_out, n_in, dtype=torch.bool)
@@ -521,6 +531,31 @@ def random_channel_mask(
         cover[j] -= 1
         cover[i] += 1
     return m
+
+
+def grow_channel_mask(mask: Tensor, generator: torch.Generator | None = None, target: float = 1.0) -> Tensor:
+    """Changpinyo's incremental step: double every output's active inputs (up to ``target``), keeping the old ones.
+
+    The new mask is a superset of ``mask`` (connections are only ever added) and each row's count doubles, so the
+    layer's connection count doubles until it is dense. The added inputs are drawn at random among the inactive
+    ones. A single-input layer (``mask`` of shape ``(n_out, 1)``) doubles its connected outputs instead.
+    """
+    m = mask.clone().cpu()
+    if m.shape[1] == 1:  # see random_channel_mask: grow the connected outputs
+        col = m[:, 0]
+        limit = max(int(col.sum()), round(math.sqrt(target) * len(col)))
+        add = max(0, min(int(col.sum()), limit - int(col.sum())))
+        idle = torch.nonzero(~col).flatten()
+        col[idle[torch.randperm(len(idle), generator=generator)[:add]]] = True
+        return m.to(mask.device)
+    have = m.sum(1)
+    limit = torch.maximum(have, torch.full_like(have, min(m.shape[1], round(target * m.shape[1]))))
+    want = torch.minimum(2 * have, limit)
+    # Random scores, with active inputs first: the top-`want` of each row keeps them and adds random new ones.
+    score = torch.rand(m.shape, generator=generator) + m.float() * 2.0
+    order = score.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(m.shape[1]).expand_as(order).contiguous())
+    return (rank < want.unsqueeze(1)).to(mask.device)
 
 
 def seed_for(key: str, seed: int) -> int:
