@@ -344,8 +344,10 @@ def mask(x: Tensor, cfg: SparsifierConfig, *, key: str = "") -> Tensor:
 # --------------------------------------------------------------------------------------------- top-K
 def _count(idx: Tensor, nbins: int) -> Tensor:
     """Histogram of integer ``idx`` in ``[0, nbins)`` without a host sync (bincount sizes its output by a max)."""
-    if idx.device.type == "cpu":
-        return torch.bincount(idx, minlength=nbins)[:nbins]  # the fastest CPU kernel; a CPU "sync" is free
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        # The fastest CPU kernel; it sizes its output from the data (a free "sync" on CPU), which a compiler
+        # cannot trace, so compiled code takes the fixed-size path below.
+        return torch.bincount(idx, minlength=nbins)[:nbins]
     return torch.zeros(nbins, dtype=torch.int64, device=idx.device).index_add_(0, idx.long(), torch.ones_like(
         idx, dtype=torch.int64))
 
@@ -353,9 +355,9 @@ def _count(idx: Tensor, nbins: int) -> Tensor:
 def _select_bucket(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     """Bucket of the k-th largest element given a histogram, and the number of elements in higher buckets."""
     above_or_in = hist.flip(0).cumsum(0)  # [i] = count in buckets >= nbins-1-i
-    i = torch.searchsorted(above_or_in, k.reshape(1)).reshape(())  # first i with count >= k
-    above = torch.where(i > 0, above_or_in[(i - 1).clamp(min=0)], torch.zeros_like(i))
-    return hist.numel() - 1 - i, above
+    i = torch.searchsorted(above_or_in, k.reshape(1))  # first i with count >= k, shape (1,)
+    above = torch.where(i > 0, above_or_in.gather(0, (i - 1).clamp(min=0)), torch.zeros_like(i))
+    return (hist.numel() - 1 - i).reshape(()), above.reshape(())
 
 
 def dense_order(t: Tensor) -> tuple[int, ...] | None:
