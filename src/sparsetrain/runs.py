@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT_VERSION",
+    "FORMAT_VERSION_KEY",
     "SUMMARY_FLOPS_KEYS",
     "CHECKPOINT",
     "PREV_CHECKPOINT",
@@ -66,7 +67,9 @@ logger = logging.getLogger(__name__)
 #: Version of the run-directory format, written into the config and the summary. Readers accept this version and
 #: older ones (a run without the key predates versioning and has the same files).
 FORMAT_VERSION = 1
-_VERSION_KEY = "format_version"
+#: The key of the format version in the config and the summary.
+FORMAT_VERSION_KEY = "format_version"
+_VERSION_KEY = FORMAT_VERSION_KEY
 #: The run-level figures the papers' tables report: ``summary["flops"]`` holds them, the FLOP file top level.
 SUMMARY_FLOPS_KEYS = (
     "training_flops_reduction_pct",

@@ -79,6 +79,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """defaults <- --config file <- explicit flags <- --set; returns the config dict (validated by TrainConfig)."""
     import yaml
 
+    from sparsetrain.runs import FORMAT_VERSION_KEY
     from sparsetrain.train import TrainConfig
 
     cfg = TrainConfig().to_dict()
@@ -86,6 +87,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         loaded = yaml.safe_load(open(args.config).read()) or {}
         if not isinstance(loaded, dict):
             raise SystemExit(f"sparsetrain train: {args.config} must hold a mapping of config keys")
+        loaded.pop(FORMAT_VERSION_KEY, None)  # a run directory's config works as --config: its version is no key
         cfg.update(loaded)
     for flag, key in _FLAGS.items():
         v = getattr(args, flag, None)
