@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 # (and by sparse layers, which save their own packed copy) dies after the forward unless the ReLU saves it.
 _FREE_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Dropout, nn.Identity, nn.Flatten)
 _FREE_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, torch.flatten, F.adaptive_avg_pool2d,
-                   F.avg_pool2d, F.dropout}
+                   F.avg_pool2d, F.dropout, F.pad}
 _FREE_METHODS = {"add", "add_", "view", "reshape", "flatten", "mean", "sum", "size", "contiguous"}
 # Views share the tensor's storage: what consumes the view consumes the tensor.
-_VIEWS_FUNCTIONS = {torch.flatten}
+_VIEWS_FUNCTIONS = {torch.flatten, operator.getitem}  # getitem: slicing, e.g. ResNet's option-A shortcut
 _VIEWS_METHODS = {"view", "reshape", "flatten", "contiguous"}
 
 
