@@ -234,6 +234,9 @@ class MemoryReport:
                 f"  (non-zeros {m.layer_input_nonzeros}/{m.layer_input_elements})",
                 f"  pruned weight copies               {m.weight_copy_bytes / mib:12.3f}",
                 f"  packed by sparse layers            {m.packed_bytes / mib:12.3f}",
+                f"  saved inputs: analytic / measured  {self.sparse_saved_activation_bytes / mib:12.3f} / "
+                f"{m.layer_input_compressed_bytes / mib:.3f} = "
+                f"{self.sparse_saved_activation_bytes / max(m.layer_input_compressed_bytes, 1e-9):.3f}",
                 f"  peak = params+grads+opt+saved      {self.measured_peak_bytes / mib:12.3f}",
             ]
             if m.rss_peak_delta_bytes is not None:

@@ -246,9 +246,15 @@ def main(args: argparse.Namespace) -> int:
         model, report, densities = build_report(args)
         mem = None
         if args.memory:
-            from sparsetrain.accounting.memory import memory_report
+            import torch
+
+            from sparsetrain.accounting.memory import measure_saved_tensors, memory_report
 
             opt: Any = int(args.optimizer) if str(args.optimizer).isdigit() else args.optimizer
+            # One real training step on random inputs of the report's shape: what autograd really keeps, beside
+            # the analytic count (top-K keeps a fixed fraction, so random data gives the recipe's storage).
+            x = torch.randn(args.batch_size, *report.input_shape, generator=torch.Generator().manual_seed(0))
+            measured = measure_saved_tensors(model.train(), x, fmt=args.storage_format)
             mem = memory_report(
                 model,
                 report.input_shape,
@@ -256,6 +262,7 @@ def main(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 optimizer=opt,
                 fmt=args.storage_format,
+                measured=measured,
             )
     except (ValueError, FileNotFoundError, KeyError) as e:  # RunDirectoryError is a ValueError
         print(f"sparsetrain flops: error: {e}", file=sys.stderr)
