@@ -11,7 +11,7 @@ from sparsetrain import sparsifiers as sp
 from sparsetrain.layers import LayerSpec
 from sparsetrain.recipe import Recipe, resolve_layers
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(sparsetrain.__file__).resolve().parent / "recipes").glob("*.yaml"))
 
 
 def net():
@@ -213,3 +213,14 @@ def test_first_and_last_layer_come_from_model_metadata():
     assert first_and_last_layers(m) == ("2.0", "2.2")
     r = Recipe.load("swat-u", density=0.5, first_layer_dense=True, last_layer_dense=True)
     assert sorted(resolve_layers(m, r)) == ["0", "5"]
+
+
+def test_example_recipes_are_shipped_and_loadable_by_name():
+    from sparsetrain.recipe import list_example_recipes
+
+    names = list_example_recipes()
+    assert len(names) >= 13 and "ablation-freeze-topology" in names
+    assert Recipe.load("ablation-freeze-topology") == Recipe.load("ablation-freeze-topology.yaml")
+    assert Recipe.load("swat-u-90.yaml").density == pytest.approx(0.1)
+    with pytest.raises(FileNotFoundError, match="example recipes, usable by name: ablation-backward-meprop"):
+        Recipe.load("no-such-recipe.yaml")

@@ -36,6 +36,8 @@ __all__ = [
     "PRESETS",
     "GLOBAL_KEYS",
     "parse_freeze",
+    "list_example_recipes",
+    "example_recipe_path",
 ]
 
 DISTRIBUTIONS = ("uniform", "erk", "momentum")
@@ -102,20 +104,22 @@ class Recipe:
             d = dict(recipe)
         elif isinstance(recipe, (str, Path)):
             s = str(recipe)
+            bundled = example_recipe_path(s)
             if s in PRESETS:
                 d = {"preset": s}
-            elif s.endswith((".yaml", ".yml")) or Path(s).is_file():
+            elif s.endswith((".yaml", ".yml")) or Path(s).is_file() or bundled is not None:
                 import yaml
 
-                p = Path(s)
+                p = Path(s) if Path(s).is_file() or bundled is None else bundled
                 if not p.is_file():
-                    raise FileNotFoundError(f"recipe file not found: {s}")
+                    raise FileNotFoundError(f"recipe file not found: {s} (example recipes, usable by name: "
+                                            f"{', '.join(list_example_recipes())})")
                 d = yaml.safe_load(p.read_text()) or {}
                 if not isinstance(d, dict):
                     raise ValueError(f"recipe {s}: top level must be a mapping of settings, got {type(d).__name__}")
             else:
-                raise ValueError(f"unknown preset {s!r}; valid presets: {', '.join(list_presets())} "
-                                 "(or a path to a .yaml recipe)")
+                raise ValueError(f"unknown preset {s!r}; valid presets: {', '.join(list_presets())}; example "
+                                 f"recipes: {', '.join(list_example_recipes())} (or a path to a .yaml recipe)")
         else:
             raise TypeError(f"recipe must be a preset name, a dict, a YAML path or a Recipe, got {type(recipe)}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -208,6 +212,22 @@ class Recipe:
         return spec
 
 
+_EXAMPLES = Path(__file__).resolve().parent / "recipes"
+
+
+def list_example_recipes() -> list[str]:
+    """Names of the example recipes shipped with the package (``--recipe NAME`` loads one)."""
+    return sorted(p.stem for p in _EXAMPLES.glob("*.yaml"))
+
+
+def example_recipe_path(name: str) -> Path | None:
+    """The shipped example recipe called ``name`` (with or without ``.yaml``), or None."""
+    if "/" in name or "\\" in name:
+        return None
+    p = _EXAMPLES / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    return p if p.is_file() else None
+
+
 def _preset(name: Any) -> Preset | None:
     if name is None:
         return None
@@ -293,12 +313,13 @@ def first_and_last_layers(model: nn.Module) -> tuple[str, str]:
     A registered model declares them (``model.default_cfg.first_conv`` / ``.classifier``, timm style); any other
     model uses its first and last Conv2d/Linear in registration order.
     """
+    from sparsetrain.models import find_classifier, find_first_conv  # the registry's one definition
+
     names = [n for n, m in model.named_modules() if counted_layer(m)]
     if not names:
         raise ValueError("recipe: the model has no nn.Conv2d or nn.Linear layers to sparsify")
-    cfg = getattr(model, "default_cfg", None)
-    first = getattr(cfg, "first_conv", None)
-    last = getattr(cfg, "classifier", None)
+    first, last = find_first_conv(model), find_classifier(model)
+    # A head with no Linear (fully convolutional) has no classifier: its last layer is the last conv.
     return (first if first in names else names[0]), (last if last in names else names[-1])
 
 

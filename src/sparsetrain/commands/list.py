@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = "list registered models, recipes (presets and example YAML), datasets or sparsifiers"
 
@@ -28,12 +27,14 @@ def main(args: argparse.Namespace) -> int:
         print("presets (use --recipe NAME):")
         for name in sorted(PRESETS):
             print(f"  {name:<16} {PRESETS[name].description}")
-        examples = Path(__file__).resolve().parents[3] / "recipes"
-        if examples.is_dir():
-            print(f"example recipes (use --recipe PATH) in {examples}:")
-            for f in sorted(examples.glob("*.yaml")):
-                first = next((ln[1:].strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
-                print(f"  {f.name:<36} {first}")
+        from sparsetrain.recipe import example_recipe_path, list_example_recipes
+
+        print("example recipes, shipped with the package (use --recipe NAME):")
+        for name in list_example_recipes():
+            f = example_recipe_path(name)
+            assert f is not None
+            first = next((ln[1:].strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+            print(f"  {name:<34} {first}")
     elif args.what == "datasets":
         from sparsetrain.data import dataset_info, list_datasets
 
