@@ -180,13 +180,26 @@ def transform(state: LayerState, op: str, x: Tensor, cfg: sp.SparsifierConfig | 
         state.thresholds[op] = thr
         state.computed_at[op] = state.step
     if entry.keep is not None:
-        keep = entry.keep(x, cfg, thr)
+        if op in _WEIGHT_OPERANDS and state.period > 1 and not entry.fixed:
+            # Between recomputes a weight keeps the *mask* of the last recompute, not just its threshold: weights
+            # move every step, and a reused threshold lets the kept fraction drift far from the target (0.3 -> 0.67
+            # for channel top-K in a few large steps). An activation is a new tensor every step, so it can only
+            # reuse the threshold; its drift is what handle.measuring() reports.
+            mkey = f"{op}/mask"
+            if due or mkey not in state.thresholds:
+                state.thresholds[mkey] = entry.keep(x, cfg, thr)
+            keep = state.thresholds[mkey]
+        else:
+            keep = entry.keep(x, cfg, thr)
         return (x, None) if keep is None else (x * keep.to(x.dtype), keep)
     if entry.stochastic(cfg) and state.generator is None:
         # Per-layer generator, seeded from the recipe seed and the layer name: reproducible and resumable.
         state.generator = torch.Generator(device=x.device).manual_seed(state.seed)
     out = entry.apply(x, cfg, thr, state.generator)
     return out, (None if out is x else out != 0)
+
+
+_WEIGHT_OPERANDS = ("weight", "weight_for_grad_input")
 
 
 # ------------------------------------------------------------------------------------------------ the seam
@@ -585,5 +598,8 @@ def effective_weight(m: nn.Module) -> Tensor:
     st, cfg = m.sparse_state, m.spec.weight
     if "weight" in st.frozen:
         return w * st.frozen["weight"].to(w.dtype)
+    if "weight/mask" in st.thresholds:  # a periodic threshold's cached mask (see transform)
+        keep = st.thresholds["weight/mask"]
+        return w if keep is None else w * keep.to(w.dtype)
     thr = st.thresholds.get("weight") if "weight" in st.computed_at else sp.threshold(w, cfg, key=st.name)
     return sp.apply(w, cfg, thr, None)
