@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--threshold-period", type=int, default=1)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="compiled training steps; 0 = only the explain report")
     p.add_argument("--backend", default="inductor")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", metavar="OUT")
@@ -71,6 +71,11 @@ def main() -> None:
         out["explain_error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}"
         print("dynamo explain failed:", out["explain_error"])
 
+    if args.steps < 1:  # --steps 0: the graph-break report only
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1, default=str)
+        return
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=args.backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
