@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -422,22 +421,13 @@ def count_flops(
 
 
 def densities_from_metrics(path: str | Path) -> dict[str, dict[str, float]]:
-    """Measured densities from the last line of a run's ``metrics.jsonl`` (or a run directory holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    last = None
-    with path.open() as fh:
-        for line in fh:
-            if line.strip():
-                last = line
-    if last is None:
-        raise ValueError(f"{path} holds no metrics lines")
-    record = json.loads(last)
-    dens = record.get("densities")
-    if dens is None:
-        raise ValueError(f"the last line of {path} has no 'densities' field")
-    return {str(layer): {str(op): float(v) for op, v in (ops or {}).items()} for layer, ops in dens.items()}
+    """Measured densities of a run's last recorded epoch (``path``: the run directory or a file in it).
+
+    The run directory's format belongs to :class:`sparsetrain.runs.RunDir`; this is its ``last_densities()``.
+    """
+    from sparsetrain.runs import RunDir
+
+    return RunDir.containing(path).last_densities()
 
 
 def format_count(n: float) -> str:
