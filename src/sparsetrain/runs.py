@@ -12,6 +12,9 @@ Every file name of a run directory is spelled here and nowhere else; the rest of
 ``FLOPS``           ``flops.json``          FLOP and memory accounting, written at the end
 ``SUMMARY``         ``summary.json``        the run's headline figures (+ ``format_version``), written at the end
 ``REPORT_DIR``      ``report/``             ``sparsetrain report`` output (``REPORT_MARKDOWN``, ``REPORT_HTML``)
+``TENSORBOARD_DIR`` ``tensorboard/``        TensorBoard event files of ``sparsetrain train --tensorboard``
+``SPARSE_MODEL``    ``model_sparse.pt``     ``sparsetrain export``: plain ``state_dict``, forward masks applied
+``COMPRESSED_MODEL`` ``model_sparse.packed.pt`` ``sparsetrain export``: the same, packed (``load_compressed``)
 ==================  ======================  =============================================================
 
 JSON-lines files have one reader, :func:`read_jsonl` / :func:`iter_jsonl`: a torn last line (the writer was killed
@@ -305,6 +308,9 @@ class RunDir:
     REPORT_DIR = "report"
     REPORT_MARKDOWN = "report.md"
     REPORT_HTML = "report.html"
+    TENSORBOARD_DIR = "tensorboard"
+    SPARSE_MODEL = "model_sparse.pt"
+    COMPRESSED_MODEL = "model_sparse.packed.pt"
     #: What every run directory holds once its first epoch is done; the rest is optional for readers.
     REQUIRED = (CONFIG, METRICS)
     OPTIONAL = (SUMMARY, TELEMETRY, FLOPS)
@@ -364,6 +370,20 @@ class RunDir:
     @property
     def report_dir(self) -> Path:
         return self.path / self.REPORT_DIR
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / self.TENSORBOARD_DIR
+
+    @property
+    def sparse_model_path(self) -> Path:
+        """``sparsetrain export``'s plain masked ``state_dict`` (loads into the vanilla model)."""
+        return self.path / self.SPARSE_MODEL
+
+    @property
+    def compressed_model_path(self) -> Path:
+        """``sparsetrain export``'s compressed file (read with :func:`sparsetrain.export.load_compressed`)."""
+        return self.path / self.COMPRESSED_MODEL
 
     # ------------------------------------------------------------------ checks
     def has_checkpoint(self) -> bool:

@@ -33,14 +33,40 @@ from sparsetrain.models import create_model, model_entrypoint
 from sparsetrain.recipe import Recipe
 from sparsetrain.runs import RunDir
 
-__all__ = ["TrainConfig", "Session", "NonFiniteError", "train", "setup", "train_one_epoch", "evaluate",
+__all__ = ["TrainConfig", "Session", "NonFiniteError", "TrainingInterrupted", "train", "setup", "train_one_epoch", "evaluate",
            "record_epoch", "finalize", "format_summary"]
 
 log = logging.getLogger(__name__)
 
+#: Telemetry samples per run when ``telemetry_every`` is not given: enough for a curve on a 1-epoch run.
+TELEMETRY_POINTS = 20
+#: Points of the intra-epoch training curve per run (the metrics' ``curve``), whatever the run length.
+CURVE_POINTS = 40
+
 
 class NonFiniteError(RuntimeError):
     """Loss or gradients became NaN/Inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the run directory and its last complete epoch, to continue with ``--resume``.
+
+    Attributes:
+        run_dir: the run's directory.
+        epoch: the last checkpointed epoch (0-based), or None when no epoch had finished.
+    """
+
+    def __init__(self, run_dir: RunDir, epoch: int | None) -> None:
+        super().__init__(str(run_dir.path))
+        self.run_dir = run_dir
+        self.epoch = epoch
+
+    def __str__(self) -> str:
+        if self.epoch is None:
+            return (f"interrupted before the first epoch finished; nothing to resume in {self.run_dir.path} "
+                    "(start again, with another --out or after removing it)")
+        return (f"interrupted; epoch {self.epoch + 1} is checkpointed in {self.run_dir.path}; continue with: "
+                f"sparsetrain train --resume {self.run_dir.path}")
 
 
 @dataclass
@@ -50,6 +76,11 @@ class TrainConfig:
     ``momentum`` and ``nesterov`` apply to ``optimizer: sgd``, ``betas`` to ``adam`` and ``adamw`` (AdamW decouples
     the weight decay). ``amp`` runs the forward pass and the loss under ``torch.autocast`` in bfloat16 or float16
     (float16 on CUDA only, with a gradient scaler); parameters and their gradients stay float32.
+
+    ``telemetry_every: null`` (the default) samples the sparsity monitor about :data:`TELEMETRY_POINTS` times per
+    run, whatever its length; the run directory's ``config.yaml`` records the interval used. ``tensorboard``
+    also writes the telemetry and the per-epoch metrics to ``<run>/tensorboard`` (needs ``sparsetrain[tensorboard]``).
+    ``data_dir: null`` reads ``$SPARSETRAIN_DATA``; ``config.yaml`` records the folder the data was read from.
     """
 
     model: str = "lenet5"
@@ -82,7 +113,8 @@ class TrainConfig:
     deterministic: bool = False
     channels_last: bool = False
     device: str = "cpu"
-    telemetry_every: int = 100  # steps; 0 disables the sparsity monitor
+    telemetry_every: int | None = None  # steps; 0 disables the sparsity monitor; None: ~TELEMETRY_POINTS per run
+    tensorboard: bool = False
     log_every: int = 50  # steps between host syncs: progress bar and NaN/Inf check
     out: str | None = None  # run directory; default runs/<model>-<recipe>-<time>
     quiet: bool = False
@@ -98,14 +130,22 @@ class TrainConfig:
         for k in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"{k} must be an integer >= 1, got {getattr(self, k)!r}")
-        if self.telemetry_every < 0:
-            raise ValueError(f"telemetry_every must be >= 0, got {self.telemetry_every}")
+        if self.telemetry_every is not None and (not isinstance(self.telemetry_every, int) or self.telemetry_every < 0):
+            raise ValueError(f"telemetry_every must be an integer >= 0 (0: off), got {self.telemetry_every!r}")
+        for k in ("train_subset", "test_subset"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{k} must be an integer >= 1 (or null for the whole split), got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         betas = list(self.betas) if isinstance(self.betas, (list, tuple)) else None
         if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {self.betas!r}")
         self.betas = [float(b) for b in betas]
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {self.device!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
         if self.amp == "fp16" and torch.device(self.device).type != "cuda":
             raise ValueError(f"fp16 autocast needs CUDA; use --amp bf16 on CPU (device is {self.device!r})")
 
@@ -144,6 +184,7 @@ class Session:
     autocast: Callable[[], ContextManager]
     l1_params: list[nn.Parameter]
     monitor: Any = None
+    tb_writer: Any = None  # torch.utils.tensorboard.SummaryWriter of --tensorboard
     start_epoch: int = 0
     step: int = 0
 
@@ -261,8 +302,9 @@ class _Totals:
         if grad_norm is not None:
             self._grad_norms.append(grad_norm)
 
-    def read(self) -> list[tuple[int, int, float, float]]:
-        """Fold the recorded steps into the totals; returns ``(step, size, loss, grad norm)`` of each (one sync)."""
+    def read(self) -> list[tuple[int, int, float, float, int]]:
+        """Fold the recorded steps into the totals; returns ``(step, size, loss, grad norm, correct)`` of each step
+        (one sync)."""
         if not self._steps:
             return []
         parts = [torch.stack(self._losses).double(), torch.stack(self._correct).double()]
@@ -275,14 +317,14 @@ class _Totals:
             self.loss_sum += loss * size if self.loss_is_mean else loss
             self.correct += int(c)
             self.seen += size
-        rows = list(zip(self._steps, self._sizes, losses, norms))
+        rows = list(zip(self._steps, self._sizes, losses, norms, (int(c) for c in corrects)))
         self._steps, self._sizes, self._losses, self._correct, self._grad_norms = [], [], [], [], []
         return rows
 
 
-def _check_finite(rows: list[tuple[int, int, float, float]], epoch: int, run_dir: RunDir) -> None:
+def _check_finite(rows: list[tuple[int, int, float, float, int]], epoch: int, run_dir: RunDir) -> None:
     """Raise at the first step whose loss or gradient norm is NaN/Inf."""
-    for step, _, loss, grad_norm in rows:
+    for step, _, loss, grad_norm, _ in rows:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss) else "gradient"
             raise NonFiniteError(
@@ -292,13 +334,55 @@ def _check_finite(rows: list[tuple[int, int, float, float]], epoch: int, run_dir
 
 
 # ---------------------------------------------------------------------------------------------- setup
+def _check_device(name: str) -> torch.device:
+    """The device, or ValueError when this machine does not have it (before anything is read or written)."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"--device {name}: no CUDA device is available on this machine (torch "
+                             f"{torch.__version__}, {build}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def _resolved_data_dir(cfg: TrainConfig) -> str | None:
+    """The data folder to record: ``data_dir`` as given, else the ``SPARSETRAIN_DATA`` root that exists."""
+    import os
+
+    from sparsetrain.data import DATA_ENV_VAR
+
+    if cfg.data_dir is not None:
+        return str(cfg.data_dir)
+    env = os.environ.get(DATA_ENV_VAR)
+    if not env:
+        return None  # the bundled subset, or a dataset that will fail to load with a message saying where to put it
+    roots = [os.path.abspath(os.path.expanduser(r)) for r in env.split(os.pathsep) if r]
+    return next((r for r in roots if os.path.isdir(r)), roots[0] if roots else None)
+
+
+def _telemetry_every(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """``telemetry_every`` as given, else about :data:`TELEMETRY_POINTS` samples over the whole run."""
+    if cfg.telemetry_every is not None:
+        return cfg.telemetry_every
+    return max(1, (cfg.epochs * steps_per_epoch) // TELEMETRY_POINTS)
+
+
 def _open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig, RunDir, dict[str, Any] | None]:
     """The config, the run directory and (resuming) the checkpoint; fails on bad names before anything is written."""
     if resume is None:
         model_entrypoint(cfg.model)
         dataset_info(cfg.dataset)
         Recipe.load(cfg.recipe, **(cfg.recipe_overrides or {}))
+        _check_device(cfg.device)
         run_dir = RunDir(cfg.out) if cfg.out else RunDir.default(cfg.model, cfg.recipe)
+        if run_dir.path.exists() and not run_dir.path.is_dir():
+            raise FileExistsError(f"--out {run_dir.path} is an existing file, not a folder; a run directory is a "
+                                  "folder: choose another --out")
         if run_dir.has_checkpoint():
             raise FileExistsError(f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} "
                                   "or choose another --out")
@@ -307,6 +391,7 @@ def _open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig
     run_dir = RunDir.containing(resume)
     ckpt = runs.load_checkpoint(resume)
     saved = TrainConfig.from_dict(run_dir.read_config())
+    _check_device(saved.device)
     return dataclasses.replace(saved, epochs=epochs or saved.epochs, quiet=cfg.quiet), run_dir, ckpt
 
 
@@ -330,6 +415,8 @@ def setup(cfg: TrainConfig, resume=None, epochs: int | None = None) -> Session:
     from sparsetrain.telemetry import JsonlSink, Monitor
 
     cfg, run_dir, ckpt = _open_run(cfg, resume, epochs)
+    if cfg.tensorboard:
+        _require_tensorboard()  # before anything is written
     _seed_everything(cfg.seed, cfg.deterministic)
     device = torch.device(cfg.device)
 
@@ -341,6 +428,9 @@ def setup(cfg: TrainConfig, resume=None, epochs: int | None = None) -> Session:
 
     # Only now, with names and data known to be good, is the run directory written.
     run_dir.create()
+    # The config records what was used: the data folder an environment variable chose, the telemetry interval.
+    cfg = dataclasses.replace(cfg, data_dir=_resolved_data_dir(cfg),
+                              telemetry_every=_telemetry_every(cfg, len(train_loader)))
     config = {**cfg.to_dict(), "out": str(run_dir.path)}
     run_dir.write_config(config)
 
@@ -361,10 +451,30 @@ def setup(cfg: TrainConfig, resume=None, epochs: int | None = None) -> Session:
         l1_params=[m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
     if ckpt is not None:
         _restore(s, ckpt)
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        s.tb_writer = SummaryWriter(log_dir=str(run_dir.tensorboard_dir), purge_step=s.step or None)
     if cfg.telemetry_every:
-        s.monitor = Monitor(model, every=cfg.telemetry_every, sinks=[JsonlSink(run_dir.telemetry_path)],
-                            start_step=s.step)
+        sinks: list[Any] = [JsonlSink(run_dir.telemetry_path)]
+        if cfg.tensorboard:
+            from sparsetrain.telemetry.sinks import TensorBoardSink
+
+            sinks.append(TensorBoardSink(run_dir.tensorboard_dir))
+        s.monitor = Monitor(model, every=cfg.telemetry_every, sinks=sinks, start_step=s.step)
     return s
+
+
+TENSORBOARD_HINT = "pip install 'sparsetrain[tensorboard]'"
+
+
+def _require_tensorboard() -> None:
+    """ImportError naming the extra to install when ``torch.utils.tensorboard`` cannot be imported."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"--tensorboard needs the tensorboard package ({e}); install it with: "
+                          f"{TENSORBOARD_HINT}") from None
 
 
 # ---------------------------------------------------------------------------------------------- one epoch
@@ -413,9 +523,12 @@ def train_one_epoch(s: Session, epoch: int) -> dict[str, float]:
     s.model.train()
     totals = _Totals()
     last = len(s.train_loader) - 1
+    curve = _Curve(max(1, (cfg.epochs * len(s.train_loader)) // CURVE_POINTS))
+    lr_sum = 0.0
     bar = _progress(s.train_loader, epoch, cfg)
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(bar):
+        lr_sum += s.optimizer.param_groups[0]["lr"]  # the rate this step uses (a host float: no sync)
         x, y = x.to(s.device), y.to(s.device)
         # Densities are measured on the last step only: the epoch's metrics report them, counting costs a pass.
         with s.handle.measuring() if i == last else contextlib.nullcontext():
@@ -426,13 +539,46 @@ def train_one_epoch(s: Session, epoch: int) -> dict[str, float]:
         _optimizer_step(s)
         s.step += 1
         if (i + 1) % cfg.log_every == 0 or i == last:
-            _check_finite(totals.read(), epoch, s.run_dir)  # the only host sync of the loop
+            rows = totals.read()  # the only host sync of the loop
+            _check_finite(rows, epoch, s.run_dir)
+            curve.add(rows)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{totals.loss_sum / totals.seen:.3f}",
                                 acc=f"{totals.correct / totals.seen:.3f}", refresh=False)
     train_time = time.perf_counter() - t0
     return {"train_loss": totals.loss_sum / totals.seen, "train_acc": totals.correct / totals.seen,
-            "seen": totals.seen, "time_s": train_time}
+            "seen": totals.seen, "time_s": train_time, "lr_mean": lr_sum / max(1, last + 1), "curve": curve.points()}
+
+
+class _Curve:
+    """The intra-epoch training curve: mean loss and accuracy over every ``every`` steps (from the per-step values
+    the log-interval sync already brings to the host), keyed by the step that ends the bucket (1-based count of
+    steps done, so the epoch's last point falls on the epoch record's ``step``)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._rows: list[tuple[int, int, float, float, int]] = []
+        self._points: list[list[float]] = []
+
+    def add(self, rows: list[tuple[int, int, float, float, int]]) -> None:
+        for row in rows:
+            self._rows.append(row)
+            if (row[0] + 1) % self.every == 0:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            n = sum(r[1] for r in self._rows)
+            loss = sum(r[2] * r[1] for r in self._rows) / n
+            acc = sum(r[4] for r in self._rows) / n
+            self._points.append([self._rows[-1][0] + 1, loss, acc])
+            self._rows = []
+
+    def points(self) -> dict[str, list[float]]:
+        """``{"step": [...], "train_loss": [...], "train_acc": [...]}`` (the epoch's partial last bucket included)."""
+        self._flush()
+        cols = list(zip(*self._points)) or [(), (), ()]
+        return {"step": [int(v) for v in cols[0]], "train_loss": list(cols[1]), "train_acc": list(cols[2])}
 
 
 @torch.no_grad()
@@ -456,14 +602,23 @@ def record_epoch(s: Session, epoch: int, stats: dict[str, float], densities: dic
     w_density, a_density = _overall_densities(densities, s.dense_flops)
     report = s.dense_flops.with_densities(densities)
     metrics = {
-        "epoch": epoch, "step": s.step, "lr": s.optimizer.param_groups[0]["lr"],
+        # lr: the mean rate the epoch's steps used (under cosine the end-of-epoch value is 0 on the last epoch)
+        "epoch": epoch, "step": s.step, "lr": stats["lr_mean"], "lr_end": s.optimizer.param_groups[0]["lr"],
         "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
         "test_loss": test_loss, "test_acc": test_acc, "time_s": stats["time_s"],
         "samples_per_s": stats["seen"] / stats["time_s"], "weight_density": w_density,
         "activation_density": a_density, "training_flops_reduction_pct": report.training_flops_reduction_pct,
-        "densities": densities,
+        "densities": densities, "curve": stats["curve"],
     }
     s.run_dir.append_metrics(metrics)
+    if s.tb_writer is not None:
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "weight_density", "activation_density",
+                    "training_flops_reduction_pct", "samples_per_s"):
+            s.tb_writer.add_scalar(f"epoch/{key}", metrics[key], s.step)
+        for step, loss, acc in zip(*stats["curve"].values()):
+            s.tb_writer.add_scalar("step/train_loss", loss, step)
+            s.tb_writer.add_scalar("step/train_acc", acc, step)
+        s.tb_writer.flush()
     s.run_dir.save_checkpoint({
         "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
         "sparsity": s.handle.state_dict(), "epoch": epoch, "step": s.step, "rng": _rng_state(), "config": s.config,
@@ -507,15 +662,23 @@ def train(cfg: TrainConfig, resume=None, epochs: int | None = None) -> dict[str,
         NonFiniteError: the loss or the gradients became NaN/Inf (the last good checkpoint stays on disk).
     """
     s = setup(cfg, resume, epochs)
+    done = s.start_epoch - 1 if s.start_epoch > 0 else None  # the last checkpointed epoch
     try:
         for epoch in range(s.start_epoch, s.cfg.epochs):
             stats = train_one_epoch(s, epoch)
             densities = s.handle.densities()  # measured on the epoch's last training step
             test_loss, test_acc = evaluate(s.model, s.test_loader, s.device, s.cfg.amp)
             record_epoch(s, epoch, stats, densities, test_loss, test_acc)
+            done = epoch
+    except KeyboardInterrupt:
+        # Checkpoints are written atomically, so the last one is complete whenever Ctrl-C arrives; metrics written
+        # after it are dropped by --resume.
+        raise TrainingInterrupted(s.run_dir, done) from None
     finally:
         if s.monitor is not None:
             s.monitor.close()
+        if s.tb_writer is not None:
+            s.tb_writer.close()
     return finalize(s)
 
 

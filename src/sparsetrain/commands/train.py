@@ -18,7 +18,7 @@ _FLAGS = {
     "l1": "l1", "schedule": "schedule", "milestones": "milestones", "gamma": "gamma",
     "warmup_epochs": "warmup_epochs", "seed": "seed", "deterministic": "deterministic",
     "channels_last": "channels_last", "device": "device", "telemetry_every": "telemetry_every", "out": "out",
-    "train_subset": "train_subset", "test_subset": "test_subset", "quiet": "quiet",
+    "train_subset": "train_subset", "test_subset": "test_subset", "quiet": "quiet", "tensorboard": "tensorboard",
 }
 
 
@@ -64,29 +64,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", choices=["none", "bf16", "fp16"],
                    help="mixed precision: forward and loss under torch.autocast (fp16 needs CUDA); default none")
     g.add_argument("--log-every", type=int, help="steps between progress updates and NaN/Inf checks (default 50)")
-    g.add_argument("--telemetry-every", type=int, help="sample layer sparsity every N steps (0 = off)")
+    g.add_argument("--telemetry-every", type=int,
+                   help="sample layer sparsity every N steps (0 = off; default: about 20 samples per run)")
+    g.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log metrics and telemetry to RUN_DIR/tensorboard (pip install 'sparsetrain[tensorboard]')")
     g.add_argument("--out", help="run directory (default runs/<model>-<recipe>-<time>)")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars (CI, logs)")
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, key: str) -> Any:
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        from sparsetrain.commands._errors import UsageError, yaml_error_message
+
+        raise UsageError(f"--set {key}={text}: {yaml_error_message(e, '<value>')}") from None
+
+
+def _check_recipe_file(recipe: Any) -> None:
+    """A recipe given as a YAML file (or an example's name) must parse: say file, line and column if not."""
+    from pathlib import Path
+
+    from sparsetrain.commands._errors import load_yaml_file
+    from sparsetrain.recipe import PRESETS, example_recipe_path
+
+    if not isinstance(recipe, str) or recipe in PRESETS:
+        return
+    path = Path(recipe) if Path(recipe).is_file() else example_recipe_path(recipe)
+    if path is not None and Path(path).is_file():
+        load_yaml_file(path, "recipe")
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """defaults <- --config file <- explicit flags <- --set; returns the config dict (validated by TrainConfig)."""
-    import yaml
-
+    from sparsetrain.commands._errors import UsageError, load_yaml_file
     from sparsetrain.runs import FORMAT_VERSION_KEY
     from sparsetrain.train import TrainConfig
 
     cfg = TrainConfig().to_dict()
     if args.config:
-        loaded = yaml.safe_load(open(args.config).read()) or {}
+        loaded = load_yaml_file(args.config, "--config") or {}
         if not isinstance(loaded, dict):
-            raise SystemExit(f"sparsetrain train: {args.config} must hold a mapping of config keys")
+            raise UsageError(f"--config {args.config} must hold a mapping of config keys, got "
+                             f"{type(loaded).__name__}")
         loaded.pop(FORMAT_VERSION_KEY, None)  # a run directory's config works as --config: its version is no key
         cfg.update(loaded)
     for flag, key in _FLAGS.items():
@@ -102,7 +124,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg["recipe_overrides"] = overrides
     for item in args.set:
         if "=" not in item:
-            raise SystemExit(f"sparsetrain train: --set expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         key, text = item.split("=", 1)
         parts = key.split(".")
         target = cfg
@@ -110,12 +132,16 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
             if not isinstance(target.get(part), dict):
                 target[part] = {}
             target = target[part]
-        target[parts[-1]] = _parse_value(text)
+        target[parts[-1]] = _parse_value(text, key)
+    _check_recipe_file(cfg.get("recipe"))
     return cfg
 
 
 def main(args: argparse.Namespace) -> int:
-    from sparsetrain.train import NonFiniteError, TrainConfig, format_summary, train
+    """Train (or resume); 0 when done, 2 for a bad setting or file, 3 on NaN/Inf, 130 on Ctrl-C."""
+    from sparsetrain.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE
+    from sparsetrain.commands._errors import USER_ERRORS, describe
+    from sparsetrain.train import NonFiniteError, TrainConfig, TrainingInterrupted, format_summary, train
 
     log = logging.getLogger("sparsetrain")
     try:
@@ -125,12 +151,17 @@ def main(args: argparse.Namespace) -> int:
         else:
             cfg = TrainConfig.from_dict(resolve_config(args))
             summary = train(cfg)
+    except TrainingInterrupted as e:
+        print(f"\nsparsetrain train: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except NonFiniteError as e:
         log.error("sparsetrain train: %s", e)
-        return 3
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError) as e:
-        log.error("sparsetrain train: %s", e)
-        return 2
+        return EXIT_NONFINITE
+    except (*USER_ERRORS, RuntimeError) as e:  # RuntimeError: a damaged checkpoint (runs.load_checkpoint)
+        if getattr(args, "verbose", False):
+            raise
+        log.error("sparsetrain train: %s", describe(e))
+        return EXIT_USAGE
     print("\nsparsetrain train: finished\n" + format_summary(summary))
     sys.stdout.flush()
     return 0
