@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["trace", "relus_saved_only_by_themselves", "consumers"]
+__all__ = ["trace", "relus_saved_only_by_themselves", "consumers", "output_consumer_kinds", "gradient_prune_placements"]
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +86,60 @@ def relus_saved_only_by_themselves(model: nn.Module, sparse_layers: Iterable[str
             # A ReLU module called at several places is swapped only if every call site qualifies.
             verdict[str(node.target)] = verdict.get(str(node.target), True) and ok
     return [name for name, ok in verdict.items() if ok]
+
+
+# What reads a layer's output, for Ye et al.'s placement rule.
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+
+
+def _kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """``"batchnorm"``, ``"relu"`` or ``"other"`` for one consumer node."""
+    mod = _module(gm, node)
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm"
+    if isinstance(mod, nn.ReLU) or (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _RELU_METHODS):
+        return "relu"
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return "batchnorm"
+    return "other"
+
+
+def output_consumer_kinds(gm: torch.fx.GraphModule, layers: Iterable[str]) -> dict[str, set[str]]:
+    """Per module name in ``layers``, the kinds (``batchnorm``/``relu``/``other``) of the ops that read its output.
+
+    Views (flatten/view/reshape/slicing) are looked through. A module called at several places collects the kinds of
+    every call site; a module the trace never calls is absent.
+    """
+    wanted = set(layers)
+    out: dict[str, set[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in wanted:
+            kinds = out.setdefault(str(node.target), set())
+            kinds.update(_kind(gm, u) for u in consumers(gm, node)) if node.users else kinds.add("other")
+    return out
+
+
+def gradient_prune_placements(model: nn.Module, layers: Iterable[str]) -> dict[str, str] | None:
+    """Where Ye et al. prune each layer's activation gradient, decided from the dataflow (METHODS.md §2).
+
+    The pruned tensor must be the gradient that feeds both backward GEMMs of the *next* conv back:
+
+    * output read only by BatchNorm (Conv-BN-ReLU): ``"grad_output"``, the conv's ``dy`` after BN's backward (pruning
+      before BN would be undone by BN's backward, which mixes every element of a channel);
+    * output read only by a ReLU (Conv-ReLU, no BN): ``"grad_input"``, the conv's ``dx``; the preceding ReLU (and any
+      max-pool in between) keeps those zeros, so the previous conv receives a sparse ``dy``;
+    * anything else (an add, a pool, several kinds of consumer, the model output): ``"grad_output"``, the conv's own
+      ``dy``, which its two backward GEMMs do use.
+
+    Returns:
+        Layer name -> ``"grad_output"`` | ``"grad_input"`` for every name in ``layers`` (a layer the trace never calls
+        gets ``"grad_output"``), or None when the model cannot be traced (:func:`trace` logs why).
+    """
+    names = list(layers)
+    gm = trace(model)
+    if gm is None:
+        return None
+    kinds = output_consumer_kinds(gm, names)
+    return {n: "grad_input" if kinds.get(n) == {"relu"} else "grad_output" for n in names}

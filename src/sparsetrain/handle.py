@@ -124,6 +124,14 @@ class SparsityHandle:
         """Layer name -> current spec of every sparsified layer."""
         return {n: m.spec for n, m in self.modules.items()}
 
+    @property
+    def placements(self) -> dict[str, str]:
+        """Layer name -> the activation gradient it sparsifies (``"grad_output"``, ``"grad_input"``, or both joined
+        by ``"+"``), for the layers that sparsify one (Ye et al.'s placement, as resolved for this model)."""
+        ops = ("grad_output", "grad_input")
+        out = {n: "+".join(op for op in ops if getattr(m.spec, op) is not None) for n, m in self.modules.items()}
+        return {n: v for n, v in out.items() if v}
+
     def _set_module(self, name: str, new: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model

@@ -14,8 +14,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import torch.nn as nn
 
 from sparsetrain import sparsifiers as sp
 from sparsetrain.layers import INHERIT, OPERANDS, LayerSpec
@@ -33,6 +36,8 @@ __all__ = [
     "list_presets",
     "merge_specs",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -72,38 +77,70 @@ class SwatConfig:
 
 @dataclass(frozen=True)
 class MePropConfig:
-    """meProp (SWAT's backward ablation): top-K on the output gradient ``dy`` only."""
+    """meProp (SWAT's backward ablation): top-K on the output gradient ``dy`` only; forward and ``dW`` use dense x/W.
+
+    ``per_example=True`` (default, Sun et al. 2017 and their code) keeps the top-k of each example's ``dy`` (each
+    slice of the batch dimension); ``False`` keeps the top-K of the whole batch's ``dy`` (the batch-wide top-K SWAT
+    uses for every tensor). The preset leaves the classifier dense, as meProp's code does (its output layer has
+    ``k = 0``): pruning the logits' gradient keeps mostly the true-class entries, nothing pushes the wrong logits
+    down, and training diverges (docs/methods.md, meProp).
+    """
 
     density: float
+    per_example: bool = True
 
     def __post_init__(self) -> None:
         _interval("density", self.density, 0.0, 1.0, True, False)
+        if not isinstance(self.per_example, bool):
+            raise ValueError(f"per_example must be true or false, got {self.per_example!r}")
 
     def layer_spec(self, seed: int = 0) -> LayerSpec:
-        return LayerSpec(grad_output=sp.TopK(density=self.density))
+        cfg = sp.RowTopK(density=self.density) if self.per_example else sp.TopK(density=self.density)
+        return LayerSpec(grad_output=cfg)
 
 
 @dataclass(frozen=True)
 class GradPruneConfig:
     """Ye et al.: DBTD threshold + unbiased stochastic pruning of the gradient feeding both backward GEMMs.
 
-    ``placement="grad_output"`` prunes a conv's ``dy`` (Conv-BN-ReLU: after BN's backward);
-    ``"grad_input"`` prunes its ``dx``, which the preceding ReLU keeps sparse (Conv-ReLU nets).
+    ``placement="auto"`` (default) decides per layer from the model's dataflow (a ``torch.fx`` trace of the dense
+    model, :func:`sparsetrain.graph.gradient_prune_placements`): a conv that feeds BatchNorm gets its ``dy`` pruned
+    (Conv-BN-ReLU: after BN's backward); a conv that feeds a ReLU directly gets its ``dx`` pruned, which the
+    preceding ReLU keeps sparse so the previous conv receives a sparse ``dy`` (Conv-ReLU nets, METHODS §2).
+    ``"grad_output"`` / ``"grad_input"`` force one placement on every layer. A model fx cannot trace falls back to
+    ``grad_output`` with a warning naming the reason.
     """
 
     p: float = 0.9
     sigma: str = "consistent"
     stochastic: bool = True
-    placement: str = "grad_output"
+    placement: str = "auto"
 
     def __post_init__(self) -> None:
         _interval("p", self.p, 0.5, 1.0, True, True)
         _choice("sigma", self.sigma, ("consistent", "literal"))
-        _choice("placement", self.placement, ("grad_output", "grad_input"))
+        _choice("placement", self.placement, ("grad_output", "grad_input", "auto"))
+
+    def _spec(self, placement: str) -> LayerSpec:
+        return LayerSpec(**{placement: sp.DBTD(p=self.p, sigma=self.sigma, stochastic=self.stochastic)})
 
     def layer_spec(self, seed: int = 0) -> LayerSpec:
-        cfg = sp.DBTD(p=self.p, sigma=self.sigma, stochastic=self.stochastic)
-        return LayerSpec(**{self.placement: cfg})
+        """The spec without a model to look at: ``auto`` is ``grad_output`` (right for any Conv-BN layer)."""
+        return self._spec("grad_output" if self.placement == "auto" else self.placement)
+
+    def layer_specs(self, model: nn.Module, names: Sequence[str], seed: int = 0) -> dict[str, LayerSpec]:
+        """Per layer of ``names`` (modules of ``model``, not yet swapped), its spec; ``auto`` traces the model."""
+        if self.placement != "auto":
+            return dict.fromkeys(names, self.layer_spec(seed))
+        from sparsetrain.graph import gradient_prune_placements
+
+        found = gradient_prune_placements(model, names)
+        if found is None:
+            log.warning("grad-prune placement auto: %s could not be traced (reason logged above); pruning every "
+                        "layer's grad_output (right for Conv-BN-ReLU; for Conv-ReLU nets set placement: grad_input)",
+                        type(model).__name__)
+            found = dict.fromkeys(names, "grad_output")
+        return {n: self._spec(found[n]) for n in names}
 
 
 @dataclass(frozen=True)
@@ -239,7 +276,8 @@ register_preset("swat-m", "SWAT with momentum-driven per-layer densities (call h
                 fixed={"structure": "unstructured"}, distribution="momentum", density=0.1)
 register_preset("swat-channel", "structured SWAT: top-K (out,in) kernel slices by L1 norm; activations unstructured",
                 SwatConfig, fixed={"structure": "channel"}, first_layer_dense=True, density=0.5)
-register_preset("meprop", "meProp: top-K on the output gradient dy only", MePropConfig, density=0.1)
+register_preset("meprop", "meProp: top-K of each example's output gradient dy only; classifier dense",
+                MePropConfig, last_layer_dense=True, density=0.1)
 register_preset("grad-prune", "Ye et al.: DBTD threshold + unbiased stochastic pruning of conv output gradients",
                 GradPruneConfig, layer_types="conv", density_hint="p (the percentile)")
 register_preset("random-channel", "Changpinyo et al.: fixed random channel connectivity (convs only), optional "

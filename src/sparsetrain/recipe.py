@@ -211,6 +211,24 @@ class Recipe:
             spec = dataclasses.replace(spec, mask_inactive_grads=True)
         return spec
 
+    def default_specs(self, model: nn.Module, names: list[str]) -> dict[str, LayerSpec | None]:
+        """Per layer of ``names``, the spec it gets when no pattern matches it: :meth:`default_spec`, except that a
+        method config with ``layer_specs(model, names, seed)`` decides per layer from the model (e.g. grad-prune's
+        placement by dataflow); called on the dense model, before any layer is swapped."""
+
+        def specs(cfg: Any) -> dict[str, LayerSpec | None]:
+            per_layer = getattr(cfg, "layer_specs", None)
+            return per_layer(model, names, self.seed) if per_layer is not None else dict.fromkeys(
+                names, cfg.layer_spec(self.seed))
+
+        out = dict.fromkeys(names) if self.method is None else specs(self.method)
+        for name, cfg in self.stack:
+            extra = specs(cfg)
+            out = {n: merge_specs(out[n], extra[n], where=f"recipe: stack[{name}]") for n in names}
+        if self.mask_inactive_grads:
+            out = {n: s if s is None else dataclasses.replace(s, mask_inactive_grads=True) for n, s in out.items()}
+        return out
+
 
 _EXAMPLES = Path(__file__).resolve().parent / "recipes"
 
@@ -339,7 +357,7 @@ def resolve_layers(model: nn.Module, recipe: Recipe) -> dict[str, tuple[LayerSpe
     exact = {pat: spec for pat, spec in recipe.layers if not pat.startswith("re:")}
     regexes = [(pat, re.compile(pat[3:]), spec) for pat, spec in recipe.layers if pat.startswith("re:")]
     used: set[str] = set()
-    default = recipe.default_spec()
+    defaults = recipe.default_specs(model, names)
     out: dict[str, tuple[LayerSpec, bool]] = {}
     for name in names:
         used.update(pat for pat, rx, _ in regexes if rx.fullmatch(name))
@@ -351,7 +369,7 @@ def resolve_layers(model: nn.Module, recipe: Recipe) -> dict[str, tuple[LayerSpe
             if hit is not None:
                 spec, from_preset = hit[1], False
             else:
-                spec, from_preset = default, True
+                spec, from_preset = defaults[name], True
                 if (recipe.first_layer_dense and name == first) or (recipe.last_layer_dense and name == last):
                     spec = None
                 elif not _eligible(modules[name], recipe.layer_types):

@@ -597,3 +597,36 @@ register_sparsifier(DBTD, "dbtd", threshold=_dbtd_thr, apply=_dbtd_apply, stocha
                     nominal=_dbtd_nominal)
 register_sparsifier(RandomChannel, "random_channel", threshold=_random_channel_thr, keep=_random_channel_keep,
                     fixed=True)
+
+
+@dataclass(frozen=True)
+class RowTopK:
+    """Top-K by magnitude within each example: ``k = ceil(density * numel / batch)`` per slice of dim 0 (meProp).
+
+    meProp (Sun et al. 2017) keeps the top-k of each example's output gradient, so every example contributes to the
+    update; :class:`TopK` over the whole batch can leave some examples with nothing.
+    """
+
+    density: float | None = None
+    sparsity: float | None = None
+
+    def __post_init__(self) -> None:
+        _resolve_density(self)
+
+
+def _row_topk_thr(x: Tensor, cfg: RowTopK, *, key: str = "") -> Tensor | None:
+    if cfg.density >= 1.0 or x.dim() < 2:
+        return None if cfg.density >= 1.0 else topk_threshold(x, cfg.density)
+    rows = x.detach().reshape(x.shape[0], -1)
+    k = min(rows.shape[1], max(1, math.ceil(cfg.density * rows.shape[1])))
+    thr = rows.abs().float().topk(k, dim=1, sorted=False).values.amin(dim=1)
+    return thr.reshape((x.shape[0],) + (1,) * (x.dim() - 1))
+
+
+def _row_topk_keep(x: Tensor, cfg: RowTopK, thr: Tensor | None) -> Tensor | None:
+    if thr is not None and thr.dim() > 0 and thr.shape[0] != x.shape[0]:
+        thr = _row_topk_thr(x, cfg)  # a cached per-example threshold from a batch of another size: recompute
+    return None if thr is None else x.abs() >= thr.to(x.dtype)
+
+
+register_sparsifier(RowTopK, "row_topk", threshold=_row_topk_thr, keep=_row_topk_keep)
