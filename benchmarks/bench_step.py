@@ -302,9 +302,9 @@ def main() -> None:
     p.add_argument("--batch", nargs="+", type=int, default=[64, 128])
     p.add_argument("--modes", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
-    p.add_argument("--warmup", type=int, default=2,
+    p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps before the timed ones (the last counts the saved bytes); >= 1")
-    p.add_argument("--mem-steps", type=int, default=2, help="steps with the RSS sampler (max reported)")
+    p.add_argument("--mem-steps", type=int, default=1, help="steps with the RSS sampler (max reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1,
                    help="run every mode this many times, interleaved, and keep the run with the median time")
