@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"sparsetrain {args.command}"
     try:
         return int(args._module.main(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`sparsetrain flops ... | head`): not an error of ours; silence the final flush.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         # `train` handles its own interruption (it knows the run to resume); elsewhere nothing is half-written.
         print(f"\n{prefix}: interrupted", file=sys.stderr)

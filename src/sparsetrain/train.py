@@ -33,8 +33,9 @@ from sparsetrain.models import create_model, model_entrypoint
 from sparsetrain.recipe import Recipe
 from sparsetrain.runs import RunDir
 
-__all__ = ["TrainConfig", "Session", "NonFiniteError", "TrainingInterrupted", "train", "setup", "train_one_epoch", "evaluate",
-           "record_epoch", "finalize", "format_summary"]
+__all__ = ["TrainConfig", "Session", "NonFiniteError", "TrainingInterrupted", "check_device", "train", "setup",
+           "train_one_epoch", "evaluate", "record_epoch", "finalize", "format_summary", "TELEMETRY_POINTS",
+           "CURVE_POINTS"]
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ def _check_finite(rows: list[tuple[int, int, float, float, int]], epoch: int, ru
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def _check_device(name: str) -> torch.device:
+def check_device(name: str) -> torch.device:
     """The device, or ValueError when this machine does not have it (before anything is read or written)."""
     device = torch.device(name)
     if device.type == "cuda":
@@ -378,7 +379,7 @@ def _open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig
         model_entrypoint(cfg.model)
         dataset_info(cfg.dataset)
         Recipe.load(cfg.recipe, **(cfg.recipe_overrides or {}))
-        _check_device(cfg.device)
+        check_device(cfg.device)
         run_dir = RunDir(cfg.out) if cfg.out else RunDir.default(cfg.model, cfg.recipe)
         if run_dir.path.exists() and not run_dir.path.is_dir():
             raise FileExistsError(f"--out {run_dir.path} is an existing file, not a folder; a run directory is a "
@@ -391,7 +392,7 @@ def _open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig
     run_dir = RunDir.containing(resume)
     ckpt = runs.load_checkpoint(resume)
     saved = TrainConfig.from_dict(run_dir.read_config())
-    _check_device(saved.device)
+    check_device(saved.device)
     return dataclasses.replace(saved, epochs=epochs or saved.epochs, quiet=cfg.quiet), run_dir, ckpt
 
 

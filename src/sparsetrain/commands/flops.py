@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape = parser.add_mutually_exclusive_group()
     shape.add_argument("--dataset", metavar="NAME", help="take input shape and class count from a dataset")
     shape.add_argument("--input", metavar="CxHxW", type=parse_input_shape, help="per-sample input shape")
-    parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: dataset's)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classifier outputs (default: the dataset's, else the model's own, e.g. 1000 for "
+                             "resnet50_imagenet)")
     parser.add_argument("--recipe", metavar="PRESET|YAML", default=None, help="sparsity recipe (default: dense)")
     dens = parser.add_mutually_exclusive_group()
     dens.add_argument("--density", type=float, default=None, help="kept fraction passed to the recipe")
@@ -91,6 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _input_shape_and_classes(args: argparse.Namespace, model_name: str) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """Input shape and model kwargs: ``--dataset``'s, else ``--input`` and the model's own class count, else the
+    model's natural input size and class count (:func:`sparsetrain.models.get_model_cfg`). Where each came from is
+    recorded in ``args.defaults_note`` (printed with the table)."""
+    from sparsetrain.models import get_model_cfg
+
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
+    cfg = get_model_cfg(model_name)
     kwargs: dict[str, Any] = {"num_classes": args.num_classes, "width_mult": args.width_mult}
     if args.dataset:
         from sparsetrain.data import dataset_info
@@ -100,12 +110,21 @@ def _input_shape_and_classes(args: argparse.Namespace, model_name: str) -> tuple
         hw = (size, size) if isinstance(size, int) else tuple(size)
         kwargs["num_classes"] = args.num_classes or info.num_classes
         kwargs["in_channels"] = info.channels
-        return (info.channels, *hw), kwargs
-    if args.input is None:
-        raise ValueError("give --dataset NAME or --input CxHxW (or --run RUN_DIR)")
-    if len(args.input) == 3:
-        kwargs["in_channels"] = args.input[0]
-    return args.input, kwargs
+        shape, source = (info.channels, *hw), f"dataset {args.dataset}"
+    elif args.input is not None:
+        shape, source = args.input, "--input"
+        if len(args.input) == 3:
+            kwargs["in_channels"] = args.input[0]
+    else:
+        shape, source = tuple(cfg.input_size), f"{model_name}'s default"
+    classes_from = ("--num-classes" if args.num_classes is not None else
+                    f"dataset {args.dataset}" if args.dataset else f"{model_name}'s default")
+    if kwargs["num_classes"] is None:
+        kwargs["num_classes"] = cfg.num_classes
+    args.resolved_num_classes = kwargs["num_classes"]
+    args.defaults_note = (f"{model_name}: input {'x'.join(map(str, shape))} ({source}), {kwargs['num_classes']} "
+                          f"classes ({classes_from}); override with --dataset, --input, --num-classes")
+    return shape, kwargs
 
 
 def _nominal_densities(model: Any, recipe: str | None, density: float | None = None, sparsity: float | None = None,
@@ -267,12 +286,17 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:  # RunDirectoryError is a ValueError
         print(f"sparsetrain flops: error: {e}", file=sys.stderr)
         return 2
+    note = getattr(args, "defaults_note", None)
     if args.json:
         out = report.to_dict()
+        if note:
+            out = out | {"num_classes": args.resolved_num_classes, "defaults": note}
         if mem is not None:
             out = out | {"memory": mem.to_dict()}
         print(json.dumps(out, indent=2))
     else:
+        if note:
+            print(note)
         print(format_table(report))
         if mem is not None:
             print()

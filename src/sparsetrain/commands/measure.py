@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=None, metavar="N",
                         help="evaluate only the first N test batches (bounds the cost of --search)")
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument("--test-subset", type=int, default=None, metavar="N",
+                        help="evaluate the first N test images (default: the run's test_subset)")
+    subset.add_argument("--full-test-set", action="store_true",
+                        help="evaluate the whole test split even when the run used a subset")
     parser.add_argument("--search", choices=("weight", "activation"), default=None,
                         help="per-layer halving threshold search on weights or input activations")
     parser.add_argument("--margin", type=float, default=0.999,
@@ -62,30 +67,46 @@ def _inference_model(run, dense: bool):
     return model
 
 
-def _test_loader(run, data_dir, batch_size, device):
-    from sparsetrain.data import BatchLoader, dataset_info, load_arrays, make_loaders
+def _test_subset(run, args: argparse.Namespace) -> int | None:
+    """The test images to evaluate: ``--test-subset``, else all with ``--full-test-set``, else the run's setting."""
+    if args.full_test_set:
+        return None
+    if args.test_subset is not None:
+        if args.test_subset < 1:
+            raise ValueError(f"--test-subset must be >= 1, got {args.test_subset}")
+        return args.test_subset
+    return run.config.get("test_subset")
+
+
+def _test_loader(run, data_dir, batch_size, device, subset: int | None = None):
+    from sparsetrain.data import BatchLoader, dataset_info, load_arrays, make_loaders, subset_indices
 
     cfg = run.config
     name = cfg.get("dataset")
     if not name:
-        raise SystemExit("sparsetrain measure: the run's config has no 'dataset'")
+        raise ValueError(f"{run.run_dir.config_path}: the run's config has no 'dataset'")
     data_dir = data_dir or cfg.get("data_dir")
     info = dataset_info(name)
     if not info.in_memory:  # image folders: only the full loader factory knows how to read them
-        return make_loaders(name, data_dir=data_dir, batch_size=batch_size, augment=False, device=device)[1]
+        return make_loaders(name, data_dir=data_dir, batch_size=batch_size, augment=False, device=device,
+                            test_subset=subset)[1]
     # Only the test split: no need to read (and hold) the training set.
     x, y = load_arrays(name, "test", data_dir)
+    if subset is not None:
+        idx = subset_indices(y, subset)  # the first N, as training evaluated them
+        x, y = x[idx], y[idx]
     return BatchLoader(x, y, batch_size, mean=info.mean, std=info.std, device=device)
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
 
     from sparsetrain.analysis import make_evaluator, search_thresholds
     from sparsetrain.telemetry.tables import measure_sparsity
 
     if args.batches is not None and args.batches < 1:
         raise SystemExit(f"sparsetrain measure: --batches must be >= 1, got {args.batches}")
+    if args.batch_size < 1:
+        raise SystemExit(f"sparsetrain measure: --batch-size must be >= 1, got {args.batch_size}")
     if not 0 < args.margin <= 1:
         raise SystemExit(f"sparsetrain measure: --margin must be in (0, 1], got {args.margin}")
     if args.output and not args.search:
@@ -97,9 +118,15 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # not a run directory, missing or damaged checkpoint
         print(f"sparsetrain measure: error: {e}", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
+    from sparsetrain.train import check_device
+
+    device = check_device(args.device)
     model = _inference_model(run, args.dense).to(device).eval()
-    evaluate = make_evaluator(_test_loader(run, args.data_dir, args.batch_size, device), max_batches=args.batches)
+    subset = _test_subset(run, args)
+    loader = _test_loader(run, args.data_dir, args.batch_size, device, subset)
+    if subset is not None:
+        logger.info("evaluating the first %d test images, as the run did (--full-test-set: all of them)", loader.num_samples)
+    evaluate = make_evaluator(loader, max_batches=args.batches)
 
     weight_thr: float | dict[str, float] | None = args.weight_threshold
     act_thr: float | dict[str, float] | None = args.act_threshold
@@ -125,7 +152,8 @@ def main(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    print(f"run: {args.run} ({run.config.get('model')} on {run.config.get('dataset')})")
+    images = f"first {loader.num_samples} test images" if subset is not None else f"all {loader.num_samples} test images"
+    print(f"run: {args.run} ({run.config.get('model')} on {run.config.get('dataset')}, {images})")
     if search is not None:
         print(f"\nper-layer {search.operand} threshold search (margin {search.margin}):")
         for name, r in search.layers.items():

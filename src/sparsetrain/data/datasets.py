@@ -26,6 +26,8 @@ import gzip
 import logging
 import os
 import pickle
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -501,7 +503,14 @@ def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None
     for d in dirs:
         for layout in entry.layouts:
             if d.is_dir() and layout.present(d, split):
-                x, y = layout.read(d, split)
+                try:
+                    x, y = layout.read(d, split)
+                except (OSError, EOFError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError) as e:
+                    # A truncated download or a damaged copy: name the file(s) and the way out, not a traceback.
+                    files = ", ".join(str(d / f) for f in layout.files(split) if f != "...")
+                    raise ValueError(
+                        f"dataset {name!r} ({split}): {files} is truncated or corrupt ({type(e).__name__}: {e}); "
+                        f"delete it and copy or download it again (expected: {layout.description})") from None
                 x, y = _validate(name, entry.info, x, y, f"{d} ({layout.description})")
                 logger.info("loaded %s/%s from %s (%s): %d images", name, split, d, layout.description, len(x))
                 return torch.from_numpy(x), torch.from_numpy(y)
