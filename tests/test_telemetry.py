@@ -318,7 +318,7 @@ def test_block_aggregation_matches_hand_computation():
         net.layer1[2].weight[0] = 0.0  # 4 of 24 zeros
         net.stem.weight[0] = 0.0  # 9 of 36
     sink = ListSink()
-    with Monitor(net, sinks=[sink]) as mon:
+    with Monitor(net, sinks=[sink], block_activations="last_layer") as mon:
         net(torch.randn(2, 1, 6, 6)).sum().backward()
         mon.step()
     layers, blocks = _by(sink.records, "layer"), _by(sink.records, "block")
@@ -330,7 +330,7 @@ def test_block_aggregation_matches_hand_computation():
         assert (blocks["layer1", tensor]["zeros"], blocks["layer1", tensor]["numel"]) == (z, n)
         assert blocks["layer1", tensor]["sparsity"] == pytest.approx(z / n)
     assert blocks["layer1", "weight"]["sparsity"] == pytest.approx((72 + 4) / (144 + 24))
-    # Activations: the block's last layer (layer1.2).
+    # Activations with block_activations="last_layer": the block's last layer (layer1.2).
     for tensor in ("input", "output"):
         assert blocks["layer1", tensor]["zeros"] == layers["layer1.2", tensor]["zeros"]
         assert blocks["layer1", tensor]["numel"] == layers["layer1.2", tensor]["numel"]
@@ -345,6 +345,29 @@ def test_block_aggregation_matches_hand_computation():
     assert lat["step"] == 0
     assert lat["block"]["layer1"]["weight"] == pytest.approx((72 + 4) / (144 + 24))
     assert lat["layer"]["stem"]["weight"] == pytest.approx(9 / 36)
+
+
+def test_block_activation_is_the_block_output_by_hand_count():
+    """TensorQuant's block activation sparsity: the tensor the block returns (a ResNet block: after its last ReLU)."""
+    torch.manual_seed(0)
+    model = sparsetrain.create_model("resnet20").train()
+    seen: dict[str, torch.Tensor] = {}
+    for b in ("layer1.0", "layer2"):
+        model.get_submodule(b).register_forward_hook(lambda m, a, out, b=b: seen.__setitem__(b, (a[0], out)))
+    with Monitor(model, blocks=["layer1.0", "layer2"]) as mon:
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        blocks = _by(mon.step(), "block")
+        layers = _by(mon.latest_records(), "layer")
+    for b in ("layer1.0", "layer2"):
+        x, out = seen[b]
+        assert bool((out == 0).any())  # post-ReLU: there are zeros to count
+        assert (blocks[b, "output"]["zeros"], blocks[b, "output"]["numel"]) == (int((out == 0).sum()), out.numel())
+        assert (blocks[b, "input"]["zeros"], blocks[b, "input"]["numel"]) == (int((x == 0).sum()), x.numel())
+    # Not the last layer's tensors: conv2's input is the inner ReLU's output, its output is before BN and ReLU.
+    assert blocks["layer1.0", "output"]["zeros"] != layers["layer1.0.conv2", "output"]["zeros"]
+    assert layers["layer1.0.conv2", "output"]["zeros"] == 0
+    with pytest.raises(ValueError, match="block_output, last_layer"):
+        Monitor(model, block_activations="last")
 
 
 def _hook_state(model):

@@ -8,9 +8,13 @@ Aggregation rules (Loroch et al. 2018, §2.1, METHODS.md §3):
 * weights and every gradient tensor (``weight``, ``grad_output``, ``grad_input``, ``grad_weight``) are
   element-weighted: ``s_b = sum_l zeros_l / sum_l numel_l`` over the member layers (eq. 5 with
   ``|W_l| s_l = zeros_l``);
-* activations (``input``, ``output``) are those of the block's **last** layer: the last member in module
-  registration order (``model.named_modules()`` order, which is the order the layers are defined in
-  ``__init__``, normally also the order they run in) that has a value for that tensor.
+* activations (``input``, ``output``): by default (TensorQuant's definition, "the block's last activation") the
+  tensors the block *module* receives and returns, counted by the :class:`~sparsetrain.telemetry.Monitor` at the
+  block's boundary (a ResNet block's output is after its last ReLU and the residual add). With
+  ``Monitor(block_activations="last_layer")``, those of the block's **last** layer instead: the last member in
+  module registration order (``model.named_modules()`` order, which is the order the layers are defined in
+  ``__init__``, normally also the order they run in) that has a value for that tensor (:func:`aggregate` with
+  ``last_layer=True``). A conv's own output is before the ReLU that follows it, so this reads less sparse.
 
 The model total (:data:`TOTAL`) sums over all layers for every tensor, activations included: the "last activation"
 of a whole classifier would be its logits, which say nothing about activation sparsity.

@@ -74,12 +74,17 @@ __all__ = [
     "Monitor",
     "TENSORS",
     "NearZeroThreshold",
+    "BLOCK_ACTIVATIONS",
     "monitored_layers",
     "counts_from_records",
     "evaluate_with_monitor",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: What a block's activation records count (see :class:`Monitor`); the first is the default.
+BLOCK_ACTIVATIONS = ("block_output", "last_layer")
+_BOUNDARY = "\x00"
 
 #: Tensor names in record order: the entries of ``layers.OPERANDS`` visible at a module's boundary. The per-GEMM
 #: copies (``weight_for_grad_input``, ``input_for_grad_weight``) exist only inside a sparse layer's autograd.
@@ -179,6 +184,10 @@ class Monitor:
         sinks: objects with ``write(records: list[dict])`` and ``close()``; each sample is written once.
         blocks: ``"auto"`` (every proper name prefix holding >= 2 layers), ``None`` or a list of prefixes;
             see :mod:`sparsetrain.telemetry.blocks` for the aggregation rules.
+        block_activations: what a block's ``input``/``output`` records count. ``"block_output"`` (default,
+            TensorQuant's definition): the tensors the block *module* receives and returns, e.g. a ResNet block's
+            output after its last ReLU (and the residual add). ``"last_layer"``: the input/output of the block's last
+            conv/linear layer (the module's own output is before any ReLU that follows it).
         layers: restrict to these layer names (default: all ``nn.Conv2d``/``nn.Linear``).
         include_eval: also record layers in eval mode (for inference measurements).
         start_step: index of the first step (to continue numbering after resuming from a checkpoint).
@@ -209,6 +218,7 @@ class Monitor:
         blocks: str | Sequence[str] | None = "auto",
         layers: Sequence[str] | None = None,
         *,
+        block_activations: str = "block_output",
         include_eval: bool = False,
         start_step: int = 0,
         total: bool = True,
@@ -227,7 +237,15 @@ class Monitor:
         self._members = {b: block_members(b, self.layer_names) for b in self.block_names}
         if total:
             self._members[TOTAL] = list(self.layer_names)
+        if block_activations not in BLOCK_ACTIVATIONS:
+            raise ValueError(f"block_activations must be one of {', '.join(BLOCK_ACTIVATIONS)}, "
+                             f"got {block_activations!r}")
+        self.block_activations = block_activations
         self._thr = _resolve_thresholds(near_zero_threshold, self.layer_names)
+        # Block-boundary counts live under a key no module name can take (names never start with a NUL).
+        boundary = self.block_names if block_activations == "block_output" else []
+        for (b, t), v in _resolve_thresholds(near_zero_threshold, boundary).items():
+            self._thr[(_BOUNDARY + b, t)] = v
         self.every = every
         self.include_eval = include_eval
         self.sinks = list(sinks)
@@ -245,6 +263,9 @@ class Monitor:
             self._handles.append(m.register_forward_pre_hook(functools.partial(self._pre_hook, name)))
             self._handles.append(m.register_forward_hook(functools.partial(self._fwd_hook, name)))
             self._handles.append(m.weight.register_post_accumulate_grad_hook(functools.partial(self._wgrad_hook, name)))
+        for b in boundary:
+            block = model.get_submodule(b)
+            self._handles.append(block.register_forward_hook(functools.partial(self._block_hook, _BOUNDARY + b)))
 
     # ------------------------------------------------------------------ state
     @property
@@ -297,6 +318,14 @@ class Monitor:
                 # gradient of this version of the tensor, i.e. the dy the layer's backward consumes.
                 hook = functools.partial(self._grad_hook, name, "grad_output")
                 self._step_handles.append(output.register_hook(hook))
+
+    def _block_hook(self, key: str, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._active(module):
+            return
+        if args and isinstance(args[0], Tensor):
+            self._count(key, "input", args[0])
+        if isinstance(output, Tensor):
+            self._count(key, "output", output)
 
     def _grad_hook(self, name: str, tensor: str, grad: Tensor) -> None:
         self._count(name, tensor, grad)
@@ -386,6 +415,8 @@ class Monitor:
                 per_layer = {n: counts[n][tensor] for n in members if tensor in counts.get(n, {})}
                 last = tensor not in ELEMENT_WEIGHTED and block != TOTAL
                 c = aggregate(per_layer, members, last_layer=last)
+                if last and self.block_activations == "block_output":
+                    c = counts.get(_BOUNDARY + block, {}).get(tensor)
                 if c is not None:
                     emit(block, "block", tensor, c)
         return records
@@ -457,8 +488,11 @@ def evaluate_with_monitor(
     near_zero_threshold: NearZeroThreshold = None,
     layers: Sequence[str] | None = None,
     blocks: str | Sequence[str] | None = "auto",
+    block_activations: str = "block_output",
 ) -> tuple[float, list[dict[str, Any]]]:
     """Run ``evaluate(model)`` with a :class:`Monitor` attached; return the accuracy and one step of records.
+
+    ``block_activations`` is the Monitor's (block activation records: the block's boundary, or its last layer's).
 
     Counts are summed over every evaluated batch (element-weighted over the evaluation set); layers in eval mode
     are recorded (``include_eval=True``).
@@ -471,7 +505,7 @@ def evaluate_with_monitor(
         (1.0, ['input', 'output', 'weight'])
     """
     with Monitor(model, every=1, near_zero_threshold=near_zero_threshold, blocks=blocks, layers=layers,
-                 include_eval=True) as mon:
+                 block_activations=block_activations, include_eval=True) as mon:
         acc = evaluate(model)
         records = mon.step() or []
     return acc, records

@@ -10,7 +10,9 @@ Columns: weight elements, weight sparsity, weight sparsity under enforcement; ac
 input-activation sparsity with and without enforcement (the enforced value counts ``|x| <= thr`` of the layer's
 input in the enforced model, i.e. exactly the zeros its GEMM sees), and output sparsity of the enforced model
 (module output, before the next ReLU). Blocks follow :mod:`sparsetrain.telemetry.blocks`: weights element-weighted,
-activations of the block's last layer; the ``(total)`` row sums over every layer.
+activations of the block's last layer (``block_activations="last_layer"``: the table's input columns are the
+activations a GEMM consumes, where thresholds act; TensorQuant's block activation, the block's output, is what the
+training Monitor records by default); the ``(total)`` row sums over every layer.
 """
 
 from __future__ import annotations
@@ -244,7 +246,8 @@ def measure_sparsity(
     names = list(modules)
     w_thr = resolve_thresholds(weight_thresholds, names)
     a_thr = resolve_thresholds(act_thresholds, names, skip_first=True)
-    base_acc, base = evaluate_with_monitor(model, evaluate, blocks=blocks)
+    # Block input columns are the last layer's (GEMM-side) input, where an enforced threshold acts.
+    base_acc, base = evaluate_with_monitor(model, evaluate, blocks=blocks, block_activations="last_layer")
     n_img = getattr(evaluate, "num_samples", None)
     enforced = bool(w_thr or a_thr)
     enf_acc, enf = None, []
@@ -256,7 +259,8 @@ def measure_sparsity(
                 return w_thr.get(layer)
             return a_thr.get(layer) if tensor == "input" else None
 
-        enf_acc, enf = evaluate_with_monitor(trial, evaluate, near_zero_threshold=near, blocks=blocks)
+        enf_acc, enf = evaluate_with_monitor(trial, evaluate, near_zero_threshold=near, blocks=blocks,
+                                             block_activations="last_layer")
     b, e = _index(base), _index(enf)
 
     def sp(idx: Mapping, kind: str, name: str, tensor: str, near_ok: bool = False) -> float | None:
