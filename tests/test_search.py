@@ -87,6 +87,18 @@ def test_halving_search_semantics():
         halving_search(lambda t: 1.0, baseline=1.0, margin=1.5)
 
 
+def test_default_margin_keeps_accuracy_unchanged():
+    # TensorQuant's scripts accept a threshold only if accuracy is unchanged (margin 1.0); 0.999 is the looser option.
+    from sparsetrain.analysis import DEFAULT_MARGIN
+
+    def acc_at(t):
+        return 0.9 if t <= 0.1 else 0.8996  # 0.8996 / 0.9 = 0.99956: holds at 0.999, not at 1.0
+
+    assert DEFAULT_MARGIN == 1.0
+    assert halving_search(acc_at, baseline=0.9)[0] == 1 / 16
+    assert halving_search(acc_at, baseline=0.9, margin=0.999)[0] == 1.0
+
+
 def test_threshold_recipe_loads_with_sparsify():
     model = sparsetrain.create_model("lenet5", num_classes=10, in_channels=1)
     recipe = threshold_recipe({"conv1": 0.05, "fc": None}, operand="weight")

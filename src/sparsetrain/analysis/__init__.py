@@ -10,6 +10,7 @@ Example:
 """
 
 from sparsetrain.analysis.search import (
+    DEFAULT_MARGIN,
     SEARCH_OPERANDS,
     Evaluator,
     LayerSearch,
@@ -22,6 +23,7 @@ from sparsetrain.analysis.search import (
 )
 
 __all__ = [
+    "DEFAULT_MARGIN",
     "SEARCH_OPERANDS",
     "Evaluator",
     "LayerSearch",

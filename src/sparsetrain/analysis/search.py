@@ -1,10 +1,10 @@
 """Post-training per-layer threshold search (Loroch et al. 2018, "TensorQuant", §3.1; METHODS.md §3).
 
 For each layer on its own (all other layers untouched), start at ``thr = 1`` and halve it until the accuracy with
-that layer's operand thresholded (``|v| > thr`` kept) holds ``accuracy / baseline >= margin``, or until
-``thr < 1e-5``: the layer "cannot be sparsified" and stays dense. Then every found threshold is applied at once and
-the combined accuracy and sparsities are reported. The result turns into a recipe that ``sparsetrain.sparsify_``
-loads.
+that layer's operand thresholded (``|v| > thr`` kept) holds ``accuracy / baseline >= margin`` (default 1.0, accuracy
+unchanged, as in TensorQuant's published scripts), or until ``thr < 1e-5``: the layer "cannot be sparsified" and
+stays dense. Then every found threshold is applied at once and the combined accuracy and sparsities are reported. The
+result turns into a recipe that ``sparsetrain.sparsify_`` loads.
 
 Thresholds are enforced through ``sparsetrain.sparsify_`` with ``threshold`` sparsifiers on a deep copy of the
 model (:func:`sparsetrain.telemetry.tables.apply_thresholds`), so the searched model is never modified. Operands:
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SEARCH_OPERANDS",
+    "DEFAULT_MARGIN",
     "LayerSearch",
     "ThresholdSearchResult",
     "threshold_recipe",
@@ -59,6 +60,10 @@ __all__ = [
     "halving_search",
     "search_thresholds",
 ]
+
+#: The default margin: accuracy unchanged, as in every published TensorQuant search script (the paper's text mentions
+#: 0.999; its scripts use 1.0). ``margin=0.999`` is the looser option.
+DEFAULT_MARGIN = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +214,7 @@ def make_evaluator(
 def halving_search(
     accuracy_at: Callable[[float], float],
     baseline: float,
-    margin: float = 0.999,
+    margin: float = DEFAULT_MARGIN,
     start: float = 1.0,
     min_threshold: float = 1e-5,
 ) -> tuple[float | None, list[tuple[float, float]]]:
@@ -218,7 +223,7 @@ def halving_search(
     Args:
         accuracy_at: accuracy with the threshold applied.
         baseline: accuracy without any threshold (> 0).
-        margin: required ``accuracy / baseline``.
+        margin: required ``accuracy / baseline`` (default 1.0: accuracy unchanged, TensorQuant's scripts).
         start: first threshold tried.
         min_threshold: stop (and give up) once the threshold falls below this.
 
@@ -368,7 +373,7 @@ def search_thresholds(
     evaluate: Callable[[nn.Module], float],
     operand: str = "weight",
     layers: Sequence[str] | None = None,
-    margin: float = 0.999,
+    margin: float = DEFAULT_MARGIN,
     start: float = 1.0,
     min_threshold: float = 1e-5,
 ) -> ThresholdSearchResult:
@@ -380,7 +385,7 @@ def search_thresholds(
             evaluation set.
         operand: ``"weight"`` or ``"input"`` (the consumed activation; see the module docstring).
         layers: layers to search (default: every conv/linear; for ``"input"`` every one but the first).
-        margin: required ``accuracy / baseline`` for each layer alone.
+        margin: required ``accuracy / baseline`` for each layer alone (default 1.0: accuracy unchanged).
         start: first threshold of every layer.
         min_threshold: a layer whose threshold would fall below this cannot be sparsified.
 
