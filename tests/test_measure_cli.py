@@ -129,7 +129,7 @@ def test_global_activation_threshold_skips_first_layer():
         resolve_thresholds(-1.0, names)
 
 
-def test_cli_arguments_and_errors():
+def test_cli_arguments_and_errors(capsys):
     from sparsetrain.cli import build_parser, main
 
     args = build_parser().parse_args(
@@ -155,10 +155,10 @@ def test_cli_arguments_and_errors():
         3,
         True,
     )
-    with pytest.raises(SystemExit, match="--output"):
-        main(["measure", "runs/x", "--output", "r.yaml"])
-    with pytest.raises(SystemExit, match="--margin"):
-        main(["measure", "runs/x", "--margin", "1.5"])
+    assert main(["measure", "runs/x", "--output", "r.yaml"]) == 2
+    assert "--output writes a searched recipe" in capsys.readouterr().err
+    assert main(["measure", "runs/x", "--margin", "1.5"]) == 2
+    assert "--margin must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["measure", "runs/x", "--search", "gradient"])
 
@@ -197,7 +197,10 @@ def _fake_runs(monkeypatch, run):
     import sys
     import types
 
+    from sparsetrain import runs
+
     mod = types.ModuleType("sparsetrain.runs")
+    mod.__dict__.update({k: v for k, v in vars(runs).items() if not k.startswith("__")})  # the rest stays real
     mod.load_run = lambda path: run
     monkeypatch.setitem(sys.modules, "sparsetrain.runs", mod)
 
@@ -273,10 +276,10 @@ def test_cli_on_a_trained_run(tmp_path, capsys):
 
     out = tmp_path / "recipe.yaml"
     assert main(["measure", str(run_dir), "--search", "weight", "--margin", "0.98", "--batches", "4",
-                 "--batch-size", "100", "--output", str(out), "--json"]) == 0
+                 "--batch-size", "100", "--output", str(out), "--json", "--full-test-set"]) == 0
     data = json.loads(capsys.readouterr().out)
     rep, search = data["report"], data["search"]
-    assert rep["num_samples"] == 400
+    assert rep["num_samples"] == 400  # --full-test-set: beyond the run's 200 test images, up to --batches 4
     found = {n: v["threshold"] for n, v in search["layers"].items() if v["threshold"] is not None}
     assert rep["weight_thresholds"] == found
     assert rep["enforced_accuracy"] == pytest.approx(search["combined_accuracy"])
@@ -284,6 +287,8 @@ def test_cli_on_a_trained_run(tmp_path, capsys):
     assert set(handle.layers) == set(found)
 
     assert main(["measure", str(run_dir / "checkpoint.pt"), "--weight-threshold", "0.01", "--act-threshold", "0.1",
-                 "--batches", "2", "--batch-size", "100"]) == 0
+                 "--batches", "3", "--batch-size", "100"]) == 0
     text = capsys.readouterr().out
-    assert "w enforced" in text and "conv1" in text and "(total)" in text and "accuracy on 200 images" in text
+    assert "w enforced" in text and "conv1" in text and "(total)" in text
+    # by default the run's own test subset (200 images), not --batches 3 x 100 of the whole test split
+    assert "accuracy on 200 images" in text and "first 200 test images" in text

@@ -236,7 +236,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is damaged
         hint = (f" The previous checkpoint {prev} is intact: resume from it with --resume {prev}"
                 if prev.exists() and prev != path else "")
-        raise RuntimeError(f"checkpoint {path} is corrupted or truncated ({type(e).__name__}: {e}).{hint}") from None
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:200]  # torch's are paragraphs
+        raise RuntimeError(f"checkpoint {path} is corrupted or truncated ({type(e).__name__}: {first}).{hint}") from None
     return ckpt
 
 

@@ -79,9 +79,9 @@ class TrainConfig:
     (float16 on CUDA only, with a gradient scaler); parameters and their gradients stay float32.
 
     ``telemetry_every: null`` (the default) samples the sparsity monitor about :data:`TELEMETRY_POINTS` times per
-    run, whatever its length; the run directory's ``config.yaml`` records the interval used. ``tensorboard``
+    run, whatever its length; the run's config records the interval used. ``tensorboard``
     also writes the telemetry and the per-epoch metrics to ``<run>/tensorboard`` (needs ``sparsetrain[tensorboard]``).
-    ``data_dir: null`` reads ``$SPARSETRAIN_DATA``; ``config.yaml`` records the folder the data was read from.
+    ``data_dir: null`` reads ``$SPARSETRAIN_DATA``; the run's config records the folder the data was read from.
     """
 
     model: str = "lenet5"

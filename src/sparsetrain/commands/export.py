@@ -4,9 +4,9 @@ A training checkpoint holds the dense, unmasked weights; a plain model loaded fr
 trained sparse model. ``export`` re-applies the run's recipe with its saved sparsity state, takes every sparse
 layer's forward weight (:func:`sparsetrain.export.masked_state_dict`) and writes
 
-* ``RUN_DIR/model_sparse.pt`` (``--out``): a ``torch.save`` of the plain ``state_dict``; it loads into the vanilla
+* ``RunDir.SPARSE_MODEL`` in the run directory (``--out``): a ``torch.save`` of the plain ``state_dict``; it loads into the vanilla
   model (``create_model(...).load_state_dict(torch.load(f))``) and reproduces the sparse model's predictions;
-* ``RUN_DIR/model_sparse.packed.pt`` (``--compressed-out``): the same tensors packed (values + bitmap or indices),
+* ``RunDir.COMPRESSED_MODEL`` (``--compressed-out``): the same tensors packed (values + bitmap or indices),
   read back with :func:`sparsetrain.export.load_compressed`,
 
 and prints their sizes beside the dense checkpoint's weights.
@@ -33,10 +33,12 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``export`` arguments."""
     parser.add_argument("run", metavar="RUN_DIR", help="run directory written by `sparsetrain train`")
+    from sparsetrain.runs import RunDir
+
     parser.add_argument("--out", metavar="FILE", default=None,
-                        help="plain masked state_dict (default RUN_DIR/model_sparse.pt)")
+                        help=f"plain masked state_dict (default RUN_DIR/{RunDir.SPARSE_MODEL})")
     parser.add_argument("--compressed-out", metavar="FILE", default=None,
-                        help="compressed file (default RUN_DIR/model_sparse.packed.pt)")
+                        help=f"compressed file (default RUN_DIR/{RunDir.COMPRESSED_MODEL})")
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 

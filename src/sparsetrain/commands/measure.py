@@ -99,18 +99,18 @@ def _test_loader(run, data_dir, batch_size, device, subset: int | None = None):
 
 
 def main(args: argparse.Namespace) -> int:
-
     from sparsetrain.analysis import make_evaluator, search_thresholds
+    from sparsetrain.commands._errors import UsageError
     from sparsetrain.telemetry.tables import measure_sparsity
 
     if args.batches is not None and args.batches < 1:
-        raise SystemExit(f"sparsetrain measure: --batches must be >= 1, got {args.batches}")
+        raise UsageError(f"--batches must be >= 1, got {args.batches}")
     if args.batch_size < 1:
-        raise SystemExit(f"sparsetrain measure: --batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 < args.margin <= 1:
-        raise SystemExit(f"sparsetrain measure: --margin must be in (0, 1], got {args.margin}")
+        raise UsageError(f"--margin must be in (0, 1], got {args.margin}")
     if args.output and not args.search:
-        raise SystemExit("sparsetrain measure: --output writes a searched recipe; add --search weight|activation")
+        raise UsageError("--output writes a searched recipe; add --search weight|activation")
     from sparsetrain.runs import load_run
 
     try:
