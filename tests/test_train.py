@@ -183,7 +183,7 @@ def test_list_command(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["list", "--help"], ["measure", "--help"],
-                                  ["report", "--help"], ["flops", "--help"]])
+                                  ["report", "--help"], ["flops", "--help"], ["export", "--help"]])
 def test_cli_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -203,3 +203,100 @@ def test_bad_names_fail_before_anything_is_written(tmp_path, caplog, argv, messa
     assert main(["train", *argv, "--out", str(out), "--quiet"]) == 2
     assert message in caplog.text
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- a short real run, as a user makes it
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """``sparsetrain train --epochs 1 --train-subset 512 --test-subset 256`` on the built-in data, via the CLI."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    proc = subprocess.run([sys.executable, "-m", "sparsetrain", "train", "--epochs", "1", "--train-subset", "512",
+                           "--test-subset", "256", "--quiet", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _sparse_outputs(run_dir, x):
+    """Logits of the trained sparse model: the run's recipe re-applied with its saved state, in eval mode."""
+    run = runs.load_run(run_dir)
+    run.sparsify()
+    run.model.eval()
+    with torch.no_grad():
+        return run.model(x)
+
+
+def test_export_round_trips_reproduce_the_sparse_model(short_run):
+    from sparsetrain.data import make_loaders
+    from sparsetrain.export import load_compressed
+    from sparsetrain.models import create_model
+
+    rd = runs.RunDir(short_run)
+    before = {p.name: p.read_bytes() for p in rd.path.iterdir() if p.is_file()}
+    proc = subprocess.run([sys.executable, "-m", "sparsetrain", "export", str(short_run)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "dense weights" in out and str(rd.sparse_model_path) in out and str(rd.compressed_model_path) in out
+    assert "KiB" in out and "x smaller" in out
+    # nothing of the run was changed: the checkpoint still holds the dense weights, for --resume
+    assert {n: rd.path.joinpath(n).read_bytes() for n in before} == before
+
+    _, test, info = make_loaders("fashion_mnist_small", batch_size=256, augment=False, test_subset=256)
+    x, _ = next(iter(test))
+    want = _sparse_outputs(short_run, x)
+    vanilla = create_model("lenet5", num_classes=info.num_classes, in_channels=info.channels).eval()
+    for sd in (torch.load(rd.sparse_model_path, weights_only=True), load_compressed(rd.compressed_model_path)):
+        vanilla.load_state_dict(sd)  # the plain model's keys
+        with torch.no_grad():
+            assert torch.equal(vanilla(x), want)
+    # ... which the raw checkpoint does not: that is why export exists
+    vanilla.load_state_dict(runs.load_checkpoint(short_run)["model"])
+    with torch.no_grad():
+        assert not torch.allclose(vanilla(x), want)
+    assert rd.compressed_model_path.stat().st_size * 4 < rd.sparse_model_path.stat().st_size  # SWAT-U 90%
+
+    # a second export refuses to overwrite, --force does
+    again = subprocess.run([sys.executable, "-m", "sparsetrain", "export", str(short_run)], capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2 and "exists; add --force" in again.stderr and "Traceback" not in again.stderr
+    assert main(["export", str(short_run), "--force", "--out", str(short_run / "other.pt")]) == 0
+
+
+def test_short_run_records_what_it_used(short_run):
+    config = runs.RunDir(short_run).read_config()
+    (m,) = runs.RunDir(short_run).read_metrics()
+    steps = m["step"]  # 512 images / batch 64
+    assert steps == 8
+    # the telemetry interval was chosen from the run length: ~TELEMETRY_POINTS samples, not 1
+    assert config["telemetry_every"] == max(1, steps // train_mod.TELEMETRY_POINTS)
+    assert len({r["step"] for r in runs.read_jsonl(runs.RunDir(short_run).telemetry_path)}) == steps
+    # lr: the mean rate of the epoch's steps (the cosine schedule ends the epoch at 0)
+    sched = train_mod._lr_lambda(TrainConfig.from_dict({k: v for k, v in config.items() if k != "out"}), steps)
+    assert m["lr"] == pytest.approx(sum(0.05 * sched(i) for i in range(steps)) / steps)
+    assert m["lr_end"] == pytest.approx(0.0, abs=1e-12) and m["lr"] > 0.02
+    # the intra-epoch curve: one point per step on this short run, ending at the epoch's step
+    assert m["curve"]["step"] == list(range(1, steps + 1))
+    assert len(m["curve"]["train_loss"]) == len(m["curve"]["train_acc"]) == steps
+    assert config["recipe"] == "swat-u" and config["train_subset"] == 512
+
+
+def test_config_records_the_data_folder_from_the_environment(tmp_path, data_root, require_dataset, monkeypatch):
+    require_dataset("mnist")
+    monkeypatch.setenv("SPARSETRAIN_DATA", str(data_root))
+    cfg = TrainConfig(dataset="mnist", epochs=1, train_subset=256, test_subset=128, batch_size=128,
+                      telemetry_every=0, quiet=True, out=str(tmp_path / "run"))
+    train(cfg)
+    assert runs.RunDir(tmp_path / "run").read_config()["data_dir"] == str(data_root.resolve())
+    # and the run measures and resumes from that folder without the variable
+    monkeypatch.delenv("SPARSETRAIN_DATA")
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--quiet"]) == 0
+
+
+def test_tensorboard_writes_event_files(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard", reason="the tensorboard extra is not installed here")
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--train-subset", "256", "--test-subset", "128", "--batch-size", "128",
+                 "--tensorboard", "--quiet", "--out", str(out)]) == 0
+    events = list(runs.RunDir(out).tensorboard_dir.glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)

@@ -352,18 +352,24 @@ def check_device(name: str) -> torch.device:
 
 
 def _resolved_data_dir(cfg: TrainConfig) -> str | None:
-    """The data folder to record: ``data_dir`` as given, else the ``SPARSETRAIN_DATA`` root that exists."""
-    import os
+    """The data folder to record: ``data_dir`` as given, else the ``SPARSETRAIN_DATA`` root holding the dataset.
 
-    from sparsetrain.data import DATA_ENV_VAR
+    None when neither names a folder holding it (the bundled subset read from the package needs none).
+    """
+    import os
+    from pathlib import Path
+
+    from sparsetrain.data import DATA_ENV_VAR, candidate_dirs
 
     if cfg.data_dir is not None:
         return str(cfg.data_dir)
     env = os.environ.get(DATA_ENV_VAR)
     if not env:
-        return None  # the bundled subset, or a dataset that will fail to load with a message saying where to put it
-    roots = [os.path.abspath(os.path.expanduser(r)) for r in env.split(os.pathsep) if r]
-    return next((r for r in roots if os.path.isdir(r)), roots[0] if roots else None)
+        return None
+    for root in (Path(r).expanduser().resolve() for r in env.split(os.pathsep) if r):
+        if any(d.is_dir() and root in (d, *d.parents) for d in candidate_dirs(cfg.dataset, root)):
+            return str(root)
+    return None
 
 
 def _telemetry_every(cfg: TrainConfig, steps_per_epoch: int) -> int:
