@@ -4,6 +4,7 @@ The failures a user hit (issue 12, item 3) run the real CLI in a subprocess; the
 names, missing files and bad numbers runs ``sparsetrain.cli.main`` in-process (the same error handling, faster).
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -237,3 +238,17 @@ def test_broken_pipe_is_silent():
     os.close(w)
     _, stderr = proc.communicate(timeout=120)
     assert stderr == ""
+
+
+# ------------------------------------------------------------------------------- silent defaults are said aloud
+def test_flops_takes_the_models_natural_class_count_and_input_and_prints_them():
+    proc = _run("flops", "--model", "resnet50_imagenet", "--json")
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["num_classes"] == 1000 and tuple(d["input_shape"]) == (3, 224, 224)
+    fc = next(r for r in d["layers"] if r["name"] == "fc")
+    assert fc["dense_forward_macs"] == 2048 * 1000  # the ImageNet head, not a 10-class one
+    assert "1000 classes (resnet50_imagenet's default)" in d["defaults"]
+    text = _run("flops", "--model", "resnet50_imagenet", "--num-classes", "10").stdout
+    assert text.splitlines()[0].startswith("resnet50_imagenet: input 3x224x224 (resnet50_imagenet's default), "
+                                           "10 classes (--num-classes)")

@@ -290,7 +290,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         out = report.to_dict()
         if note:
-            out = out | {"num_classes": args.resolved_num_classes, "defaults": note}
+            out = out | {"input_shape": list(report.input_shape), "num_classes": args.resolved_num_classes,
+                         "defaults": note}
         if mem is not None:
             out = out | {"memory": mem.to_dict()}
         print(json.dumps(out, indent=2))
