@@ -339,17 +339,20 @@ def test_single_run_report(tmp_path):
     # Config: small dicts flattened, scalars as written.
     assert ["`recipe_overrides.density`", "0.1"] in rows
     assert ["`lr`", "0.1"] in rows
-    # Epoch table: epoch 3 has test acc 80.10 % and lr 0.1 * 0.1.
-    epoch3 = next(r for r in rows if r[0] == "3")
+    # Epoch table, numbered from 1 as the console: the 4th epoch (record epoch 3) has test acc 80.10 %, lr 0.1 * 0.1
+    # (records without `lr_end` predate the epoch-mean lr: the column says "end of epoch").
+    assert any(r[:2] == ["Epoch", "LR (end of epoch)"] for r in rows)
+    epoch3 = next(r for r in rows if r[0] == "4")
     assert epoch3[1] == "0.01" and epoch3[5] == "80.10"
     assert epoch3[3] == "83.10"  # train acc = 0.801 + 0.03
     # Densities: first layer dense, the others at 10 %; headline densities of the last epoch.
     assert ["`conv1`", "100.0", "100.0", "100.0", "100.0"] in rows
     assert ["`layer1.0.conv1`", "10.0", "10.0", "10.0", "10.0"] in rows
     assert "weight density 10.40 %, activation density 12.00 %" in md
-    header = next(r for r in rows if r[0] == "Layer" and "weight_for_grad_input (%)" in r)
+    header = next(r for r in rows if r[0] == "Layer" and "weight_for_grad_input (kept %)" in r)
     # Operands that every layer keeps dense are left out of the density table.
-    assert header == ["Layer", "weight (%)", "input (%)", "weight_for_grad_input (%)", "input_for_grad_weight (%)"]
+    assert header == ["Layer", "weight (kept %)", "input (kept %)", "weight_for_grad_input (kept %)",
+                      "input_for_grad_weight (kept %)"]
     # Telemetry: last step 80; grad_weight of layer index 2 = min(.95, .1 + .2 + .16) = 46 %; mean over steps
     # 0, 10, ..., 80 = .3 + .002 * 40 = 38 %.
     tel_row = next(r for r in rows if r[0] == "`layer1.0.conv2`" and len(r) == 7)
@@ -544,8 +547,8 @@ def test_comparison_report(tmp_path):
     assert header == [
         "Method",
         "Density",
-        "W dens. (%)",
-        "Act dens. (%)",
+        "W dens. (kept %)",
+        "Act dens. (kept %)",
         "Top-1 ± SD (%)",
         "n",
         "BA / AC (%)",
@@ -775,6 +778,25 @@ def test_report_of_a_real_training_run(real_runs, capsys):
     parser = parse_html(out / "report.html")
     check_images(out, parser)
     assert parser.cells == markdown_cells(md)
+    # A short run reads well: epochs numbered as the console, the LR the epoch used, both density measures named.
+    header = next(r for r in rows if r and r[0] == "Epoch")
+    assert header[1] == "LR (epoch mean)"
+    epoch_row = rows[rows.index(header) + 1]
+    (m,) = read_run(run).metrics
+    assert epoch_row[0] == "1" and epoch_row[1] == f"{m['lr']:.4g}" and m["lr"] > 0
+    assert "*Density* is the kept fraction" in md and "non-zero fraction" in md
+    assert any(r[0] == "Layer" and r[1].endswith("(kept %)") for r in rows)
+
+
+def test_training_curve_has_points_inside_a_single_epoch(real_runs):
+    from sparsetrain.reporting.plots import _intra_epoch, _series
+
+    metrics = read_run(real_runs[0]).metrics
+    xs, ys = _intra_epoch(metrics, "train_loss", 1.0)
+    steps = metrics[-1]["step"]  # 256 images / batch 64
+    assert steps == 4 and xs == [1.0, 2.0, 3.0, 4.0] and len(ys) == 4  # a line, not a single dot
+    assert _series(metrics, "test_acc", 100.0, x="step")[0] == [4.0]  # the test point at the epoch's end
+    assert _series(metrics, "test_acc")[0] == [1.0]  # epochs from 1
 
 
 def test_comparison_of_real_runs(real_runs, tmp_path):

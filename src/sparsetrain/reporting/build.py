@@ -38,6 +38,9 @@ from sparsetrain.reporting.document import (
     to_markdown,
 )
 from sparsetrain.reporting.plots import (
+    KEPT_LABEL,
+    NONZERO_LABEL,
+    epoch_number,
     plot_accuracy_overlay,
     plot_layer_densities,
     plot_layer_sparsity,
@@ -182,29 +185,38 @@ def _curves_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path
                 Image(
                     png.name,
                     "accuracy and loss curves",
-                    "Accuracy and loss of the training and test sets against epoch.",
+                    "Accuracy and loss against training step: the training set's mean over every few steps inside each epoch "
+                    "(dashed), the test set at each epoch's end (markers; epochs numbered on the top axis).",
                 )
             )
+    # Runs since the `lr_end` key record the mean rate of the epoch's steps as `lr`; older ones the end value.
+    lr_title = "LR (epoch mean)" if any("lr_end" in m for m in run.metrics) else "LR (end of epoch)"
     columns = [
-        ("epoch", "Epoch", format_value),
-        ("lr", "LR", lambda v: f"{v:.4g}"),
+        ("lr", lr_title, lambda v: f"{v:.4g}"),
         ("train_loss", "Train loss", lambda v: f"{v:.4f}"),
         ("train_acc", "Train acc. (%)", _pct_cell),
         ("test_loss", "Test loss", lambda v: f"{v:.4f}"),
         ("test_acc", "Test acc. (%)", _pct_cell),
-        ("weight_density", "W dens. (%)", lambda v: _pct_cell(v, 1)),
-        ("activation_density", "Act dens. (%)", lambda v: _pct_cell(v, 1)),
+        ("weight_density", "W dens. (kept %)", lambda v: _pct_cell(v, 1)),
+        ("activation_density", "Act dens. (kept %)", lambda v: _pct_cell(v, 1)),
         ("time_s", "Time (s)", lambda v: f"{v:.1f}"),
     ]
     present = [c for c in columns if any(_num(m.get(c[0])) is not None for m in run.metrics)]
-    rows = [[fmt(m[key]) if _num(m.get(key)) is not None else "—" for key, _, fmt in present] for m in run.metrics]
-    blocks.append(Table([title for _, title, _ in present], rows, ["r"] * len(present)))
+    # Epochs numbered from 1, as the console prints them ("epoch 1/8"); the records store 0-based `epoch`.
+    rows = [[str(epoch_number(m, i))] + [fmt(m[key]) if _num(m.get(key)) is not None else "—" for key, _, fmt in present]
+            for i, m in enumerate(run.metrics)]
+    blocks.append(Table(["Epoch"] + [title for _, title, _ in present], rows, ["r"] * (len(present) + 1)))
+    if any("lr_end" in m for m in run.metrics):
+        blocks.append(Paragraph("LR: the mean learning rate of the epoch's steps (the schedule changes it every "
+                                "step; under cosine the last epoch ends at 0). W dens. / Act dens.: density, the "
+                                "kept fraction (see *Density* below)."))
     return blocks
 
 
-def _layer_densities(run: RunFiles) -> tuple[dict[str, dict[str, float]], str] | None:
-    """Per-layer densities from the last epoch's ``densities``, else from telemetry at its last step."""
-    for m in reversed(run.metrics):
+def _layer_densities(run: RunFiles) -> tuple[dict[str, dict[str, float]], str, str] | None:
+    """Per-layer densities from the last epoch's ``densities`` (measure ``"kept"``), else the non-zero fraction from
+    telemetry at its last step (measure ``"nonzero"``); returns ``(table, source, measure)``."""
+    for i, m in reversed(list(enumerate(run.metrics))):
         dens = m.get("densities")
         if isinstance(dens, dict) and dens:
             table = {
@@ -212,15 +224,16 @@ def _layer_densities(run: RunFiles) -> tuple[dict[str, dict[str, float]], str] |
                 for layer, ops in dens.items()
                 if isinstance(ops, dict)
             }
-            return table, (f"`densities` of epoch {m.get('epoch', '?')} in `{RunDir.METRICS}` "
-                           "(kept fraction per operand)")
+            return table, (f"`densities` of epoch {epoch_number(m, i)} in `{RunDir.METRICS}` "
+                           "(kept fraction per operand)"), "kept"
     tel = run.telemetry
     if tel is not None and (tel.last("weight") or tel.last("input")):
         from_tel: dict[str, dict[str, float]] = {}
         for tensor in ("weight", "input"):
             for layer, sparsity in tel.last(tensor).items():
                 from_tel.setdefault(layer, {})[tensor] = 1.0 - sparsity
-        return from_tel, "telemetry at its last recorded step (1 − fraction of exact zeros)"
+        return from_tel, ("telemetry at its last recorded step: the non-zero fraction (1 − fraction of exact zeros, "
+                          "natural zeros such as ReLU outputs included), not the density"), "nonzero"
     return None
 
 
@@ -234,26 +247,34 @@ def _density_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Pat
                 "there is no weight/input telemetry."
             )
         ]
-    table, source = found
+    table, source, measure = found
     present = [op for op in OPERANDS if any(op in d for d in table.values())]
     # Weights and activations are the headline; other operands only when some layer actually sparsifies them.
     shown = [op for op in present if op in ("weight", "input") or any(d.get(op, 1.0) < 0.999 for d in table.values())]
+    blocks.append(Paragraph(
+        "*Density* is the kept fraction of the operand the GEMM uses: the share of elements the sparsifiers let "
+        "through. Zeros the data produce (ReLU outputs, natural zeros) are not removed by anyone and count as kept, "
+        "so a dense run has density 100 % although its activations hold many zeros; the *non-zero fraction* "
+        "(1 − sparsity in the telemetry) counts them as removed."))
     blocks.append(Paragraph(f"Source: {source}. Layers absent from the table are dense."))
     last = run.last_metrics
     if _num(last.get("weight_density")) is not None or _num(last.get("activation_density")) is not None:
         blocks.append(
             Paragraph(
                 f"Element-weighted over the sparse layers: weight density {_pct_cell(last.get('weight_density'))} %, "
-                f"activation density {_pct_cell(last.get('activation_density'))} %."
+                f"activation density {_pct_cell(last.get('activation_density'))} % (kept fractions)."
             )
         )
     if plots:
-        png = plot_layer_densities(table, shown, out_dir / _DENSITY_PNG)
+        title = "Per-layer density (kept fraction)" if measure == "kept" else "Per-layer non-zero fraction"
+        png = plot_layer_densities(table, shown, out_dir / _DENSITY_PNG, title=title, measure=measure)
         if png is not None:
             images.append(png)
-            blocks.append(Image(png.name, "per-layer density bars", "Density (% of elements kept) per layer."))
+            label = KEPT_LABEL if measure == "kept" else NONZERO_LABEL
+            blocks.append(Image(png.name, "per-layer density bars", f"Per layer: {label}."))
+    unit = "kept %" if measure == "kept" else "non-zero %"
     rows = [[f"`{layer}`"] + [_pct_cell(ops.get(op), 1) for op in shown] for layer, ops in table.items()]
-    blocks.append(Table(["Layer"] + [f"{op} (%)" for op in shown], rows, ["l"] + ["r"] * len(shown)))
+    blocks.append(Table(["Layer"] + [f"{op} ({unit})" for op in shown], rows, ["l"] + ["r"] * len(shown)))
     return blocks
 
 
@@ -288,7 +309,8 @@ def _telemetry_section(run: RunFiles, out_dir: Path, plots: bool, images: list[P
     step_text = str(last_steps[-1]) if len(last_steps) == 1 else f"{last_steps[0]}–{last_steps[-1]}"
     blocks.append(
         Paragraph(
-            f"Sparsity (% exact zeros) per layer at the last recorded step ({step_text}); "
+            f"Sparsity (% exact zeros, natural zeros included: 1 − the non-zero fraction, not 1 − density) per "
+            f"layer at the last recorded step ({step_text}); "
             "for gradients also the mean over all recorded steps."
         )
     )
@@ -388,7 +410,7 @@ def _group_label(row: GroupRow, with_pair: bool) -> str:
 
 def _results_table(rows: list[GroupRow]) -> Table:
     has_baseline = any(r.baseline_acc is not None for r in rows)
-    headers = ["Method", "Density", "W dens. (%)", "Act dens. (%)", "Top-1 ± SD (%)", "n"]
+    headers = ["Method", "Density", "W dens. (kept %)", "Act dens. (kept %)", "Top-1 ± SD (%)", "n"]
     if has_baseline:
         headers.append("BA / AC (%)")
     headers += ["Train FLOPs ↓ (%)", "Inf. FLOPs ↓ (%)", "Act ↓ (%)", "MC (×)", "Seeds"]
@@ -480,7 +502,7 @@ def build_comparison_document(
                 Image(
                     png.name,
                     "test accuracy of all runs",
-                    "Test accuracy against epoch; one colour per group, one line style per run.",
+                    "Test accuracy against epoch (numbered from 1); one colour per group, one line style per run.",
                 )
             )
         else:
@@ -518,8 +540,8 @@ def build_comparison_document(
                 "Epochs",
                 "Final top-1 (%)",
                 "Best top-1 (%)",
-                "W dens. (%)",
-                "Act dens. (%)",
+                "W dens. (kept %)",
+                "Act dens. (kept %)",
             ],
             run_rows,
             ["l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "r"],

@@ -14,6 +14,8 @@ from sparsetrain.reporting.runfiles import TelemetrySeries
 
 __all__ = [
     "MATPLOTLIB_HINT",
+    "KEPT_LABEL",
+    "NONZERO_LABEL",
     "require_matplotlib",
     "plot_training_curves",
     "plot_layer_sparsity",
@@ -25,6 +27,9 @@ MATPLOTLIB_HINT = "pip install 'sparsetrain[report]'"
 _DPI = 110
 # Beyond this many lines a legend is unreadable; a colour bar over layer depth replaces it.
 _MAX_LEGEND = 12
+#: The two measures of how much of an operand is there, defined once in docs/report.md and named on every axis.
+KEPT_LABEL = "density: kept fraction (%) (natural zeros count as kept)"
+NONZERO_LABEL = "non-zero fraction (%) (natural zeros count as removed)"
 
 
 def require_matplotlib() -> Any:
@@ -61,19 +66,52 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _series(metrics: Sequence[dict], key: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def epoch_number(m: dict, index: int) -> int:
+    """The 1-based epoch number of a metrics record, as the console counts (records store 0-based ``epoch``)."""
+    e = m.get("epoch")
+    return int(e) + 1 if _is_num(e) else index + 1
+
+
+def _series(metrics: Sequence[dict], key: str, scale: float = 1.0, x: str = "epoch") -> tuple[list[float], list[float]]:
+    """``key`` against the 1-based epoch number (``x="epoch"``) or the step count at the epoch's end (``"step"``)."""
     xs, ys = [], []
     for i, m in enumerate(metrics):
         v = m.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            x = m.get("epoch", i + 1)
-            xs.append(float(x) if isinstance(x, (int, float)) else float(i + 1))
-            ys.append(float(v) * scale)
+        if not _is_num(v):
+            continue
+        if x == "step":
+            if not _is_num(m.get("step")):
+                continue
+            xs.append(float(m["step"]))
+        else:
+            xs.append(float(epoch_number(m, i)))
+        ys.append(float(v) * scale)
+    return xs, ys
+
+
+def _intra_epoch(metrics: Sequence[dict], key: str, scale: float) -> tuple[list[float], list[float]]:
+    """The training curve's points inside the epochs (the metrics' ``curve``), in step order."""
+    xs, ys = [], []
+    for m in metrics:
+        curve = m.get("curve")
+        if isinstance(curve, dict) and isinstance(curve.get("step"), list) and isinstance(curve.get(key), list):
+            for step, v in zip(curve["step"], curve[key]):
+                if _is_num(step) and _is_num(v):
+                    xs.append(float(step))
+                    ys.append(float(v) * scale)
     return xs, ys
 
 
 def plot_training_curves(metrics: Sequence[dict], path: Path) -> Path | None:
-    """Accuracy (%) and loss of train and test against epoch, side by side.
+    """Accuracy (%) and loss of train and test against training step, side by side.
+
+    The training curve has points inside each epoch (the metrics' ``curve``: loss and accuracy averaged over a few
+    steps), so even a one-epoch run draws a line; the test set is evaluated at each epoch's end (one marker per
+    epoch, numbered 1, 2, ... on the top axis). Runs without step counts are drawn against the epoch number.
 
     Returns:
         ``path``, or None when ``metrics`` holds none of the four series.
@@ -83,19 +121,34 @@ def plot_training_curves(metrics: Sequence[dict], path: Path) -> Path | None:
     panels = [("Accuracy (%)", "acc", 100.0), ("Loss", "loss", 1.0)]
     if not any(_series(metrics, f"{split}_{kind}")[0] for _, kind, _ in panels for split in ("train", "test")):
         return None
+    by_step = all(_is_num(m.get("step")) for m in metrics)
+    x = "step" if by_step else "epoch"
     fig = _new_figure(10.0, 3.8)
     axes = fig.subplots(1, 2)
     for ax, (ylabel, kind, scale) in zip(axes, panels):
-        for split, style in (("train", "--"), ("test", "-")):
-            xs, ys = _series(metrics, f"{split}_{kind}", scale)
+        inside = _intra_epoch(metrics, f"train_{kind}", scale) if by_step else ([], [])
+        if inside[0]:
+            ax.plot(*inside, "--", linewidth=1.2, label="train (mean over each few steps)")
+        else:
+            xs, ys = _series(metrics, f"train_{kind}", scale, x)
             if xs:
-                ax.plot(xs, ys, style, marker="o", markersize=3, label=split)
-        ax.set_xlabel("epoch")
+                ax.plot(xs, ys, "--", marker="o", markersize=3, label="train (epoch mean)")
+        xs, ys = _series(metrics, f"test_{kind}", scale, x)
+        if xs:
+            ax.plot(xs, ys, "-", marker="o", markersize=5, label="test (end of epoch)")
+        ax.set_xlabel("training step" if by_step else "epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if by_step:
+            ends = [float(m["step"]) for m in metrics]
+            top = ax.secondary_xaxis("top")
+            every = max(1, len(ends) // 10)  # at most ~10 labels
+            top.set_xticks(ends[every - 1::every], labels=[str(epoch_number(m, i)) for i, m in
+                                                          enumerate(metrics)][every - 1::every])
+            top.set_xlabel("end of epoch", fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if ax.has_data():
-            ax.legend()
+            ax.legend(fontsize=8)
     axes[0].set_title("Accuracy")
     axes[1].set_title("Loss")
     return _save(fig, path)
@@ -140,8 +193,8 @@ def plot_layer_sparsity(telemetry: TelemetrySeries, tensors: Sequence[str], path
                 marker="o" if len(steps) < 3 else None,
                 markersize=3,
             )
-        ax.set_ylabel(f"{tensor} sparsity (%)")
-        ax.set_title(f"Per-layer {tensor} sparsity over training")
+        ax.set_ylabel(f"{tensor} sparsity (%)\n(exact zeros, natural incl.)")
+        ax.set_title(f"Per-layer {tensor} sparsity over training (1 − non-zero fraction)")
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel("training step")
     if len(layers) <= _MAX_LEGEND:
@@ -156,15 +209,18 @@ def plot_layer_sparsity(telemetry: TelemetrySeries, tensors: Sequence[str], path
 
 
 def plot_layer_densities(
-    densities: dict[str, dict[str, float]], operands: Sequence[str], path: Path, title: str = "Per-layer density"
+    densities: dict[str, dict[str, float]], operands: Sequence[str], path: Path, title: str = "Per-layer density",
+    measure: str = "kept",
 ) -> Path | None:
     """Horizontal grouped bars: density (%) of each operand for each layer, first layer on top.
 
     Args:
-        densities: ``{layer: {operand: density}}``.
+        densities: ``{layer: {operand: fraction}}``.
         operands: operands to draw, in order.
         path: output PNG.
         title: figure title.
+        measure: ``"kept"`` (density: the fraction the sparsifiers keep; natural zeros count as kept) or
+            ``"nonzero"`` (1 - fraction of exact zeros, natural zeros included); names the axis.
 
     Returns:
         ``path``, or None when there is nothing to draw.
@@ -186,7 +242,7 @@ def plot_layer_densities(
     ax.set_yticks(range(len(layers)), labels=layers, fontsize=8 if len(layers) > 20 else 9)
     ax.invert_yaxis()
     ax.set_xlim(0, 105)
-    ax.set_xlabel("density (% of elements kept)")
+    ax.set_xlabel(KEPT_LABEL if measure == "kept" else NONZERO_LABEL)
     ax.set_title(title)
     ax.grid(True, axis="x", alpha=0.3)
     # Outside the axes: a dense last layer's full-length bars would hide under an inside legend.
@@ -195,7 +251,7 @@ def plot_layer_densities(
 
 
 def plot_accuracy_overlay(curves: Sequence[tuple[str, str, Sequence[dict], int]], path: Path) -> Path | None:
-    """Test accuracy (%) against epoch for several runs in one axes.
+    """Test accuracy (%) against epoch (numbered from 1, as the console) for several runs in one axes.
 
     Args:
         curves: ``(run_label, group_label, metrics, group_index)`` per run; runs of one group share a colour and
