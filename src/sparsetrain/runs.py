@@ -237,7 +237,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         hint = (f" The previous checkpoint {prev} is intact: resume from it with --resume {prev}"
                 if prev.exists() and prev != path else "")
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:200]  # torch's are paragraphs
-        raise RuntimeError(f"checkpoint {path} is corrupted or truncated ({type(e).__name__}: {first}).{hint}") from None
+        raise RuntimeError(
+            f"checkpoint {path} is corrupted or truncated ({type(e).__name__}: {first}).{hint}") from None
     return ckpt
 
 

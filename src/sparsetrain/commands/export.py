@@ -4,8 +4,9 @@ A training checkpoint holds the dense, unmasked weights; a plain model loaded fr
 trained sparse model. ``export`` re-applies the run's recipe with its saved sparsity state, takes every sparse
 layer's forward weight (:func:`sparsetrain.export.masked_state_dict`) and writes
 
-* ``RunDir.SPARSE_MODEL`` in the run directory (``--out``): a ``torch.save`` of the plain ``state_dict``; it loads into the vanilla
-  model (``create_model(...).load_state_dict(torch.load(f))``) and reproduces the sparse model's predictions;
+* ``RunDir.SPARSE_MODEL`` in the run directory (``--out``): a ``torch.save`` of the plain ``state_dict``; it loads
+  into the vanilla model (``create_model(...).load_state_dict(torch.load(f))``) and reproduces the sparse model's
+  predictions;
 * ``RunDir.COMPRESSED_MODEL`` (``--compressed-out``): the same tensors packed (values + bitmap or indices),
   read back with :func:`sparsetrain.export.load_compressed`,
 

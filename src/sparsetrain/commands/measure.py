@@ -125,7 +125,8 @@ def main(args: argparse.Namespace) -> int:
     subset = _test_subset(run, args)
     loader = _test_loader(run, args.data_dir, args.batch_size, device, subset)
     if subset is not None:
-        logger.info("evaluating the first %d test images, as the run did (--full-test-set: all of them)", loader.num_samples)
+        logger.info("evaluating the first %d test images, as the run did (--full-test-set: all of them)",
+                    loader.num_samples)
     evaluate = make_evaluator(loader, max_batches=args.batches)
 
     weight_thr: float | dict[str, float] | None = args.weight_threshold
@@ -152,7 +153,8 @@ def main(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    images = f"first {loader.num_samples} test images" if subset is not None else f"all {loader.num_samples} test images"
+    n = loader.num_samples
+    images = f"first {n} test images" if subset is not None else f"all {n} test images"
     print(f"run: {args.run} ({run.config.get('model')} on {run.config.get('dataset')}, {images})")
     if search is not None:
         print(f"\nper-layer {search.operand} threshold search (margin {search.margin}):")

@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--telemetry-every", type=int,
                    help="sample layer sparsity every N steps (0 = off; default: about 20 samples per run)")
     g.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also log metrics and telemetry to RUN_DIR/tensorboard (pip install 'sparsetrain[tensorboard]')")
+                   help="also log metrics and telemetry to RUN_DIR/tensorboard "
+                        "(needs pip install 'sparsetrain[tensorboard]')")
     g.add_argument("--out", help="run directory (default runs/<model>-<recipe>-<time>)")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars (CI, logs)")
 

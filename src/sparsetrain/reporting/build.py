@@ -185,8 +185,9 @@ def _curves_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path
                 Image(
                     png.name,
                     "accuracy and loss curves",
-                    "Accuracy and loss against training step: the training set's mean over every few steps inside each epoch "
-                    "(dashed), the test set at each epoch's end (markers; epochs numbered on the top axis).",
+                    "Accuracy and loss against training step: the training set's mean over every few steps inside "
+                    "each epoch (dashed), the test set at each epoch's end (markers; epochs numbered on the top "
+                    "axis).",
                 )
             )
     # Runs since the `lr_end` key record the mean rate of the epoch's steps as `lr`; older ones the end value.
@@ -203,8 +204,8 @@ def _curves_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path
     ]
     present = [c for c in columns if any(_num(m.get(c[0])) is not None for m in run.metrics)]
     # Epochs numbered from 1, as the console prints them ("epoch 1/8"); the records store 0-based `epoch`.
-    rows = [[str(epoch_number(m, i))] + [fmt(m[key]) if _num(m.get(key)) is not None else "—" for key, _, fmt in present]
-            for i, m in enumerate(run.metrics)]
+    rows = [[str(epoch_number(m, i))] + [fmt(m[key]) if _num(m.get(key)) is not None else "—"
+                                         for key, _, fmt in present] for i, m in enumerate(run.metrics)]
     blocks.append(Table(["Epoch"] + [title for _, title, _ in present], rows, ["r"] * (len(present) + 1)))
     if any("lr_end" in m for m in run.metrics):
         blocks.append(Paragraph("LR: the mean learning rate of the epoch's steps (the schedule changes it every "
