@@ -275,7 +275,7 @@ def test_densities_report_every_operand():
     d = h.densities()
     assert set(d) == {"b", "c"}
     assert d["b"]["weight_for_grad_input"] == d["b"]["weight"]
-    gp = sparsetrain.sparsify_(Net(), "grad-prune", p=0.9).nominal_densities()
+    gp = sparsetrain.sparsify_(Net(), "grad-prune", p=0.9, placement="grad_output").nominal_densities()
     assert gp["a"]["grad_output"] == pytest.approx(0.5487, abs=1e-3)  # Gaussian model: 45% zeros at p=0.9
 
 

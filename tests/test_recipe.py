@@ -169,7 +169,7 @@ def test_method_configs_validate_themselves():
 
 def test_stacked_methods_share_a_layer_and_round_trip():
     r = Recipe.load({"preset": "swat-u", "density": 0.2, "first_layer_dense": False,
-                     "stack": [{"preset": "grad-prune", "p": 0.95}]})
+                     "stack": [{"preset": "grad-prune", "p": 0.95, "placement": "grad_output"}]})
     h = sparsetrain.sparsify_(net(), r)
     spec = h.layers["2.0"]
     assert spec.weight == sp.TopK(0.2) and spec.input_for_grad_weight == sp.TopK(0.2)

@@ -148,6 +148,7 @@ def test_every_registered_sparsifier_roundtrips_and_runs(name):
         "nm": {"n": 2, "m": 4},
         "dbtd": {"p": 0.9},
         "random_channel": {"density": 0.3},
+        "row_topk": {"density": 0.3},
     }
     cfg = sp.config_from_dict({"type": name, **defaults[name]})
     assert sp.config_from_dict(sp.config_to_dict(cfg)) == cfg

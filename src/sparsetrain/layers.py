@@ -158,10 +158,13 @@ class LayerState:
     owner: Any = None  # weakref to the module, only to name it in observer events
 
 
-def transform(state: LayerState, op: str, x: Tensor, cfg: sp.SparsifierConfig | None) -> tuple[Tensor, Tensor | None]:
+def transform(state: LayerState, op: str, x: Tensor, cfg: sp.SparsifierConfig | None,
+              materialize: bool = True) -> tuple[Tensor, Tensor | None]:
     """Sparsify ``x`` as operand ``op`` of a layer, reusing a cached threshold within the period.
 
     Returns ``(values, keep)``: ``keep`` is the bool mask of kept positions, or None when nothing was dropped.
+    With ``materialize=False`` a mask-type sparsifier returns ``x`` itself with its mask (the caller applies it;
+    packing reads ``x[keep]`` directly, which saves writing the masked copy).
     """
     if cfg is None:
         return x, None
@@ -191,7 +194,9 @@ def transform(state: LayerState, op: str, x: Tensor, cfg: sp.SparsifierConfig | 
             keep = state.thresholds[mkey]
         else:
             keep = entry.keep(x, cfg, thr)
-        return (x, None) if keep is None else (x * keep.to(x.dtype), keep)
+        if keep is None or not materialize:
+            return x, keep
+        return x * keep.to(x.dtype), keep
     if entry.stochastic(cfg) and state.generator is None:
         # Per-layer generator, seeded from the recipe seed and the layer name: reproducible and resumable.
         state.generator = torch.Generator(device=x.device).manual_seed(state.seed)
@@ -377,10 +382,14 @@ class _SparseGemm(torch.autograd.Function):
             w_b, wb_keep = w_f, w_keep
         else:
             w_b, wb_keep = transform(state, "weight_for_grad_input", weight, spec.weight_for_grad_input)
+        pack = state.pack_saved
+        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if spec.input_for_grad_weight is INHERIT:
             x_b, xb_keep = x_f, x_keep
         else:
-            x_b, xb_keep = transform(state, "input_for_grad_weight", x, spec.input_for_grad_weight)
+            # SWAT's top-K x exists only to be saved: packed straight from x, the masked copy is never written.
+            x_b, xb_keep = transform(state, "input_for_grad_weight", x, spec.input_for_grad_weight,
+                                     materialize=obs or not (pack and needs_w))
         if state.track_active and spec.weight is not None:
             state.active = torch.ones_like(weight, dtype=torch.bool) if w_keep is None else w_keep.expand_as(weight)
         if obs:
@@ -391,11 +400,9 @@ class _SparseGemm(torch.autograd.Function):
         # Save only what backward needs. A sparsified operand is a new tensor: store it packed (values + bitmap or
         # indices) in the GEMM's dtype, so the dense top-K copy dies with the forward. An operand left dense is
         # the caller's own tensor (or autocast's copy of it): saving it costs nothing extra.
-        pack = state.pack_saved
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         sv = _Saver()
-        sv.add(_cast(x_b, ac) if needs_w else None, xb_keep, pack=pack and x_b is not x)
-        sv.add(_cast(w_b, ac) if needs_x else None, wb_keep, pack=pack and w_b is not weight)
+        sv.add(_cast(x_b, ac) if needs_w else None, xb_keep, pack=pack and xb_keep is not None)
+        sv.add(_cast(w_b, ac) if needs_x else None, wb_keep, pack=pack and wb_keep is not None)
         sv.add(x_keep if spec.input is not None else None, mask=pack)
         sv.add(y_keep if spec.output is not None else None, mask=pack)
         sv.add(w_keep if spec.mask_inactive_grads else None, mask=pack)

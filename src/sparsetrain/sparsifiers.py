@@ -377,6 +377,49 @@ def flat_memory_order(t: Tensor) -> Tensor:
     return t.reshape(-1) if perm is None else t.permute(perm).reshape(-1)
 
 
+# On CPU the k-th value is first bracketed from a fixed sample: reading a count back is free there, and a
+# selection among the few elements inside the band beats two full histogram passes (2-3x at density <= 0.2).
+_BRACKET_MIN_NUMEL = 1 << 16
+_SAMPLE = 1 << 13
+_sample_index: dict[tuple[int, str], Tensor] = {}
+
+
+def _sample(n: int, device: torch.device) -> Tensor:
+    """A fixed pseudo-random set of indices into ``n`` elements (cached per size: thresholds stay deterministic)."""
+    key = (n, str(device))
+    idx = _sample_index.get(key)
+    if idx is None:
+        g = torch.Generator().manual_seed(n)
+        # Sorted indices: the gather walks memory forwards (a cache-friendlier read of a large tensor).
+        idx = torch.randint(0, n, (_SAMPLE,), generator=g).sort().values.to(device)
+        if len(_sample_index) > 256:
+            _sample_index.clear()
+        _sample_index[key] = idx
+    return idx
+
+
+def _bracket_select(a: Tensor, k: int) -> Tensor | None:
+    """The exact k-th largest of the non-negative ``a`` from a sampled band, or None when the band misses it.
+
+    A band of about +-6 standard errors of the sample quantile: the elements above it are counted and the k-th
+    value is selected among the few inside. It misses when many values tie at the band's edge (e.g. the zeros of a
+    ReLU output when k reaches into them); the caller then runs the radix select.
+    """
+    n, m = a.numel(), _SAMPLE
+    q = 1.0 - k / n  # the k-th largest sits at this quantile
+    half = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
+    sample = a[_sample(n, a.device)].sort().values
+    lo = sample[max(0, math.floor((q - half) * m))]
+    hi = sample[min(m - 1, math.ceil((q + half) * m))]
+    above = int(torch.count_nonzero(a > hi))  # strictly above the band
+    if above >= k:
+        return None
+    band = a[(a >= lo) & (a <= hi)]
+    if k > above + band.numel():
+        return None
+    return band.kthvalue(band.numel() - (k - above) + 1).values
+
+
 def topk_threshold(score: Tensor, density: float) -> Tensor:
     """The k-th largest ``|value|`` of ``score`` (flattened), ``k = ceil(density * numel)``; a 0-dim tensor. Exact.
 
@@ -384,7 +427,8 @@ def topk_threshold(score: Tensor, density: float) -> Tensor:
     ordered like the values, so two histogram passes (the high 16 bits, then the low 16 bits inside the one
     bucket that holds the k-th value) give its exact bits. Cost: a few streaming passes whatever k is (a sort or
     ``kthvalue`` is a single-threaded selection that copies the tensor), ties and zeros need no special case, and
-    nothing leaves the device (no host sync, so an accelerator's stream is not stalled). ``score`` is used by
+    nothing leaves the device (no host sync, so an accelerator's stream is not stalled). On CPU a sampled bracket
+    (:func:`_bracket_select`) is tried first, since there a count read back costs nothing. ``score`` is used by
     magnitude (the sign bit is cleared), so ``topk_threshold(x, d)`` equals ``topk_threshold(x.abs(), d)``.
     """
     flat = flat_memory_order(score.detach())
@@ -396,6 +440,10 @@ def topk_threshold(score: Tensor, density: float) -> Tensor:
         return a.kthvalue(n - k + 1).values
     if flat.dtype != torch.float32:
         flat = flat.float()  # exact for bf16/fp16 values
+    if flat.device.type == "cpu" and n >= _BRACKET_MIN_NUMEL and k > 1 and not torch.compiler.is_compiling():
+        found = _bracket_select(flat.abs(), k)
+        if found is not None:
+            return found
     bits = flat.view(torch.int32).bitwise_and(0x7FFFFFFF)  # |x|, as ordered integers
     high = bits >> 16
     kk = torch.tensor(k, device=flat.device)
