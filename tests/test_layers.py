@@ -167,7 +167,9 @@ def test_gradcheck_float64_every_forward_combination(kind):
         def f(x_, w_):
             return _SparseGemm.apply(x_, w_, m.bias, spec, m.sparse_state, gemm)
 
-        assert torch.autograd.gradcheck(f, (x, m.weight), eps=1e-6, atol=1e-5), spec
+        # float64 dilated grouped convs take a slow reference kernel: the conv case checks random projections of
+        # the Jacobian (gradcheck's fast mode, a few evaluations instead of one per element); linear is checked whole.
+        assert torch.autograd.gradcheck(f, (x, m.weight), eps=1e-6, atol=1e-5, fast_mode=kind == "conv"), spec
 
 
 def _all_density_one_spec():
