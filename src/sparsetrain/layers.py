@@ -479,8 +479,9 @@ class _PackedReLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, None]:
         mask = packing.unpack_mask(ctx.meta, ctx.saved_tensors)
-        # Same values as autograd's threshold_backward: dy where the output is positive, else exactly 0.
-        return torch.where(mask, dy, 0.0), None
+        # autograd's own ReLU backward kernel, reading the mask's bytes (1 where the output was positive) as the
+        # output: bit-identical gradients, and faster than torch.where with a scalar.
+        return torch.ops.aten.threshold_backward(dy, mask.view(torch.uint8), 0), None
 
 
 class PackedReLU(nn.ReLU):
