@@ -211,30 +211,6 @@ def test_densification_masks_are_nested_and_double_until_dense():
     assert h.layers["b"].is_dense
 
 
-def test_densification_survives_a_resume():
-    recipe = {"preset": "random-channel", "density": 1.0, "start_density": 0.125, "densify_every": 2}
-    torch.manual_seed(0)
-    m1 = Net()
-    m2 = copy.deepcopy(m1)
-    h1 = sparsetrain.sparsify_(m1, recipe)
-    o1 = torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9)
-    _train(m1, h1, o1, 3, seed=1)
-    buf = io.BytesIO()  # through a real checkpoint: loading shares no tensor with the running run
-    torch.save({"model": m1.state_dict(), "opt": o1.state_dict(), "sparsity": h1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    h2 = sparsetrain.sparsify_(m2, recipe)
-    o2 = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
-    m2.load_state_dict(ckpt["model"])
-    o2.load_state_dict(ckpt["opt"])
-    h2.load_state_dict(ckpt["sparsity"])
-    _train(m1, h1, o1, 3, seed=2)
-    _train(m2, h2, o2, 3, seed=2)
-    assert torch.equal(_mask(h1, "a"), _mask(h2, "a"))
-    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
-        assert torch.equal(a, b), n
-
-
 def test_random_channel_reports_what_the_mask_keeps():
     h = sparsetrain.sparsify_(Net(), "random-channel", density=0.1)
     nominal = h.nominal_densities()
