@@ -27,7 +27,7 @@ MATPLOTLIB_HINT = "pip install 'sparsetrain[report]'"
 _DPI = 110
 # Beyond this many lines a legend is unreadable; a colour bar over layer depth replaces it.
 _MAX_LEGEND = 12
-#: The two measures of how much of an operand is there, defined once in docs/report.md and named on every axis.
+#: The two measures of how much of an operand is there, defined once in the report documentation, named on every axis.
 KEPT_LABEL = "density: kept fraction (%) (natural zeros count as kept)"
 NONZERO_LABEL = "non-zero fraction (%) (natural zeros count as removed)"
 
