@@ -241,7 +241,7 @@ def test_broken_pipe_is_silent():
 
 
 # ------------------------------------------------------------------------------- silent defaults are said aloud
-def test_flops_takes_the_models_natural_class_count_and_input_and_prints_them():
+def test_flops_takes_the_models_natural_class_count_and_input_and_prints_them(capsys):
     proc = _run("flops", "--model", "resnet50_imagenet", "--json")
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
@@ -249,6 +249,7 @@ def test_flops_takes_the_models_natural_class_count_and_input_and_prints_them():
     fc = next(r for r in d["layers"] if r["name"] == "fc")
     assert fc["dense_forward_macs"] == 2048 * 1000  # the ImageNet head, not a 10-class one
     assert "1000 classes (resnet50_imagenet's default)" in d["defaults"]
-    text = _run("flops", "--model", "resnet50_imagenet", "--num-classes", "10").stdout
+    assert main(["flops", "--model", "resnet50_imagenet", "--num-classes", "10"]) == 0
+    text = capsys.readouterr().out
     assert text.splitlines()[0].startswith("resnet50_imagenet: input 3x224x224 (resnet50_imagenet's default), "
                                            "10 classes (--num-classes)")
