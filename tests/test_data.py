@@ -341,6 +341,35 @@ def test_missing_dataset_message(tmp_path, monkeypatch):
         load_arrays("mnist", "train")
 
 
+
+@pytest.mark.parametrize("damage", ["truncated npz", "bad crc npz", "truncated gz", "bad pickle"])
+def test_damaged_dataset_file_names_the_file_and_the_way_out(tmp_path, damage):
+    d = tmp_path / ("cifar-10-batches-py" if damage == "bad pickle" else "mnist")
+    d.mkdir()
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((64, 28, 28), np.uint8), y=np.zeros(64, np.int64))
+    raw = bytearray(buf.getvalue())
+    if damage == "truncated npz":
+        (d / "train.npz").write_bytes(bytes(raw[: len(raw) // 2]))
+        name, bad = "mnist", d / "train.npz"
+    elif damage == "bad crc npz":
+        raw[200:260] = bytes(b ^ 0xFF for b in raw[200:260])  # inside the first member's data
+        (d / "train.npz").write_bytes(bytes(raw))
+        name, bad = "mnist", d / "train.npz"
+    elif damage == "truncated gz":
+        for n in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+            (d / f"{n}.gz").write_bytes(gzip.compress(b"\0\0\x08\x03" + bytes(100))[:30])
+        name, bad = "mnist", d / "train-images-idx3-ubyte"
+    else:
+        for i in range(1, 6):
+            (d / f"data_batch_{i}").write_bytes(b"\x80\x04not a pickle")
+        name, bad = "cifar10", d / "data_batch_1"
+    with pytest.raises(ValueError) as err:
+        load_arrays(name, "train", tmp_path)
+    msg = str(err.value)
+    assert str(bad) in msg and "truncated or corrupt" in msg and "copy or download it again" in msg, msg
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Augmentation and normalisation
 # ------------------------------------------------------------------------------------------------------------------

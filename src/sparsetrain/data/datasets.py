@@ -158,15 +158,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     with _open_maybe_gz(path) as f:
         raw = f.read()
+    fix = "the file is truncated or corrupt; delete it and copy or download it again"
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4].hex()!r})")
+        raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4].hex()!r}); {fix}")
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     ndim = raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: the IDX header needs {header} bytes, the file has {len(raw)}; {fix}")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but {len(raw) - header} bytes follow")
+        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but {len(raw) - header} bytes "
+                         f"follow; {fix}")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
