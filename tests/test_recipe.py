@@ -224,3 +224,10 @@ def test_example_recipes_are_shipped_and_loadable_by_name():
     assert Recipe.load("swat-u-90.yaml").density == pytest.approx(0.1)
     with pytest.raises(FileNotFoundError, match="example recipes, usable by name: ablation-backward-meprop"):
         Recipe.load("no-such-recipe.yaml")
+
+
+def test_malformed_yaml_recipe_names_file_line_and_column(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("preset: swat-u\ndensity: [0.1\n")
+    with pytest.raises(ValueError, match=r"bad.yaml:3:1: not valid YAML"):
+        Recipe.load(f)

@@ -114,7 +114,12 @@ class Recipe:
                 if not p.is_file():
                     raise FileNotFoundError(f"recipe file not found: {s} (example recipes, usable by name: "
                                             f"{', '.join(list_example_recipes())})")
-                d = yaml.safe_load(p.read_text()) or {}
+                try:
+                    d = yaml.safe_load(p.read_text()) or {}
+                except yaml.MarkedYAMLError as e:
+                    mark = e.problem_mark
+                    where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+                    raise ValueError(f"{where}: not valid YAML: {e.problem}") from None
                 if not isinstance(d, dict):
                     raise ValueError(f"recipe {s}: top level must be a mapping of settings, got {type(d).__name__}")
             else:
