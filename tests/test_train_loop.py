@@ -9,6 +9,7 @@ import sparsetrain.train as train_mod
 from sparsetrain import runs
 from sparsetrain.cli import main
 from sparsetrain.runs import RunDir
+from sparsetrain.sparsifiers import Threshold
 from sparsetrain.train import NonFiniteError, TrainConfig, train
 
 # 4 steps per epoch, 200 test images: a few seconds per run.
@@ -128,7 +129,11 @@ def test_nonfinite_gradient_is_found_at_the_log_interval(tmp_path, monkeypatch):
     assert not RunDir(tmp_path / "run").has_checkpoint()
 
 
-def test_host_syncs_only_at_log_intervals(tmp_path, monkeypatch):
+# The TensorQuant gradient study thresholds every gradient inside the loop: that must not read the device either.
+@pytest.mark.parametrize("recipe", [{}, {"recipe": {"preset": "dense", "gradient_threshold": 1e-3,
+                                                    "gradient_threshold_scope": "all_after_decay"},
+                                         "recipe_overrides": {}}], ids=["swat-u", "gradient-threshold"])
+def test_host_syncs_only_at_log_intervals(tmp_path, monkeypatch, recipe):
     """The loop reads device values only every ``log_every`` steps, at the end of an epoch and once per evaluation."""
     syncs = []
 
@@ -147,5 +152,112 @@ def test_host_syncs_only_at_log_intervals(tmp_path, monkeypatch):
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     # 12 steps, log every 5: reads after steps 5, 10 and 12, plus one for the evaluation.
-    train(TrainConfig(**dict(TINY, train_subset=1536), epochs=1, log_every=5, out=str(tmp_path / "run")))
+    train(TrainConfig(**dict(TINY, train_subset=1536), **recipe, epochs=1, log_every=5, out=str(tmp_path / "run")))
     assert len(syncs) == 3 + 1, syncs
+
+
+# ---------------------------------------------------------------------------------------------- gradient threshold
+GT = 5e-4  # LeNet-5's first-step gradients straddle it: some zeroed, most kept
+WD = 0.05  # large, so thresholding before or after the L2 term gives different updates
+
+
+def _one_step_by_hand_and_by_loop(tmp_path, scope):
+    """The loop's first update, and the update computed here from the same batch with plain autograd."""
+    from sparsetrain.models import create_model
+    from sparsetrain.train import setup, train_one_epoch
+
+    recipe = {"preset": "dense", "gradient_threshold": GT, "gradient_threshold_scope": scope}
+    cfg = TrainConfig(**dict(TINY, train_subset=128), epochs=1, augment=False, recipe=recipe, recipe_overrides={},
+                      weight_decay=WD, out=str(tmp_path / scope))
+    s = setup(cfg)
+    ref = create_model("lenet5", num_classes=10, in_channels=1)
+    ref.load_state_dict(s.model.state_dict())  # the same weights (the state_dict keys do not change)
+    lr = s.optimizer.param_groups[0]["lr"]
+    s.train_loader.set_epoch(0)
+    ((x, y),) = list(s.train_loader)  # one batch of 128: the whole epoch
+    params = dict(ref.named_parameters())
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(ref(x), y), list(params.values()))
+    expected = {}
+    for (name, p), g in zip(params.items(), grads):
+        if scope == "all_after_decay":  # TensorQuant: every variable, after the L2 term
+            g = g + WD * p.detach()
+            g = torch.where(g.abs() > GT, g, torch.zeros_like(g))
+        else:  # ours: conv/linear dW only, before weight decay
+            if name.endswith("weight"):
+                g = torch.where(g.abs() > GT, g, torch.zeros_like(g))
+            g = g + WD * p.detach()
+        expected[name] = p.detach() - lr * g  # SGD's first step: the momentum buffer is the gradient
+    train_one_epoch(s, 0)
+    return s, expected, grads
+
+
+@pytest.mark.parametrize("scope", ["all_after_decay", "layers"])
+def test_gradient_threshold_one_step_matches_hand_computation(tmp_path, scope):
+    s, expected, grads = _one_step_by_hand_and_by_loop(tmp_path, scope)
+    got = dict(s.model.named_parameters())
+    assert sorted(got) == sorted(expected)
+    for name, p in got.items():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=1e-6, msg=name)
+    # The threshold really acts (some gradients zeroed, most kept), so the comparison could tell the scopes apart.
+    flat = torch.cat([g.flatten() for g in grads])
+    assert 0.01 < (flat.abs() <= GT).float().mean() < 0.9
+    group = s.optimizer.param_groups[0]
+    if scope == "all_after_decay":  # the L2 term moved into the gradient, so the optimizer must not add it again
+        assert group["weight_decay"] == 0.0 and group["grad_l2"] == WD
+        assert s.handle.layers == {}  # no per-layer grad_weight threshold
+    else:  # unchanged: per-layer Threshold on dW, weight decay in the optimizer
+        assert group["weight_decay"] == WD and "grad_l2" not in group
+        conv_linear = [n for n, m in s.model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        assert sorted(s.handle.layers) == sorted(conv_linear)
+        assert all(spec.grad_weight == Threshold(GT) for spec in s.handle.layers.values())
+
+
+def test_gradient_threshold_scope_recipe_key():
+    import yaml
+
+    from sparsetrain.recipe import DEFAULT_GRADIENT_THRESHOLD_SCOPE, Recipe
+
+    r = Recipe.load({"preset": "dense", "gradient_threshold": 1e-3})
+    assert r.gradient_threshold_scope == DEFAULT_GRADIENT_THRESHOLD_SCOPE
+    for scope in ("all_after_decay", "layers"):
+        r = Recipe.load({"preset": "swat-u", "gradient_threshold": 1e-3, "gradient_threshold_scope": scope})
+        assert Recipe.load(r.to_dict()) == r
+        assert Recipe.load(yaml.safe_load(r.to_yaml())).gradient_threshold_scope == scope
+    with pytest.raises(ValueError, match="recipe: gradient_threshold_scope 'weights' is not one of all_after_decay, "
+                                         "layers"):
+        Recipe.load({"preset": "dense", "gradient_threshold": 1e-3, "gradient_threshold_scope": "weights"})
+
+
+def test_adamw_keeps_decoupled_decay_and_only_thresholds():
+    from sparsetrain.train import decay_into_gradients, threshold_gradients_
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.01)
+    decay_into_gradients(opt)
+    assert opt.param_groups[0]["weight_decay"] == 0.01 and "grad_l2" not in opt.param_groups[0]
+    w.grad = torch.tensor([0.5, 1e-4, -2e-3])
+    threshold_gradients_(opt, 1e-3)
+    assert w.grad.tolist() == pytest.approx([0.5, 0.0, -2e-3])  # |g| > T kept, nothing added
+    sgd = torch.optim.SGD([w], lr=0.1, weight_decay=0.01)
+    decay_into_gradients(sgd)
+    decay_into_gradients(sgd)  # idempotent: the decay is moved once
+    assert sgd.param_groups[0]["weight_decay"] == 0.0 and sgd.param_groups[0]["grad_l2"] == 0.01
+    w.grad = torch.tensor([0.5, 1e-4, -2e-3])
+    threshold_gradients_(sgd, 0.025)  # g + 0.01 w = [0.51, -0.0199, 0.028]
+    assert w.grad.tolist() == pytest.approx([0.51, 0.0, 0.028])
+
+
+def test_gradient_threshold_resume_is_exact(tmp_path, monkeypatch):
+    recipe = {"preset": "dense", "gradient_threshold": 1e-3, "gradient_threshold_scope": "all_after_decay"}
+    cfg = dict(TINY, epochs=2, recipe=recipe, recipe_overrides={})
+    train(TrainConfig(**cfg, out=str(tmp_path / "full")))
+    with monkeypatch.context() as m:
+        _kill_at_call(m, 6)  # the second step of epoch 1, after epoch 0's checkpoint
+        with pytest.raises(_Killed):
+            train(TrainConfig(**cfg, out=str(tmp_path / "victim")))
+    train(TrainConfig(quiet=True), resume=tmp_path / "victim")
+    a, b = runs.load_checkpoint(tmp_path / "full"), runs.load_checkpoint(tmp_path / "victim")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    group = b["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 0.0 and group["grad_l2"] == 5e-4  # still added once, by the loop

@@ -35,7 +35,7 @@ from sparsetrain.runs import RunDir
 
 __all__ = ["TrainConfig", "Session", "NonFiniteError", "TrainingInterrupted", "check_device", "train", "setup",
            "train_one_epoch", "evaluate", "record_epoch", "finalize", "format_summary", "TELEMETRY_POINTS",
-           "CURVE_POINTS"]
+           "CURVE_POINTS", "decay_into_gradients", "threshold_gradients_"]
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +227,61 @@ def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _make_optimizer(model: nn.Module, cfg: TrainConfig, recipe: Recipe | None = None) -> torch.optim.Optimizer:
     groups = _param_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return opt_cls(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    else:
+        opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        opt = opt_cls(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
+    if _thresholds_all_gradients(recipe):
+        decay_into_gradients(opt)
+    return opt
+
+
+#: Param-group key holding the coupled L2 coefficient the loop adds to the gradient itself (the group's own
+#: ``weight_decay`` is then 0). Kept in the group so the optimizer's state_dict, and so a resume, carries it.
+GRAD_L2_KEY = "grad_l2"
+
+
+def _thresholds_all_gradients(recipe: Recipe | None) -> bool:
+    return recipe is not None and recipe.gradient_threshold is not None and \
+        recipe.gradient_threshold_scope == "all_after_decay"
+
+
+def _decoupled(opt: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    # AdamW decays the weights directly, not through the gradient (newer torch marks it in the group as well).
+    return isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+
+
+def decay_into_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Move each param group's coupled L2 weight decay out of the optimizer, for :func:`threshold_gradients_`.
+
+    TensorQuant's gradient-threshold study thresholds the gradient *after* the L2 term is added, so the term must be
+    in the gradient when it is thresholded: the group's ``weight_decay`` goes to the ``grad_l2`` key and is set to 0
+    (added once, by :func:`threshold_gradients_`). Decoupled decay (AdamW) stays in the optimizer. Idempotent.
+    """
+    for group in optimizer.param_groups:
+        if not _decoupled(optimizer, group) and group.get("weight_decay", 0.0) and GRAD_L2_KEY not in group:
+            group[GRAD_L2_KEY], group["weight_decay"] = group["weight_decay"], 0.0
+
+
+@torch.no_grad()
+def threshold_gradients_(optimizer: torch.optim.Optimizer, threshold: float) -> None:
+    """TensorQuant's gradient study, in place: ``g += grad_l2 * p``, then ``g = 0`` where ``|g| <= threshold``.
+
+    Acts on every parameter of ``optimizer`` that has a gradient (biases and BatchNorm included), between backward
+    (and AMP unscaling) and ``optimizer.step()``; the L2 coefficient is the one :func:`decay_into_gradients` moved
+    out of each group. Stays on the device (no host sync).
+    """
+    for group in optimizer.param_groups:
+        wd = group.get(GRAD_L2_KEY, 0.0)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if wd:
+                p.grad.add_(p, alpha=wd)
+            p.grad.masked_fill_(p.grad.abs() <= threshold, 0)  # |g| > T kept, as TensorQuant
 
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
@@ -448,7 +497,7 @@ def setup(cfg: TrainConfig, resume=None, epochs: int | None = None) -> Session:
     input_shape = (info.channels, info.image_size, info.image_size)
     dense_flops = count_flops(model, input_shape)  # layer shapes, traced once on the dense model
     handle = sparsify_(model, cfg.recipe, **(cfg.recipe_overrides or {}))
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = _make_optimizer(model, cfg, handle.recipe)
     s = Session(
         cfg=cfg, config=config, run_dir=run_dir, device=device, train_loader=train_loader, test_loader=test_loader,
         input_shape=input_shape, model=model, handle=handle, optimizer=optimizer,
@@ -498,6 +547,10 @@ def _forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor) -> tuple[tor
     else:
         s.scaler.scale(loss).backward()
         s.scaler.unscale_(s.optimizer)  # true gradients for the telemetry; scaler.step skips non-finite ones
+    r = s.handle.recipe
+    if _thresholds_all_gradients(r):
+        # Before the monitor reads dW, so the telemetry shows the gradient sparsity the update really gets.
+        threshold_gradients_(s.optimizer, r.gradient_threshold)
     return out, loss
 
 
