@@ -1,0 +1,336 @@
+"""``sparsetrain sweep``: train one run per (parameter point, seed) and tabulate accuracy over seeds.
+
+Each point is an ordinary ``sparsetrain train`` run directory below the sweep folder; a point whose run has a
+summary is finished and skipped on a rerun, one with a checkpoint but no summary (interrupted) is resumed. At the
+end the sweep folder gets a table (Markdown and CSV: mean +- sample SD of the final test accuracy over seeds, weight
+density, training FLOPs reduction) and a plot of accuracy against the swept parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HELP = "train a recipe over a grid of parameter values and seeds; tabulate and plot accuracy (mean ± SD over seeds)"
+
+#: The sweep folder's own files (each point's run directory keeps the run-directory format of sparsetrain.runs).
+TABLE_MARKDOWN = "sweep.md"
+TABLE_CSV = "sweep.csv"
+PLOT = "sweep_accuracy.png"
+
+# TrainConfig keys a --param may not sweep: the sweep owns them (seeds: --seeds; run directories: --out).
+_RESERVED = ("out", "seed", "recipe_overrides", "quiet")
+
+log = logging.getLogger("sparsetrain")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sparsetrain.commands import train
+
+    g = p.add_argument_group("sweep")
+    g.add_argument("--param", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a swept setting: a recipe key (density, sparsity, threshold_period, p, ...) or a train "
+                        "config key (lr, epochs, ...); values are YAML-typed; repeat for a grid")
+    g.add_argument("--seeds", type=int, default=1, help="seeds per point: --seed, --seed+1, ... (default 1)")
+    train.add_arguments(p)
+    # The train flags keep their meaning, except the ones the sweep owns.
+    for action in p._actions:
+        if action.dest == "out":
+            action.help = "sweep folder, one run directory per point and seed inside (default runs/sweep-<recipe>-<time>)"
+        elif action.dest == "seed":
+            action.help = "first seed (default 0)"
+        elif action.dest == "resume":
+            action.help = "not used: rerunning a sweep with the same --out resumes interrupted points by itself"
+
+
+@dataclass
+class Point:
+    """One point of the grid and the run directories of its seeds."""
+
+    values: dict[str, Any]
+    runs: list[Any] = field(default_factory=list)  # RunDir per seed
+
+
+def parse_params(items: list[str]) -> dict[str, list[Any]]:
+    """``["density=0.5,0.7"]`` -> ``{"density": [0.5, 0.7]}`` (YAML-typed values, keys validated).
+
+    Raises:
+        UsageError: malformed item, repeated key, unknown key (the message lists the valid keys).
+    """
+    import yaml
+
+    from sparsetrain.commands._errors import UsageError
+
+    recipe_keys, train_keys = _valid_keys()
+    params: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise UsageError(f"--param expects KEY=V1,V2,..., got {item!r}")
+        if key in params:
+            raise UsageError(f"--param {key} is given twice: list all its values in one --param {key}=V1,V2,...")
+        if key not in recipe_keys and key not in train_keys:
+            raise UsageError(f"--param {key}: unknown key; valid recipe keys: {', '.join(recipe_keys)}; valid train "
+                             f"keys: {', '.join(train_keys)}")
+        values = []
+        for part in text.split(","):
+            try:
+                values.append(yaml.safe_load(part.strip()))
+            except yaml.YAMLError:
+                raise UsageError(f"--param {key}: value {part.strip()!r} is not a valid YAML scalar") from None
+        if len(set(map(repr, values))) != len(values):
+            raise UsageError(f"--param {key}: repeated value in {text!r}")
+        params[key] = values
+    return params
+
+
+def _valid_keys() -> tuple[list[str], list[str]]:
+    from sparsetrain.recipe import GLOBAL_KEYS
+    from sparsetrain.train import TrainConfig
+
+    recipe_keys = [k for k in GLOBAL_KEYS if k not in ("preset", "layers", "stack")]
+    train_keys = [k for k in TrainConfig.fields() if k not in _RESERVED and k not in recipe_keys]
+    return recipe_keys, train_keys
+
+
+def point_config(base: dict[str, Any], values: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
+    """The train config of one point and seed: recipe keys go to ``recipe_overrides``, the others to the config."""
+    recipe_keys, _ = _valid_keys()
+    cfg = dict(base)
+    overrides = dict(cfg.get("recipe_overrides") or {})
+    for key, value in values.items():
+        if key in recipe_keys:
+            if key in ("density", "sparsity"):  # one setting: the swept one replaces the other
+                overrides.pop("sparsity" if key == "density" else "density", None)
+            overrides[key] = value
+        else:
+            cfg[key] = value
+    cfg["recipe_overrides"] = overrides
+    cfg["seed"] = seed
+    cfg["out"] = str(out)
+    return cfg
+
+
+def _fmt(value: Any) -> str:
+    return str(value).replace("/", "_").replace(" ", "")
+
+
+def run_name(values: dict[str, Any], seed: int) -> str:
+    """The run directory's name of a point and seed, e.g. ``density-0.5_seed-0``."""
+    return "_".join([f"{k}-{_fmt(v)}" for k, v in values.items()] + [f"seed-{seed}"])
+
+
+def _check_same_config(run, cfg: dict[str, Any]) -> None:
+    """A run directory reused by a rerun must hold the same job, else the table would mix two sweeps."""
+    from sparsetrain.commands._errors import UsageError
+    from sparsetrain.train import TrainConfig
+
+    try:
+        saved = TrainConfig.from_dict(run.read_config()).to_dict()
+    except Exception:  # noqa: BLE001 - an unreadable config: the run itself will say so when resumed
+        return
+    wanted = TrainConfig.from_dict(cfg).to_dict()
+    ignore = {"out", "quiet", "data_dir", "device", "log_every", "telemetry_every", "tensorboard"}
+    diff = sorted(k for k in wanted if k not in ignore and saved.get(k) != wanted.get(k))
+    if diff:
+        k = diff[0]
+        raise UsageError(f"{run.path} holds a run with a different config ({k}: {saved.get(k)!r} there, "
+                         f"{wanted.get(k)!r} now): choose another --out for this sweep")
+
+
+def summarize_points(points: list[Point]) -> list[dict[str, Any]]:
+    """One row per point: values, seeds finished, accuracy mean/SD, mean weight density and FLOPs reduction."""
+    from sparsetrain.reporting.tables import mean_sd
+
+    rows = []
+    for pt in points:
+        summaries = [s for s in (r.read_summary() for r in pt.runs) if s is not None]
+        accs = [s["final_test_acc"] for s in summaries if isinstance(s.get("final_test_acc"), (int, float))]
+        wd = [s["weight_density"] for s in summaries if isinstance(s.get("weight_density"), (int, float))]
+        fr = [s["flops"]["training_flops_reduction_pct"] for s in summaries
+              if isinstance((s.get("flops") or {}).get("training_flops_reduction_pct"), (int, float))]
+        acc_mean, acc_sd = mean_sd(accs) if accs else (None, None)
+        rows.append({
+            **pt.values, "n_seeds": len(accs), "test_acc_mean": acc_mean, "test_acc_sd": acc_sd,
+            "weight_density_mean": mean_sd(wd)[0] if wd else None,
+            "training_flops_reduction_pct_mean": mean_sd(fr)[0] if fr else None,
+        })
+    return rows
+
+
+def table_markdown(rows: list[dict[str, Any]], keys: list[str], title: str) -> str:
+    """The table as Markdown: accuracy in percent, mean ± sample SD over seeds."""
+    from sparsetrain.reporting.tables import format_mean_sd
+
+    head = [*keys, "seeds", "test accuracy (%)", "weight density", "training FLOPs reduction (%)"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r[k]) for k in keys] + [
+            str(r["n_seeds"]), format_mean_sd(r["test_acc_mean"], r["test_acc_sd"], scale=100.0),
+            "—" if r["weight_density_mean"] is None else f"{r['weight_density_mean']:.3f}",
+            "—" if r["training_flops_reduction_pct_mean"] is None else f"{r['training_flops_reduction_pct_mean']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Accuracy: final test accuracy, mean ± sample standard deviation over seeds; density and FLOPs "
+              "reduction: mean over seeds (measured on the last epoch)."]
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    """The table as CSV (fractions, not percent; empty cells for missing values)."""
+    cols = [*keys, "n_seeds", "test_acc_mean", "test_acc_sd", "weight_density_mean",
+            "training_flops_reduction_pct_mean"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow(["" if r[c] is None else r[c] for c in cols])
+    return buf.getvalue()
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def plot_accuracy(rows: list[dict[str, Any]], keys: list[str], path: Path, title: str) -> Path | None:
+    """Accuracy (mean ± SD) against the first swept key, one line per combination of the others; None without data."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from sparsetrain.reporting.plots import require_matplotlib
+
+    rows = [r for r in rows if r["test_acc_mean"] is not None]
+    if not rows:
+        return None
+    x_key, rest = keys[0], keys[1:]
+    xs_all = [r[x_key] for r in rows]
+    numeric = all(_is_num(v) for v in xs_all)
+    categories = list(dict.fromkeys(map(str, xs_all)))
+    fig = require_matplotlib()(figsize=(6.0, 4.0), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r[k]) for k in rest), []).append(r)
+    for label, grp in groups.items():
+        xs = [r[x_key] if numeric else categories.index(str(r[x_key])) for r in grp]
+        ys = [100 * r["test_acc_mean"] for r in grp]
+        err = [100 * (r["test_acc_sd"] or 0.0) for r in grp]
+        name = ", ".join(f"{k}={v}" for k, v in zip(rest, label)) or None
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+    if numeric:
+        positive = [v for v in xs_all if v > 0]
+        if len(positive) == len(xs_all) and max(positive) / min(positive) >= 100:
+            ax.set_xscale("log")  # e.g. threshold_period 1..1000
+    else:
+        ax.set_xticks(range(len(categories)), categories)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("test accuracy (%), mean ± SD over seeds")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if rest:
+        ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", facecolor="white")
+    return path
+
+
+def _default_out(recipe: Any) -> Path:
+    from sparsetrain.runs import RunDir
+
+    tag = Path(str(recipe)).stem if isinstance(recipe, str) else "custom"
+    return Path(RunDir.DEFAULT_PARENT) / f"sweep-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def main(args: argparse.Namespace) -> int:
+    """Train every missing point, then write the table and the plot; 0 when all points finished, 3 if one diverged,
+    130 on Ctrl-C (rerun the same command to continue)."""
+    from sparsetrain.cli import EXIT_INTERRUPTED, EXIT_NONFINITE
+    from sparsetrain.commands._errors import UsageError
+    from sparsetrain.commands.train import resolve_config
+    from sparsetrain.recipe import Recipe
+    from sparsetrain.runs import RunDir
+    from sparsetrain.train import NonFiniteError, TrainConfig, TrainingInterrupted, train
+
+    if args.resume:
+        raise UsageError("sweep has no --resume: rerun the same sweep command (same --out) and it resumes "
+                         "interrupted points and skips finished ones")
+    if args.recipe is None:
+        raise UsageError("sweep needs --recipe (a preset or recipe; see `sparsetrain list recipes`)")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    if not args.param:
+        raise UsageError("sweep needs at least one --param KEY=V1,V2,... (e.g. --param density=0.5,0.7,0.9)")
+    params = parse_params(args.param)
+    keys = list(params)
+    base = resolve_config(args)
+    out = Path(args.out) if args.out else _default_out(base["recipe"])
+    first_seed = int(base.get("seed") or 0)
+    seeds = list(range(first_seed, first_seed + args.seeds))
+
+    # Validate every point before training any: a bad value must not surface after an hour of training.
+    points: list[Point] = []
+    jobs: list[tuple[Any, dict[str, Any]]] = []
+    for combo in itertools.product(*params.values()):
+        pt = Point(dict(zip(keys, combo)))
+        for seed in seeds:
+            run = RunDir(out / run_name(pt.values, seed))
+            cfg = point_config(base, pt.values, seed, run.path)
+            try:
+                tc = TrainConfig.from_dict(cfg)
+                Recipe.load(tc.recipe, **(tc.recipe_overrides or {}))
+            except ValueError as e:
+                where = ", ".join(f"{k}={v}" for k, v in pt.values.items())
+                raise UsageError(f"point {where}: {e}") from None
+            if run.is_run():
+                _check_same_config(run, cfg)
+            pt.runs.append(run)
+            jobs.append((run, cfg))
+        points.append(pt)
+
+    out.mkdir(parents=True, exist_ok=True)
+    diverged: list[str] = []
+    for i, (run, cfg) in enumerate(jobs, 1):
+        tag = f"[{i}/{len(jobs)}] {run.path.name}"
+        if run.read_summary() is not None:
+            log.info("sweep %s: finished, skipped", tag)
+            continue
+        try:
+            if run.has_checkpoint():
+                log.info("sweep %s: resuming", tag)
+                train(TrainConfig(quiet=bool(cfg.get("quiet"))), resume=run.path, epochs=cfg.get("epochs"))
+            else:
+                log.info("sweep %s: training", tag)
+                train(TrainConfig.from_dict(cfg))
+        except TrainingInterrupted as e:
+            print(f"\nsparsetrain sweep: interrupted in {run.path} ({e}); rerun the same command to continue: "
+                  "finished points are skipped, this one resumes", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except NonFiniteError as e:
+            log.error("sweep %s: %s", tag, e)
+            diverged.append(run.path.name)
+
+    rows = summarize_points(points)
+    title = f"sweep of {Path(str(base['recipe'])).stem}: {', '.join(keys)}"
+    (out / TABLE_MARKDOWN).write_text(table_markdown(rows, keys, title), encoding="utf-8")
+    (out / TABLE_CSV).write_text(table_csv(rows, keys), encoding="utf-8")
+    try:
+        plot = plot_accuracy(rows, keys, out / PLOT, title)
+    except ImportError as e:  # matplotlib is optional: the tables are the result, the plot a convenience
+        log.warning("sweep: no plot (%s)", str(e).splitlines()[0])
+        plot = None
+    print(table_markdown(rows, keys, title))
+    print(f"sparsetrain sweep: {len(jobs)} runs in {out}; table {out / TABLE_MARKDOWN}, {out / TABLE_CSV}"
+          + (f", plot {plot}" if plot else ""))
+    if diverged:
+        print(f"sparsetrain sweep: {len(diverged)} run(s) stopped on NaN/Inf: {', '.join(diverged)}", file=sys.stderr)
+        return EXIT_NONFINITE
+    return 0
