@@ -36,6 +36,7 @@ __all__ = [
     "PRESETS",
     "GLOBAL_KEYS",
     "GRADIENT_THRESHOLD_SCOPES",
+    "DEFAULT_GRADIENT_THRESHOLD_SCOPE",
     "parse_freeze",
     "list_example_recipes",
     "example_recipe_path",
