@@ -49,7 +49,7 @@ LAYER_TYPES = ("conv", "linear", "all")
 GRADIENT_THRESHOLD_SCOPES = ("all_after_decay", "layers")
 #: ``layers`` until the recipe tests that expect per-layer grad_weight specs from ``gradient_threshold`` move to
 #: ``all_after_decay`` (issue 11, item 5: the paper's scope is to become the default).
-DEFAULT_GRADIENT_THRESHOLD_SCOPE = "layers"
+DEFAULT_GRADIENT_THRESHOLD_SCOPE = "all_after_decay"  # TensorQuant's study: every gradient, after L2
 
 # Keys every recipe understands; a preset's own parameters are its config's fields (Preset.uses).
 COMMON_KEYS = (
