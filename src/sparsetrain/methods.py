@@ -35,12 +35,14 @@ __all__ = [
     "register_preset",
     "list_presets",
     "merge_specs",
+    "check_choice",
 ]
 
 log = logging.getLogger(__name__)
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ValueError naming ``name``, the bad value and the valid choices."""
     if value not in choices:
         raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
 
@@ -67,7 +69,7 @@ class SwatConfig:
 
     def __post_init__(self) -> None:
         _interval("density", self.density, 0.0, 1.0, True, False)
-        _choice("structure", self.structure, ("unstructured", "channel"))
+        check_choice("structure", self.structure, ("unstructured", "channel"))
 
     def layer_spec(self, seed: int = 0) -> LayerSpec:
         weight = sp.TopK(density=self.density) if self.structure == "unstructured" else sp.ChannelTopK(
@@ -118,8 +120,8 @@ class GradPruneConfig:
 
     def __post_init__(self) -> None:
         _interval("p", self.p, 0.5, 1.0, True, True)
-        _choice("sigma", self.sigma, ("consistent", "literal"))
-        _choice("placement", self.placement, ("grad_output", "grad_input", "auto"))
+        check_choice("sigma", self.sigma, ("consistent", "literal"))
+        check_choice("placement", self.placement, ("grad_output", "grad_input", "auto"))
 
     def _spec(self, placement: str) -> LayerSpec:
         return LayerSpec(**{placement: sp.DBTD(p=self.p, sigma=self.sigma, stochastic=self.stochastic)})
@@ -155,7 +157,7 @@ class RandomChannelConfig:
     def __post_init__(self) -> None:
         _interval("density", self.density, 0.0, 1.0, True, False)
         _interval("start_density", self.start_density, 0.0, 1.0, True, False)
-        _choice("densify_init", self.densify_init, ("zero", "keep"))
+        check_choice("densify_init", self.densify_init, ("zero", "keep"))
         de = self.densify_every
         if de is not None and (not isinstance(de, int) or isinstance(de, bool) or de < 1):
             raise ValueError(f"densify_every must be an integer number of steps >= 1, got {de!r}")

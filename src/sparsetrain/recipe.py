@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from sparsetrain import sparsifiers as sp
 from sparsetrain.layers import LayerSpec, counted_layer
-from sparsetrain.methods import PRESETS, Preset, list_presets, merge_specs, register_preset
+from sparsetrain.methods import PRESETS, Preset, check_choice, list_presets, merge_specs, register_preset
 
 __all__ = [
     "Recipe",
@@ -175,15 +175,15 @@ class Recipe:
         elif params or density is not None or sparsity is not None:
             k = sorted(params)[0] if params else "density"
             raise ValueError(f"key {k!r} needs a preset (valid presets: {', '.join(list_presets())})")
-        _choice_key("distribution", d.get("distribution", "uniform"), DISTRIBUTIONS)
-        _choice_key("layer_types", d.get("layer_types", "all"), LAYER_TYPES)
+        check_choice("distribution", d.get("distribution", "uniform"), DISTRIBUTIONS)
+        check_choice("layer_types", d.get("layer_types", "all"), LAYER_TYPES)
         tp = d.get("threshold_period", 1)
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise ValueError(f"threshold_period must be an integer >= 1, got {tp!r}")
         gt = d.get("gradient_threshold")
         if gt is not None and not (isinstance(gt, (int, float)) and not isinstance(gt, bool) and gt >= 0):
             raise ValueError(f"gradient_threshold must be a number >= 0, got {gt!r}")
-        _choice_key("gradient_threshold_scope", d.get("gradient_threshold_scope", DEFAULT_GRADIENT_THRESHOLD_SCOPE),
+        check_choice("gradient_threshold_scope", d.get("gradient_threshold_scope", DEFAULT_GRADIENT_THRESHOLD_SCOPE),
                     GRADIENT_THRESHOLD_SCOPES)
         parse_freeze(d.get("freeze_topology_after"))
         d["stack"] = tuple(_stacked(item) for item in (d.get("stack") or ()))
@@ -268,11 +268,6 @@ def _preset(name: Any) -> Preset | None:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())}")
     return PRESETS[name]
-
-
-def _choice_key(key: str, v: Any, choices: tuple[str, ...]) -> None:
-    if v not in choices:
-        raise ValueError(f"{key} {v!r} is not one of {', '.join(choices)}")
 
 
 def _stacked(item: Any) -> tuple[str, Any]:

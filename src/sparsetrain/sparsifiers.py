@@ -264,8 +264,6 @@ def entry(cfg: Any) -> _Entry:
         raise TypeError(f"no sparsifier registered for {type(cfg).__name__}; valid: {list_sparsifiers()}") from None
 
 
-_entry = entry
-
 
 def nominal_density(cfg: Any) -> float | None:
     """Kept fraction implied by ``cfg`` alone: 1.0 for ``None`` (dense), None when it depends on the data."""
@@ -306,19 +304,19 @@ def config_from_dict(d: dict[str, Any] | SparsifierConfig, where: str = "sparsif
 
 
 def config_to_dict(cfg: SparsifierConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": _entry(cfg).name}
+    out: dict[str, Any] = {"type": entry(cfg).name}
     out.update({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
     return out
 
 
 def threshold(x: Tensor, cfg: SparsifierConfig, *, key: str = "") -> Tensor | None:
     """The reusable part of ``cfg`` for ``x`` (threshold or mask). ``key`` seeds per-layer random masks."""
-    return _entry(cfg).threshold(x, cfg, key=key)
+    return entry(cfg).threshold(x, cfg, key=key)
 
 
 def apply(x: Tensor, cfg: SparsifierConfig, thr: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
     """Sparsify ``x`` given a (possibly cached) result of :func:`threshold`."""
-    return _entry(cfg).apply(x, cfg, thr, generator)
+    return entry(cfg).apply(x, cfg, thr, generator)
 
 
 def sparsify(x: Tensor, cfg: SparsifierConfig, *, generator: torch.Generator | None = None, key: str = "") -> Tensor:
@@ -334,7 +332,7 @@ def sparsify(x: Tensor, cfg: SparsifierConfig, *, generator: torch.Generator | N
 
 def mask(x: Tensor, cfg: SparsifierConfig, *, key: str = "") -> Tensor:
     """Boolean mask of the positions ``cfg`` keeps (deterministic sparsifiers only)."""
-    e = _entry(cfg)
+    e = entry(cfg)
     if e.keep is None:
         raise ValueError(f"mask() is undefined for {type(cfg).__name__}{'' if not hasattr(cfg, 'stochastic') else ' (stochastic)'}")
     k = e.keep(x, cfg, e.threshold(x, cfg, key=key))
