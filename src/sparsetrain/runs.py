@@ -15,7 +15,11 @@ Every file name of a run directory is spelled here and nowhere else; the rest of
 ``TENSORBOARD_DIR`` ``tensorboard/``        TensorBoard event files of ``sparsetrain train --tensorboard``
 ``SPARSE_MODEL``    ``model_sparse.pt``     ``sparsetrain export``: plain ``state_dict``, forward masks applied
 ``COMPRESSED_MODEL`` ``model_sparse.packed.pt`` ``sparsetrain export``: the same, packed (``load_compressed``)
+``LOCK``            ``.sparsetrain.lock``   :meth:`RunDir.lock`: who writes the run now (stays, never read as data)
 ==================  ======================  =============================================================
+
+One process writes a run directory at a time: :meth:`RunDir.lock` takes an OS lock on its ``LOCK`` file for the
+life of the run and a second process fails at once with :class:`RunLockedError`, naming the holder.
 
 JSON-lines files have one reader, :func:`read_jsonl` / :func:`iter_jsonl`: a torn last line (the writer was killed
 mid-line) is skipped with a warning, a bad line anywhere else is corruption and raises.
@@ -32,6 +36,9 @@ import io
 import json
 import logging
 import os
+import shlex
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -52,6 +59,8 @@ __all__ = [
     "PREV_CHECKPOINT",
     "RunDir",
     "RunDirectoryError",
+    "RunLock",
+    "RunLockedError",
     "Run",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -87,6 +96,21 @@ os.umask(_UMASK)
 
 class RunDirectoryError(ValueError):
     """The path is not a readable sparsetrain run directory, or one of its files is malformed."""
+
+
+class RunLockedError(RunDirectoryError):
+    """Another process (or this one, through another :class:`RunLock`) holds the lock of the run directory.
+
+    Attributes:
+        path: the run directory.
+        holder: what the holder wrote into the lock file (``pid``, ``host``, ``started``, ``command``); empty when
+            it had not written it yet.
+    """
+
+    def __init__(self, message: str, path: Path, holder: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.path = path
+        self.holder = holder
 
 
 # ---------------------------------------------------------------------------------------------- file primitives
@@ -242,6 +266,152 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+# ---------------------------------------------------------------------------------------------- one writer
+try:  # POSIX: flock, released by the kernel when the process dies, however it dies
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+try:  # pragma: no cover - Windows only
+    import msvcrt
+except ImportError:
+    msvcrt = None  # type: ignore[assignment]
+
+# Windows locks byte ranges, and a locked range cannot be read by others: lock one byte far past the holder text,
+# which stays readable. Windows allows locking past the end of a file.
+_WINDOWS_LOCK_OFFSET = 1 << 30
+
+
+def _command_line() -> str:
+    """This process's command line, as the user typed it (``sparsetrain train ...``, ``python -m sparsetrain ...``)."""
+    argv = list(sys.argv) or ["python"]
+    prog = Path(argv[0])
+    if prog.name == "__main__.py":
+        argv[0] = f"python -m {prog.parent.name}"
+    elif argv[0] in ("-c", "-"):
+        argv[0] = f"python {argv[0]}"
+    else:
+        argv[0] = prog.name
+    return " ".join([argv[0], shlex.join(argv[1:])]).strip()
+
+
+class RunLock:
+    """An exclusive lock on a run directory, taken at construction and held until :meth:`release` (or process exit).
+
+    Built by :meth:`RunDir.lock`. The lock is the OS's, on the run directory's ``RunDir.LOCK`` file:
+    ``fcntl.flock(LOCK_EX | LOCK_NB)`` on POSIX (Linux, macOS; also across machines on NFS, which Linux emulates
+    with ``fcntl`` byte-range locks), ``msvcrt.locking`` on one byte on Windows. Either way the kernel drops it when
+    the process ends, even by SIGKILL or a crash, so a killed run never blocks its ``--resume``; the file stays
+    behind and is reused. On a platform with neither, the lock only logs a warning and does nothing.
+
+    Locks belong to the open file: a second :class:`RunLock` on the same directory conflicts even in the same
+    process. A process forked while holding the lock shares it (the lock lasts until the last of them exits).
+
+    After taking the lock the holder writes who it is (pid, host, start time, command line) into the file, for the
+    message of the next process that fails to take it. The file is never deleted: deleting it while another process
+    waits to open it would let two processes lock two different files of the same name.
+
+    Example:
+        >>> import tempfile
+        >>> run = RunDir(tempfile.mkdtemp())
+        >>> with run.lock():
+        ...     run.lock()
+        Traceback (most recent call last):
+        ...
+        sparsetrain.runs.RunLockedError: ... is in use by this process (pid ...); ...
+    """
+
+    def __init__(self, run_dir: RunDir) -> None:
+        self.path = run_dir.path
+        self.lock_path = run_dir.lock_path
+        self._fd: int | None = None
+        self.path.mkdir(parents=True, exist_ok=True)
+        if fcntl is None and msvcrt is None:  # pragma: no cover - neither POSIX nor Windows
+            logger.warning("%s: no OS file locking on this platform; nothing stops a second process from writing "
+                           "this run directory at the same time", self.path)
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self._acquire(fd)
+        except OSError:  # BlockingIOError (flock), PermissionError/OSError (msvcrt): held by someone else
+            os.close(fd)
+            raise self._locked_error() from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self.holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": _command_line()}
+        data = (json.dumps(self.holder) + "\n").encode("utf-8")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, data)
+        logger.debug("locked %s", self.lock_path)
+
+    @staticmethod
+    def _acquire(fd: int) -> None:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # pragma: no cover - Windows
+            os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+    def _read_holder(self) -> dict[str, Any]:
+        # The holder writes its details just after taking the lock: give a racing holder a moment to finish.
+        for attempt in range(5):
+            try:
+                holder = json.loads(self.lock_path.read_text(encoding="utf-8"))
+                if isinstance(holder, dict):
+                    return holder
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02 * (attempt + 1))
+        return {}
+
+    def _locked_error(self) -> RunLockedError:
+        holder = self._read_holder()
+        hint = "wait for it to finish or choose another --out"
+        if not holder:
+            return RunLockedError(f"{self.path} is in use by another sparsetrain run (it has not written its details "
+                                  f"to {self.lock_path} yet); {hint}", self.path, holder)
+        who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}"
+        if holder.get("command"):
+            who += f": {holder['command']}"
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            return RunLockedError(f"{self.path} is in use by this process ({who}); release its lock first",
+                                  self.path, holder)
+        return RunLockedError(f"{self.path} is in use by another sparsetrain run ({who}); {hint}", self.path, holder)
+
+    @property
+    def held(self) -> bool:
+        """True until :meth:`release` (always False on a platform without file locking)."""
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Give the lock up (idempotent). The lock file stays, emptied."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)  # while still holding the lock: a new holder's details are never erased
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            else:  # pragma: no cover - Windows
+                os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        finally:
+            os.close(fd)  # closing alone releases it too
+        logger.debug("unlocked %s", self.lock_path)
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"RunLock({str(self.path)!r}, held={self.held})"
+
+
 # ---------------------------------------------------------------------------------------------- summary
 def _config_density(config: Mapping[str, Any]) -> float | None:
     overrides = config.get("recipe_overrides") or {}
@@ -313,6 +483,9 @@ class RunDir:
     TENSORBOARD_DIR = "tensorboard"
     SPARSE_MODEL = "model_sparse.pt"
     COMPRESSED_MODEL = "model_sparse.packed.pt"
+    #: The lock file of :meth:`lock` (hidden: it holds no results, and :meth:`is_run` / :meth:`find` ignore it).
+    #: Not plain ``.lock``: that would match every ``x.lock()`` call in the test that names are spelled only here.
+    LOCK = ".sparsetrain.lock"
     #: What every run directory holds once its first epoch is done; the rest is optional for readers.
     REQUIRED = (CONFIG, METRICS)
     OPTIONAL = (SUMMARY, TELEMETRY, FLOPS)
@@ -387,6 +560,11 @@ class RunDir:
         """``sparsetrain export``'s compressed file (read with :func:`sparsetrain.export.load_compressed`)."""
         return self.path / self.COMPRESSED_MODEL
 
+    @property
+    def lock_path(self) -> Path:
+        """The file :meth:`lock` locks; it may exist without anyone holding the lock."""
+        return self.path / self.LOCK
+
     # ------------------------------------------------------------------ checks
     def has_checkpoint(self) -> bool:
         """True once an epoch has been checkpointed: the folder holds a run and must not be overwritten."""
@@ -412,6 +590,25 @@ class RunDir:
         """The run directories directly below ``parent``, sorted by path."""
         return sorted((cls(p) for p in Path(parent).iterdir() if p.is_dir() and cls(p).is_run()),
                       key=lambda r: r.path)
+
+    # ------------------------------------------------------------------ one writer
+    def lock(self) -> RunLock:
+        """Take the run directory's lock for the life of a run, or fail at once if another process holds it.
+
+        Creates the folder (and its parents) if missing, and the ``LOCK`` file in it; nothing else. Use it as a
+        context manager, or keep the returned :class:`RunLock` and call :meth:`RunLock.release`; the OS releases it
+        anyway when the process ends, however it ends. Not reentrant: a second call before the release raises.
+
+        Raises:
+            RunLockedError: another process (or another lock in this one) holds it; the message names the holder's
+                pid, host, start time and command line.
+            FileExistsError: the path is an existing file.
+
+        Example:
+            >>> with RunDir("runs/a").lock():  # doctest: +SKIP
+            ...     train(...)
+        """
+        return RunLock(self)
 
     # ------------------------------------------------------------------ config
     def create(self) -> None:
