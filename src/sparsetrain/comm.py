@@ -3,30 +3,32 @@
 Each rank sends only the ``k = ceil(density * n)`` largest-magnitude entries of each gradient bucket (values and
 their indices), every rank adds up what all ranks sent and divides by the world size, as DDP's average does. What a
 rank did not send is not lost: it stays in the rank's *residual* and is added to the next step's gradient (error
-feedback, as in Lin et al., "Deep Gradient Compression", ICLR 2018, and the gradient sparsification the TensorQuant
-paper motivates). So over any number of steps, for each rank,
+feedback, as in Lin et al., "Deep Gradient Compression", ICLR 2018: the use TensorQuant's finding that weight
+gradients are mostly near zero points to). So over any number of steps, for each rank,
 
     sum of what it sent + its residual == sum of its local gradients   (up to float rounding)
 
 which ``tests/test_comm.py`` checks on two real gloo processes.
 
-The cost: an ``all_gather`` of ``k`` values and ``k`` indices per bucket and rank (:attr:`TopKCompressionState.
-bytes_sent` counts them, ``k * (value bytes + index bytes)``; indices are int32 unless a bucket has more than
-2**31 entries) instead of an ``all_reduce`` of the ``n`` dense values. With ``W`` ranks each rank receives ``W * k``
-pairs, so the hook saves traffic while ``W * density`` is well below 1 (the gather grows with ``W``; an all-reduce
-does not). The result is the same on every rank, bit for bit: ranks add the contributions in rank order, and each
-rank's indices are distinct, so no addition order depends on the device's scheduling.
+The cost: an ``all_gather`` of ``k`` values and ``k`` indices per bucket and rank instead of an ``all_reduce`` of
+the ``n`` dense values; :attr:`TopKCompressionState.bytes_sent` counts ``k * (value bytes + index bytes)`` (indices
+are int32 unless a bucket has more than 2**31 entries). With ``W`` ranks each rank receives ``W * k`` pairs, so the
+hook saves traffic while ``W * density`` is well below 1 (the gather grows with ``W``; an all-reduce does not). The
+result is the same on every rank, bit for bit: ranks add the contributions in rank order, and one rank's indices
+are distinct, so no addition order depends on the device's scheduling.
 
-What stays as in plain DDP: the first ``start_iter`` iterations (at least 2) are a dense all-reduce, because DDP
-rebuilds its buckets after the first iteration (bucket indices and sizes change; PowerSGD waits for the same
-reason), and the residuals are kept per bucket index. A dense iteration keeps no residual: if one exists (a run
-resumed from :meth:`TopKCompressionState.state_dict`) it is sent in full with that iteration's gradient.
+Dense first: the first ``start_iter`` iterations (at least 2), and the first 2 after a resume, are plain averaging
+all-reduces. DDP rebuilds its buckets after the first iteration (bucket indices and sizes change) and the
+residuals are kept per bucket index; PowerSGD waits for the same reason. A dense iteration keeps no residual: one
+loaded from a checkpoint is sent in full with that iteration's gradient, so none is lost whatever the new buckets.
 
 Example:
     >>> ddp = torch.nn.parallel.DistributedDataParallel(model)  # doctest: +SKIP
     >>> state = register_topk_hook(ddp, density=0.01)  # doctest: +SKIP
-    >>> ...  # train as usual; state.last_step_bytes is what this rank sent in the last step
-    >>> checkpoint["comm"] = state.state_dict()  # per rank: each rank has its own residual  # doctest: +SKIP
+    >>> loss_fn(ddp(x), y).backward(); optimizer.step()  # doctest: +SKIP
+    >>> state.last_step_bytes  # what this rank sent for that step (DDP has waited for every bucket)  # doctest: +SKIP
+    2352
+    >>> per_rank = state.state_dict()  # each rank has its own residual: checkpoint one per rank  # doctest: +SKIP
 """
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations against the real types.

@@ -305,6 +305,7 @@ class RunLock:
 
     Locks belong to the open file: a second :class:`RunLock` on the same directory conflicts even in the same
     process. A process forked while holding the lock shares it (the lock lasts until the last of them exits).
+    Dropping the object without :meth:`release` does not release the lock: it is held until the process ends.
 
     After taking the lock the holder writes who it is (pid, host, start time, command line) into the file, for the
     message of the next process that fails to take it. The file is never deleted: deleting it while another process
