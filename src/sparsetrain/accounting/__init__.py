@@ -2,6 +2,8 @@
 
 * :mod:`~sparsetrain.accounting.flops` -- per-layer MACs of forward / grad-input / grad-weight, dense vs sparse,
   and SWAT's summary figures (training and inference FLOPs reduction, Act reduction, model compression).
+* :mod:`~sparsetrain.accounting.non_gemm` -- the work the GEMM count leaves out (BatchNorm, ReLU, pooling, residual
+  additions, the loss, the top-K selection), counted with ``count_flops(..., non_gemm=True)``.
 * :mod:`~sparsetrain.accounting.memory` -- bytes of parameters, gradients, optimizer state and saved activations,
   analytic (dense vs sparse storage) and measured with ``saved_tensors_hooks``.
 * :mod:`~sparsetrain.accounting.accelerator` -- cycle model of a PE array that executes only effectual MACs,
@@ -27,6 +29,7 @@ from sparsetrain.accounting.flops import (
     count_flops,
     densities_from_metrics,
     format_count,
+    format_non_gemm,
     format_table,
     layer_density,
 )
@@ -38,9 +41,17 @@ from sparsetrain.accounting.memory import (
     optimizer_buffers,
     storage_bytes,
 )
+from sparsetrain.accounting.non_gemm import (
+    NON_GEMM_CONVENTION,
+    NonGemmCounts,
+    NonGemmOp,
+    NonGemmOptions,
+    quickselect_comparisons_per_element,
+)
 
 __all__ = [
     "CONVENTION",
+    "NON_GEMM_CONVENTION",
     "AcceleratorConfig",
     "AcceleratorReport",
     "FlopReport",
@@ -48,17 +59,22 @@ __all__ = [
     "LayerCycles",
     "LayerFlops",
     "MemoryReport",
+    "NonGemmCounts",
+    "NonGemmOp",
+    "NonGemmOptions",
     "SavedTensorStats",
     "capture_step",
     "count_flops",
     "densities_from_metrics",
     "effectual_macs",
     "format_count",
+    "format_non_gemm",
     "format_table",
     "layer_density",
     "measure_saved_tensors",
     "memory_report",
     "optimizer_buffers",
+    "quickselect_comparisons_per_element",
     "simulate",
     "simulate_capture",
     "storage_bytes",

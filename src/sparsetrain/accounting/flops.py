@@ -38,9 +38,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparsetrain.accounting.non_gemm import (
+    NON_GEMM_CONVENTION,
+    NonGemmCounts,
+    NonGemmOptions,
+    record_non_gemm,
+    selection_macs,
+)
 from sparsetrain.layers import OPERANDS, counted_layer, dense_mode
 
 logger = logging.getLogger(__name__)
@@ -59,6 +67,7 @@ __all__ = [
     "FlopReport",
     "count_flops",
     "format_count",
+    "format_non_gemm",
     "format_table",
     "layer_density",
     "densities_from_metrics",
@@ -121,6 +130,8 @@ class LayerFlops:
     # Not part of the row dict: weight elements for totals; CSR rows (feature maps) of the saved input per sample.
     weight_elements: int = field(default=0, repr=False)
     saved_activation_rows: int = field(default=0, repr=False)
+    # Not part of the row dict either: every operand's density (the top-K selection cost needs all five).
+    operand_densities: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def dense_training_macs(self) -> int:
@@ -134,6 +145,7 @@ class LayerFlops:
         row = asdict(self)
         row.pop("weight_elements")
         row.pop("saved_activation_rows")
+        row.pop("operand_densities")
         return row
 
 
@@ -154,6 +166,8 @@ class FlopReport:
             :func:`sparsetrain.models.find_classifier` when that layer ran, else the last counted layer executed
             (a fully convolutional head); None for a model without counted layers.
         convention: the counting convention in words.
+        non_gemm: the non-GEMM ops and the top-K selection cost (``count_flops(..., non_gemm=True)``), else None.
+            When set, the ``*_all_ops`` figures are available and :meth:`to_dict` reports them.
     """
 
     layers: list[LayerFlops]
@@ -162,6 +176,7 @@ class FlopReport:
     other_params: int = 0
     classifier: str | None = None
     convention: str = CONVENTION
+    non_gemm: NonGemmCounts | None = field(default=None, repr=False)
 
     def _sum(self, attr: str) -> float:
         return sum(getattr(row, attr) for row in self.layers)
@@ -187,6 +202,51 @@ class FlopReport:
         if nonzero <= 0:
             return math.inf
         return total / nonzero
+
+    def _require_non_gemm(self) -> NonGemmCounts:
+        if self.non_gemm is None:
+            raise ValueError("this report counts GEMMs only; use count_flops(..., non_gemm=True) for all-ops figures")
+        return self.non_gemm
+
+    def selection_macs(self) -> dict[str, float]:
+        """Top-K selection MAC-equivalents per step at this report's densities: ``weight``, ``activation``,
+        ``grad_output`` and ``total`` (counted as :class:`~sparsetrain.accounting.non_gemm.NonGemmOptions` says)."""
+        counts = self._require_non_gemm()
+        densities = {r.name: r.operand_densities for r in self.layers}
+
+        def density(name: str, op: str) -> float:
+            return layer_density(densities, name, op)
+
+        out = selection_macs(self.layers, counts, density, self.batch_size)
+        return out | {"total": sum(out.values())}
+
+    def all_ops_totals(self, sparse: bool) -> dict[str, float]:
+        """GEMM MACs plus non-GEMM MAC-equivalents (plus the top-K selection when ``sparse``).
+
+        Keys: training_macs, inference_macs (forward GEMMs + inference-mode non-GEMM ops, no selection: an inference
+        pass uses already-pruned weights), gemm_training_macs, non_gemm_training_macs, selection_macs.
+        """
+        counts = self._require_non_gemm()
+        gemm = self.totals(sparse)
+        selection = self.selection_macs()["total"] if sparse else 0.0
+        return {
+            "training_macs": gemm["training_macs"] + counts.training_macs() + selection,
+            "inference_macs": gemm["forward_macs"] + counts.inference_macs(),
+            "gemm_training_macs": gemm["training_macs"],
+            "non_gemm_training_macs": counts.training_macs(),
+            "selection_macs": selection,
+        }
+
+    @property
+    def training_flops_reduction_pct_all_ops(self) -> float:
+        """Training reduction with non-GEMM work and the top-K counted: dense = GEMMs + non-GEMM, sparse = sparse
+        GEMMs + non-GEMM + selection."""
+        return _pct_reduction(self.all_ops_totals(True)["training_macs"], self.all_ops_totals(False)["training_macs"])
+
+    @property
+    def inference_flops_reduction_pct_all_ops(self) -> float:
+        """Inference reduction with the inference-mode non-GEMM ops counted (no selection)."""
+        return _pct_reduction(self.all_ops_totals(True)["inference_macs"], self.all_ops_totals(False)["inference_macs"])
 
     def with_densities(self, densities: Mapping[str, Mapping[str, float]] | None) -> "FlopReport":
         """The same model and input, re-counted for other operand densities (no new forward pass).
@@ -224,6 +284,7 @@ class FlopReport:
                     weight_density=d("weight"),
                     activation_density=d("input_for_grad_weight"),
                     grad_output_density=d_dy,
+                    operand_densities={op: d(op) for op in OPERANDS},
                 )
             )
         return replace(self, layers=rows)
@@ -255,7 +316,31 @@ class FlopReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with the summary figures, per-layer rows, totals and the convention."""
+        """JSON-ready dict with the summary figures, per-layer rows, totals and the convention.
+
+        With non-GEMM counting on, also: ``training_flops_reduction_pct_all_ops``,
+        ``inference_flops_reduction_pct_all_ops``, ``all_ops_totals`` (dense/sparse), ``non_gemm_macs`` (by kind,
+        MAC-equivalents), ``topk_selection_macs``, ``non_gemm_options`` (the settings), ``non_gemm_ops`` (per module
+        and ATen op, in FLOPs), ``non_gemm_unclassified_ops`` and ``non_gemm_convention``. Without it the dict is unchanged.
+        """
+        out = self._gemm_dict()
+        if self.non_gemm is None:
+            return out
+        ng = self.non_gemm
+        return out | {
+            "training_flops_reduction_pct_all_ops": self.training_flops_reduction_pct_all_ops,
+            "inference_flops_reduction_pct_all_ops": self.inference_flops_reduction_pct_all_ops,
+            "all_ops_totals": {"dense": self.all_ops_totals(False), "sparse": self.all_ops_totals(True)},
+            "non_gemm_macs": ng.by_kind(),
+            "topk_selection_macs": self.selection_macs(),
+            "non_gemm_options": asdict(ng.options),
+            "non_gemm_ops": [op.to_dict() for op in ng.ops],
+            "non_gemm_unclassified_ops": dict(ng.unclassified_ops),
+            "non_gemm_convention": f"{NON_GEMM_CONVENTION} This report: 1 element-wise FLOP = "
+            f"{ng.options.macs_per_flop:g} MAC.",
+        }
+
+    def _gemm_dict(self) -> dict[str, Any]:
         return {
             "training_flops_reduction_pct": self.training_flops_reduction_pct,
             "inference_flops_reduction_pct": self.inference_flops_reduction_pct,
@@ -291,9 +376,15 @@ def _layer_macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 
 
 def _trace_layers(
-    model: nn.Module, input_shape: Sequence[int], batch_size: int
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int,
+    observer: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> tuple[dict[str, _Trace], list[str], str | None]:
-    """Run one real forward with hooks; return per-layer traces, call order and the last layer called."""
+    """Run one real forward with hooks; return per-layer traces, call order and the last layer called.
+
+    ``observer()`` is entered around the forward call (the non-GEMM recorder), inside eval and dense mode.
+    """
     names = {id(m): n for n, m in model.named_modules() if is_counted_layer(m)}
     traces: dict[str, _Trace] = {}
     order: list[str] = []
@@ -331,7 +422,7 @@ def _trace_layers(
         # requires_grad tells which layer inputs need a gradient. dense_mode(): only shapes matter here, and a
         # sparse layer's own forward would refresh its cached top-K thresholds from this random input.
         model.eval()
-        with torch.enable_grad(), dense_mode():
+        with torch.enable_grad(), dense_mode(), (observer() if observer else contextlib.nullcontext()):
             model(x)
     finally:
         for m, mode in modes.items():
@@ -348,6 +439,7 @@ def count_flops(
     *,
     batch_size: int = 1,
     count_first_layer_grad_input: bool = False,
+    non_gemm: bool | NonGemmOptions = False,
 ) -> FlopReport:
     """Count dense and sparse MACs of one training step of ``model`` on a batch of ``input_shape`` inputs.
 
@@ -363,6 +455,12 @@ def count_flops(
         densities: ``{layer: {operand: density}}`` as returned by ``SparsityHandle.densities()``; None = dense.
         batch_size: batch the MAC counts refer to (layer inputs' saved elements stay per sample).
         count_first_layer_grad_input: also count ``dx`` of layers whose input needs no gradient.
+        non_gemm: also count the non-GEMM work of a training step (BatchNorm, ReLU, pooling, residual additions,
+            biases, dropout, the loss) and the top-K selection, from the same forward pass
+            (:mod:`sparsetrain.accounting.non_gemm`); the report then has the ``*_all_ops`` figures. ``True`` uses
+            the default :class:`~sparsetrain.accounting.non_gemm.NonGemmOptions` (every threshold recomputed on
+            every step, Quickselect, 1 FLOP = 0.5 MAC); pass an instance for other settings. Off (``False``), the
+            report is exactly the GEMM-only one.
 
     Returns:
         A :class:`FlopReport`.
@@ -375,8 +473,13 @@ def count_flops(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(non_gemm, (bool, NonGemmOptions)):
+        raise ValueError(f"non_gemm must be True, False or a NonGemmOptions, got {non_gemm!r}")
+    options = NonGemmOptions() if non_gemm is True else (non_gemm or None)
     input_shape = tuple(int(s) for s in input_shape)
-    traces, order, last = _trace_layers(model, input_shape, batch_size)
+    recorded: dict[str, Any] = {}
+    observer = (lambda: record_non_gemm(model, recorded)) if options else None
+    traces, order, last = _trace_layers(model, input_shape, batch_size, observer)
     rows: list[LayerFlops] = []
     counted_params: set[int] = set()
     for name in order:
@@ -416,6 +519,7 @@ def count_flops(
         batch_size=batch_size,
         other_params=other,
         classifier=classifier if classifier in traces else last,
+        non_gemm=replace(recorded["counts"], options=options) if options else None,
     )
     return dense.with_densities(densities) if densities else dense
 
@@ -474,4 +578,50 @@ def format_table(report: FlopReport) -> str:
         "",
         f"convention: {report.convention}",
     ]
+    if report.non_gemm is not None:
+        lines += ["", format_non_gemm(report)]
+    return "\n".join(lines)
+
+
+def format_non_gemm(report: FlopReport) -> str:
+    """The non-GEMM breakdown by kind, the top-K cost and both conventions' reductions (needs ``non_gemm=True``)."""
+    ng = report._require_non_gemm()
+    kinds = ng.by_kind()
+    dense_gemm, sparse_gemm = report.totals(False), report.totals(True)
+    head = f"{'non-GEMM (MAC-equivalents)':<28} {'forward':>9} {'backward':>9} {'training':>9} {'% dense':>8}"
+    lines = [head, "-" * len(head)]
+    dense_all = report.all_ops_totals(False)["training_macs"]
+    for kind, row in kinds.items():
+        if kind != "total" and row["training_macs"] == 0:
+            continue
+        if kind == "total":
+            lines.append("-" * len(head))
+        lines.append(
+            f"{kind:<28} {format_count(row['forward_macs']):>9} {format_count(row['backward_macs']):>9} "
+            f"{format_count(row['training_macs']):>9} {100 * row['training_macs'] / dense_all:>7.2f}%"
+        )
+    sel = report.selection_macs()
+    s = ng.options
+    c = "Quickselect 2+2H(d)" if s.comparisons_per_element is None else f"{s.comparisons_per_element:g}"
+    lines += [
+        "",
+        f"top-K selection (sparse only): weight {format_count(sel['weight'])}  activation "
+        f"{format_count(sel['activation'])}  grad_output {format_count(sel['grad_output'])}  total "
+        f"{format_count(sel['total'])}",
+        f"  (comparisons/element {c}; threshold period: weight {s.weight_period}, activation {s.activation_period}; "
+        f"mask pass {s.mask_flops_per_element:g} FLOPs/element/step; weights selected once per "
+        f"{s.training_batch or report.batch_size} samples; 1 element-wise FLOP = {s.macs_per_flop:g} MAC)",
+        f"training MACs, all ops   dense {format_count(dense_all)} = GEMM {format_count(dense_gemm['training_macs'])} "
+        f"+ non-GEMM {format_count(kinds['total']['training_macs'])}",
+        f"                         sparse {format_count(report.all_ops_totals(True)['training_macs'])} = GEMM "
+        f"{format_count(sparse_gemm['training_macs'])} + non-GEMM {format_count(kinds['total']['training_macs'])} "
+        f"+ top-K {format_count(sel['total'])}",
+        f"training FLOPs reduction   GEMM only {report.training_flops_reduction_pct:6.2f} %   all ops "
+        f"{report.training_flops_reduction_pct_all_ops:6.2f} %",
+        f"inference FLOPs reduction  GEMM only {report.inference_flops_reduction_pct:6.2f} %   all ops "
+        f"{report.inference_flops_reduction_pct_all_ops:6.2f} %",
+    ]
+    if ng.unclassified_ops:
+        lines.append(f"not counted (unclassified ATen ops): {ng.unclassified_ops}")
+    lines.append(f"non-GEMM convention: {NON_GEMM_CONVENTION}")
     return "\n".join(lines)

@@ -7,6 +7,8 @@ Examples:
     sparsetrain flops --model cifarnet --dataset cifar10 --recipe random-channel --density 0.25 \\
         --compare-depth-multiplier                           # Changpinyo: sparse random vs depth multiplier
     sparsetrain flops --model lenet5 --dataset mnist --recipe swat-u --density 0.1 --memory --optimizer adam
+    sparsetrain flops --model resnet50_imagenet --input 3x224x224 --num-classes 1000 --recipe swat-u --sparsity 0.8 \
+        --non-gemm --weight-threshold-period 1000 --training-batch 256   # SWAT's ImageNet setting, all ops counted
 
 Densities: with ``--recipe`` they are the recipe's nominal densities (``handle.densities()`` before any data has
 been seen; data-dependent sparsifiers such as thresholds count as dense); with ``--run`` they are the densities
@@ -89,6 +91,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("bitmap", "csr", "dense"),
         help="storage of sparsified saved operands for --memory (default bitmap)",
     )
+    ng = parser.add_argument_group(
+        "non-GEMM work",
+        "--non-gemm also counts BatchNorm, ReLU, pooling, residual additions, biases, dropout, the loss and the top-K "
+        "selection (MAC-equivalents, 1 FLOP = 0.5 MAC) and prints the training reduction under both conventions: "
+        "GEMMs only, and all ops (dense = GEMMs + non-GEMM; sparse = sparse GEMMs + non-GEMM + top-K).",
+    )
+    ng.add_argument("--non-gemm", action="store_true", help="count non-GEMM work and the top-K selection too")
+    ng.add_argument("--weight-threshold-period", type=int, default=None, metavar="N",
+                    help="weight top-K threshold recomputed every N steps (selection cost / N; default 1; SWAT "
+                         "ImageNet: 1000)")
+    ng.add_argument("--activation-threshold-period", type=int, default=None, metavar="N",
+                    help="activation (and pruned dy) threshold recomputed every N steps (default 1: every step)")
+    ng.add_argument("--selection-comparisons", type=float, default=None, metavar="C",
+                    help="comparisons per element of one selection (default: Quickselect's expected 2 + 2H(d))")
+    ng.add_argument("--training-batch", type=int, default=None, metavar="B",
+                    help="samples per optimizer step: a weight is selected once per step, so a report of "
+                         "--batch-size samples pays batch-size/B of it (default: --batch-size)")
+    ng.add_argument("--elementwise-unit", choices=("flop", "mac"), default=None,
+                    help="flop (default): an element-wise op or comparison is 1 FLOP = 0.5 MAC; mac: count it as "
+                         "one MAC, as FLOP counters that list BatchNorm/ReLU elements among MACs do")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
@@ -158,11 +180,42 @@ def _from_run(run_path: Path) -> tuple[Any, tuple[int, ...], dict[str, dict[str,
     return run.model, run.input_shape, run.run_dir.last_densities()
 
 
+_NON_GEMM_FLAGS = {
+    "weight_threshold_period": ("--weight-threshold-period", "weight_period", "an integer >= 1"),
+    "activation_threshold_period": ("--activation-threshold-period", "activation_period", "an integer >= 1"),
+    "selection_comparisons": ("--selection-comparisons", "comparisons_per_element", "a number > 0"),
+    "training_batch": ("--training-batch", "training_batch", "an integer >= 1"),
+    "elementwise_unit": ("--elementwise-unit", "macs_per_flop", "flop or mac"),
+}
+
+
+def _non_gemm_options(args: argparse.Namespace) -> Any:
+    """The :class:`NonGemmOptions` of the non-GEMM flags, or None without ``--non-gemm``; errors name the flag."""
+    from sparsetrain.accounting.non_gemm import NonGemmOptions
+
+    given = {k: getattr(args, k, None) for k in _NON_GEMM_FLAGS if getattr(args, k, None) is not None}
+    if not getattr(args, "non_gemm", False):
+        if given:
+            flags = ", ".join(_NON_GEMM_FLAGS[k][0] for k in given)
+            raise ValueError(f"{flags}: only used with --non-gemm (add it)")
+        return None
+    kwargs: dict[str, Any] = {}
+    for key, value in given.items():
+        flag, field_name, valid = _NON_GEMM_FLAGS[key]
+        if key == "elementwise_unit":
+            value = {"flop": 0.5, "mac": 1.0}[value]  # argparse has checked the choice
+        elif not (value > 0 and math.isfinite(value) if isinstance(value, float) else value >= 1):
+            raise ValueError(f"{flag} must be {valid}, got {value:g}")
+        kwargs[field_name] = value
+    return NonGemmOptions(**kwargs)
+
+
 def build_report(args: argparse.Namespace) -> tuple[Any, Any, dict[str, dict[str, float]] | None]:
     """Build the model and its :class:`FlopReport` from parsed arguments. Returns ``(model, report, densities)``."""
     import sparsetrain
     from sparsetrain.accounting import count_flops
 
+    selection = _non_gemm_options(args)
     if args.run is not None:
         if args.recipe is not None or args.model is not None:
             raise ValueError("--run takes model, dataset and densities from the run; drop --model/--recipe")
@@ -179,6 +232,7 @@ def build_report(args: argparse.Namespace) -> tuple[Any, Any, dict[str, dict[str
         densities,
         batch_size=args.batch_size,
         count_first_layer_grad_input=args.count_first_layer_grad_input,
+        non_gemm=selection if selection is not None else False,
     )
     return model, report, densities
 
@@ -259,6 +313,8 @@ def main(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.compare_depth_multiplier:
+            if getattr(args, "non_gemm", False):
+                raise ValueError("--non-gemm is not available with --compare-depth-multiplier")
             d = _compare_depth_multiplier(args)
             print(json.dumps(d, indent=2) if args.json else _fmt_compare(d))
             return 0
