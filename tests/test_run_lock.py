@@ -129,3 +129,20 @@ def test_a_file_in_the_way_is_an_error(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(FileExistsError):
         RunDir(tmp_path / "f").lock()
+
+
+def test_a_file_system_without_locks_is_not_reported_as_a_holder(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    real_flock = fcntl.flock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match="No locks available") as info:
+        RunDir(tmp_path).lock()
+    assert not isinstance(info.value, RunLockedError)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    RunDir(tmp_path).lock().release()

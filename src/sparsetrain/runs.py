@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -279,6 +280,7 @@ except ImportError:
 # Windows locks byte ranges, and a locked range cannot be read by others: lock one byte far past the holder text,
 # which stays readable. Windows allows locking past the end of a file.
 _WINDOWS_LOCK_OFFSET = 1 << 30
+_WINDOWS_HELD_ERRNOS = {errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
 
 
 def _command_line() -> str:
@@ -333,9 +335,13 @@ class RunLock:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             self._acquire(fd)
-        except OSError:  # BlockingIOError (flock), PermissionError/OSError (msvcrt): held by someone else
+        except OSError as e:
             os.close(fd)
-            raise self._locked_error() from None
+            # flock: EWOULDBLOCK; msvcrt: EACCES or EDEADLOCK. Anything else (ENOLCK: a file system without locks)
+            # is not "someone holds it" and propagates as it is.
+            if isinstance(e, BlockingIOError) or (fcntl is None and e.errno in _WINDOWS_HELD_ERRNOS):
+                raise self._locked_error() from None
+            raise
         except BaseException:
             os.close(fd)
             raise
