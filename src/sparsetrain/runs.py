@@ -108,10 +108,10 @@ class RunLockedError(RunDirectoryError):
             it had not written it yet.
     """
 
-    def __init__(self, message: str, path: Path, holder: dict[str, Any]) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, path: Path | None = None, holder: dict[str, Any] | None = None) -> None:
+        super().__init__(message)  # only the message in args: the error pickles (e.g. out of a worker process)
         self.path = path
-        self.holder = holder
+        self.holder = holder or {}
 
 
 # ---------------------------------------------------------------------------------------------- file primitives
