@@ -444,10 +444,12 @@ def test_non_gemm_counts_by_hand() -> None:
 
 
 def test_non_gemm_dropout_avg_pool_and_pruned_grad_output() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Dropout(0.5), nn.Linear(2, 3))
-    r = count_flops(model, (1, 4, 4), {"4": {"grad_output": 0.25}}, non_gemm=True)  # 2x2x2 conv out, pooled 2x1x1
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5),
+                          nn.Linear(2, 3))  # fmt: skip
+    r = count_flops(model, (1, 4, 4), {"5": {"grad_output": 0.25}}, non_gemm=True)  # 2x2x2 conv out, pooled 2x1x1
     pairs = _flop_pairs(r)
-    assert pairs["pooling"] == (4 * 2, 4 * 2)  # 2 outputs x window 4, forward and backward
+    # AvgPool2d: 2 outputs x window 4; the adaptive pool's window is input/output = 1 (its argument is a size).
+    assert pairs["pooling"] == (4 * 2 + 2, 4 * 2 + 2)
     assert pairs["dropout"] == (2, 2)  # eval mode skips it; a training step does not
     assert pairs["bias"] == (8 + 3, 8 + 3)  # conv bias (8 outputs) and linear bias (3)
     assert "batchnorm" not in pairs and "relu" not in pairs

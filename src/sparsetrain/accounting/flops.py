@@ -321,7 +321,8 @@ class FlopReport:
         With non-GEMM counting on, also: ``training_flops_reduction_pct_all_ops``,
         ``inference_flops_reduction_pct_all_ops``, ``all_ops_totals`` (dense/sparse), ``non_gemm_macs`` (by kind,
         MAC-equivalents), ``topk_selection_macs``, ``non_gemm_options`` (the settings), ``non_gemm_ops`` (per module
-        and ATen op, in FLOPs), ``non_gemm_unclassified_ops`` and ``non_gemm_convention``. Without it the dict is unchanged.
+        and ATen op, in FLOPs), ``non_gemm_unclassified_ops`` and ``non_gemm_convention``. Without it the dict is
+        unchanged.
         """
         out = self._gemm_dict()
         if self.non_gemm is None:

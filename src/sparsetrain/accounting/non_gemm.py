@@ -37,15 +37,16 @@ reported by name in :attr:`NonGemmCounts.unclassified_ops` and not counted. The 
 not per sample, and is not counted.
 
 None of these get cheaper under SWAT: BatchNorm, ReLU, pooling and the residual additions all act on conv/linear
-*outputs* and on the gradients flowing into them, which SWAT leaves dense (a sparse ``W`` times a dense ``x`` gives a
-dense output; ``dy`` is never pruned). They are therefore the same in the dense and the sparse total. What SWAT
-adds is the top-K itself (counted as :class:`NonGemmOptions` says): for every sparsified tensor, a selection of the K-th largest
-magnitude when its threshold is recomputed, and a masking pass (``|v|`` and a compare, 2 FLOPs per element) on every
-step. The selection is Quickselect (SWAT §3.3.3: linear-time selection), whose expected number of comparisons for
-the K-th of n elements is ``n (2 + 2 H(d))`` with ``d = K/n`` and ``H`` the binary entropy in nats (Knuth, 1971;
-3.00 n at d = 0.2, 2.65 n at d = 0.1). The weight's selection is amortised over its threshold period (SWAT recomputes
-thresholds every 1000 iterations on ImageNet); the activation's is done every step unless told otherwise. Weights
-are selected once per batch, activations (and pruned output gradients) over the whole batch tensor.
+*outputs* and on the gradients flowing into them, which SWAT leaves dense (a sparse ``W`` times a dense ``x`` gives
+a dense output; ``dy`` is never pruned). They are therefore the same in the dense and the sparse total. What SWAT
+adds is the top-K itself (counted as :class:`NonGemmOptions` says): for every sparsified tensor, a selection of the
+K-th largest magnitude when its threshold is recomputed, and a masking pass (``|v|`` and a compare, 2 FLOPs per
+element) on every step. The selection is Quickselect (SWAT §3.3.3: linear-time selection), whose expected number of
+comparisons for the K-th of n elements is ``n (2 + 2 H(d))`` with ``d = K/n`` and ``H`` the binary entropy in nats
+(Knuth, 1971; 3.00 n at d = 0.2, 2.65 n at d = 0.1). The weight's selection is amortised over its threshold period
+(SWAT recomputes thresholds every 1000 iterations on ImageNet); the activation's is done every step unless told
+otherwise. A weight is selected once per optimizer step (``training_batch`` samples), activations (and pruned
+output gradients) over the whole batch tensor.
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ NON_GEMM_KINDS = ("batchnorm", "relu", "pooling", "residual_add", "bias", "dropo
 
 NON_GEMM_CONVENTION = (
     "Non-GEMM work in FLOPs per element, converted to MAC-equivalents (default 1 FLOP = 0.5 MAC): batchnorm 7 "
-    "forward (training-mode statistics) + 7 backward; relu 1 + 1; max pool (k-1) compares + 1 per output; avg pool/mean k + k per output; "
-    "residual add 1 + 1 (gradient sum at the fork); bias 1 + 1; dropout 1 + 1; softmax cross-entropy 4 + 2 per logit; "
-    "other element-wise ops 1 + 1; backward only where the input needs grad. Identical in the dense and the sparse "
-    "step (SWAT leaves conv outputs and dy dense). Sparse step adds the top-K: per sparsified tensor, Quickselect "
-    "n(2 + 2H(d)) comparisons per threshold recomputation (weights amortised over their threshold period) and a "
-    "2-FLOP mask pass per element per step."
+    "forward (training-mode statistics) + 7 backward; relu 1 + 1; max pool (k-1) compares + 1 per output; avg "
+    "pool/mean k + k per output; residual add 1 + 1 (gradient sum at the fork); bias 1 + 1; dropout 1 + 1; softmax "
+    "cross-entropy 4 + 2 per logit; other element-wise ops 1 + 1; backward only where the input needs grad. "
+    "Identical in the dense and the sparse step (SWAT leaves conv outputs and dy dense). Sparse step adds the "
+    "top-K: per sparsified tensor, Quickselect n(2 + 2H(d)) comparisons per threshold recomputation (weights "
+    "amortised over their threshold period) and a 2-FLOP mask pass per element per step."
 )
 
 # ATen ops (overload packet names) by kind; anything else arithmetic is "other" or, if unknown, reported.
@@ -190,7 +191,7 @@ class NonGemmOp:
     module: str
     kind: str
     op: str
-    elements: int  # elements of the op's output (input for batchnorm, relu and dropout), whole batch
+    elements: int  # output elements (input elements for batchnorm, relu, dropout and reductions), whole batch
     forward_flops: float
     backward_flops: float
     calls: int = 1
@@ -279,8 +280,11 @@ def _packet(func: Any) -> str:
     return name.split(".")[0]
 
 
-def _window(args: tuple[Any, ...], kwargs: Mapping[str, Any], inp: torch.Tensor, out: torch.Tensor) -> int:
-    """Elements of one pooling window: the kernel_size argument, else input elements per output element."""
+def _window(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], inp: torch.Tensor, out: torch.Tensor) -> int:
+    """Elements of one pooling window: the kernel_size argument, else (adaptive pooling, a mean over dims) input
+    elements per output element."""
+    if "adaptive" in name or name == "mean":
+        return max(inp.numel() // max(out.numel(), 1), 1)  # args[1] is an output size (or dims), not a kernel
     ks = args[1] if len(args) > 1 else kwargs.get("kernel_size")
     if isinstance(ks, (list, tuple)) and ks and all(isinstance(k, int) for k in ks):
         spatial = out.dim() - 2 if out.dim() > 2 else out.dim() - 1
@@ -334,10 +338,10 @@ class _Recorder(TorchDispatchMode):
         elif name in _RELU_OPS:
             self._add("relu", name, first.numel(), first.numel(), first.numel() if needs_grad else 0)
         elif name in _MAX_POOL_OPS:
-            k = _window(args, kwargs, first, y)
+            k = _window(name, args, kwargs, first, y)
             self._add("pooling", name, m, (k - 1) * m, m if needs_grad else 0)
         elif name in _AVG_POOL_OPS:
-            k = _window(args, kwargs, first, y) if name != "mean" else max(first.numel() // max(m, 1), 1)
+            k = _window(name, args, kwargs, first, y)
             self._add("pooling", name, m, k * m, k * m if needs_grad else 0)
         elif name in _ADD_OPS and len(tensors) >= 2 and all(t.numel() == m for t in tensors[:2]):
             # Two activation-sized operands: a residual (skip) connection.
