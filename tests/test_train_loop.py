@@ -115,8 +115,8 @@ def test_nonfinite_gradient_is_found_at_the_log_interval(tmp_path, monkeypatch):
     real = train_mod._forward_backward
     calls = {"n": 0}
 
-    def poison_grad(s, x, y):
-        out, loss = real(s, x, y)
+    def poison_grad(s, x, y, *rest):
+        out, loss = real(s, x, y, *rest)
         calls["n"] += 1
         if calls["n"] == 2:  # step 1: the loss is finite, one gradient is not
             next(s.model.parameters()).grad.view(-1)[0] = float("inf")

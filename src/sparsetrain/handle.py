@@ -299,6 +299,42 @@ class SparsityHandle:
         return out
 
     # ------------------------------------------------------------------ persistence
+    # ------------------------------------------------------------------ data parallelism
+    def set_rank(self, rank: int) -> None:
+        """Give this process (rank ``rank`` of a data-parallel job) its own stochastic-pruning streams.
+
+        Rank 0 keeps the single-process seeds; rank ``r > 0`` reseeds every layer from ``(layer, recipe seed, r)``, so
+        the ranks do not prune their (different) gradients with the same noise. Call it before the first step.
+        Weight-derived state (thresholds, masks, fixed topologies) is untouched: it must stay identical on all ranks.
+        """
+        if rank == 0:
+            return
+        for name, st in self.states.items():
+            st.seed = sp.seed_for(f"{name}#rank{rank}", self.recipe.seed)
+            st.generator = None  # recreated from the new seed at first use
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The sparsity state that must be identical on every rank of a data-parallel job, as tensors.
+
+        Weight thresholds and masks (cached, frozen, fixed), the forward's active sets (SWAT-M) and each layer's
+        weight density (SWAT-M redistributes it). Activation and gradient thresholds are excluded: they depend on the
+        rank's local batch. :func:`sparsetrain.distributed.check_consistency` checksums this.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, m in self.modules.items():
+            st = self.states[name]
+            for key, v in st.thresholds.items():
+                if isinstance(v, torch.Tensor) and key.split("/")[0] in ("weight", "weight_for_grad_input"):
+                    out[f"{name}.thresholds.{key}"] = v
+            for key, v in st.frozen.items():
+                if key in ("weight", "weight_for_grad_input"):
+                    out[f"{name}.frozen.{key}"] = v
+            if st.active is not None:
+                out[f"{name}.active"] = st.active
+            cfg = m.spec.resolved("weight")
+            out[f"{name}.weight_density"] = torch.tensor([(sp.nominal_density(cfg) or 1.0) if cfg is not None else 1.0])
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly (plain containers and tensors: ``weights_only``-loadable)."""
         layers = {}
@@ -333,7 +369,8 @@ class SparsityHandle:
             st.computed_at = {k: int(v) for k, v in s["computed_at"].items()}
             st.frozen = dict(s["frozen"])
             if s["generator"] is not None:
-                st.generator = torch.Generator()
+                # On the layer's device: a CUDA layer draws its pruning noise from a CUDA generator.
+                st.generator = torch.Generator(device=m.weight.device)
                 st.generator.set_state(s["generator"])
 
     # ------------------------------------------------------------------ teardown

@@ -1,8 +1,14 @@
 """The training loop, read top to bottom: ``setup`` -> per epoch ``train_one_epoch``, ``evaluate``,
 ``record_epoch`` -> ``finalize``.
 
-Everything a run produces goes into its run directory (:class:`sparsetrain.runs.RunDir`); ``resume`` continues an
-interrupted run exactly (same batches, same RNG streams, same optimizer and sparsity state).
+Everything a run produces goes into its run directory (:class:`sparsetrain.runs.RunDir`), which the run locks for
+its whole life (a second process on it fails at once); ``resume`` continues an interrupted run exactly (same batches,
+same RNG streams, same optimizer and sparsity state), from an epoch's end or, with ``checkpoint_every``, from the
+middle of an epoch.
+
+Under torchrun the same loop runs data-parallel (:mod:`sparsetrain.distributed`): ``batch_size`` is the global
+batch, each rank trains on its slice of it through DDP, evaluation is sharded and summed, and rank 0 alone writes the
+run directory. With one process nothing of that is set up.
 
 The step never waits for the device: the loss sum, the correct count and a NaN/Inf watch accumulate on the device,
 and the host reads them only every ``log_every`` steps and at the end of the epoch (as nanoGPT reads its loss only at
@@ -26,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsetrain import runs
+from sparsetrain import distributed, runs
 from sparsetrain.data import dataset_info, make_loaders
 from sparsetrain.handle import SparsityHandle, sparsify_
 from sparsetrain.models import create_model, model_entrypoint
@@ -55,18 +61,24 @@ class TrainingInterrupted(KeyboardInterrupt):
     Attributes:
         run_dir: the run's directory.
         epoch: the last checkpointed epoch (0-based), or None when no epoch had finished.
+        step: the step of the last checkpoint (an epoch's end or, with ``checkpoint_every``, inside one), or None
+            when nothing was checkpointed.
     """
 
-    def __init__(self, run_dir: RunDir, epoch: int | None) -> None:
+    def __init__(self, run_dir: RunDir, epoch: int | None, step: int | None = None) -> None:
         super().__init__(str(run_dir.path))
         self.run_dir = run_dir
         self.epoch = epoch
+        self.step = step
 
     def __str__(self) -> str:
-        if self.epoch is None:
+        if self.epoch is None and self.step is None:
             return (f"interrupted before the first epoch finished; nothing to resume in {self.run_dir.path} "
                     "(start again, with another --out or after removing it)")
-        return (f"interrupted; epoch {self.epoch + 1} is checkpointed in {self.run_dir.path}; continue with: "
+        where = f"epoch {self.epoch + 1}" if self.epoch is not None else ""
+        if self.step is not None:
+            where = f"step {self.step}" + (f" (after {where})" if where else "")
+        return (f"interrupted; {where} is checkpointed in {self.run_dir.path}; continue with: "
                 f"sparsetrain train --resume {self.run_dir.path}")
 
 
@@ -82,6 +94,12 @@ class TrainConfig:
     run, whatever its length; the run's config records the interval used. ``tensorboard``
     also writes the telemetry and the per-epoch metrics to ``<run>/tensorboard`` (needs ``sparsetrain[tensorboard]``).
     ``data_dir: null`` reads ``$SPARSETRAIN_DATA``; the run's config records the folder the data was read from.
+
+    ``checkpoint_every: N`` also checkpoints every N steps inside an epoch, so a killed long epoch loses at most N
+    steps (resumed exactly at world size 1). Data-parallel runs (under torchrun): ``batch_size`` is the global batch;
+    ``sync_bn`` shares BatchNorm statistics (needs a GPU backend); ``check_consistency: K`` checksums weights and
+    weight masks across ranks every K steps and fails loudly on a difference; ``grad_compression: d`` all-reduces
+    only the top ``d`` fraction of each gradient bucket, with error feedback (:mod:`sparsetrain.comm`).
     """
 
     model: str = "lenet5"
@@ -116,6 +134,10 @@ class TrainConfig:
     device: str = "cpu"
     telemetry_every: int | None = None  # steps; 0 disables the sparsity monitor; None: ~TELEMETRY_POINTS per run
     tensorboard: bool = False
+    checkpoint_every: int | None = None  # steps between intra-epoch checkpoints; None: at epoch ends only
+    sync_bn: bool = False  # data-parallel: SyncBatchNorm (GPU backends only)
+    check_consistency: int = 0  # data-parallel: steps between cross-rank checksums of weights and masks; 0: off
+    grad_compression: float | None = None  # data-parallel: top-K density of the gradient all-reduce; None: dense
     log_every: int = 50  # steps between host syncs: progress bar and NaN/Inf check
     out: str | None = None  # run directory; default runs/<model>-<recipe>-<time>
     quiet: bool = False
@@ -131,6 +153,16 @@ class TrainConfig:
         for k in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"{k} must be an integer >= 1, got {getattr(self, k)!r}")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
+                                                  or self.checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be an integer >= 1 (steps; null: at epoch ends only), got "
+                             f"{self.checkpoint_every!r}")
+        if not isinstance(self.check_consistency, int) or self.check_consistency < 0:
+            raise ValueError(f"check_consistency must be an integer >= 0 (steps; 0: off), got {self.check_consistency!r}")
+        if self.grad_compression is not None and not (isinstance(self.grad_compression, (int, float))
+                                                      and 0 < self.grad_compression <= 1):
+            raise ValueError(f"grad_compression must be a density in (0, 1] (the fraction of each gradient bucket "
+                             f"sent) or null for the dense all-reduce, got {self.grad_compression!r}")
         if self.telemetry_every is not None and (not isinstance(self.telemetry_every, int) or self.telemetry_every < 0):
             raise ValueError(f"telemetry_every must be an integer >= 0 (0: off), got {self.telemetry_every!r}")
         for k in ("train_subset", "test_subset"):
@@ -184,9 +216,16 @@ class Session:
     dense_flops: Any  # FlopReport of the dense model; each epoch re-counts it with the measured densities
     autocast: Callable[[], ContextManager]
     l1_params: list[nn.Parameter]
+    env: distributed.DistEnv = field(default_factory=distributed.DistEnv)
+    net: nn.Module | None = None  # what the training step calls: the DDP wrapper of ``model``, or ``model`` itself
+    comm: Any = None  # state of the top-K gradient communication hook (grad_compression)
+    exits: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the run-directory lock, the group
     monitor: Any = None
     tb_writer: Any = None  # torch.utils.tensorboard.SummaryWriter of --tensorboard
     start_epoch: int = 0
+    start_batch: int = 0  # resumed mid-epoch: batches of ``start_epoch`` already done
+    checkpoint_step: int | None = None  # the step of the last checkpoint written or resumed from
+    partial: dict[str, Any] | None = None  # resumed mid-epoch: that epoch's running totals
     step: int = 0
 
 
@@ -352,6 +391,21 @@ class _Totals:
         if grad_norm is not None:
             self._grad_norms.append(grad_norm)
 
+    def state(self) -> dict[str, float]:
+        """The running totals (after :meth:`read`), for a mid-epoch checkpoint."""
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen}
+
+    def restore(self, state: dict[str, float]) -> None:
+        self.loss_sum, self.correct, self.seen = float(state["loss_sum"]), int(state["correct"]), int(state["seen"])
+
+    @staticmethod
+    def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several ranks' mid-epoch states as one: totals summed, rank 0's learning-rate sum and curve."""
+        out = dict(parts[0])
+        for k in ("loss_sum", "correct", "seen"):
+            out[k] = sum(p[k] for p in parts)
+        return out
+
     def read(self) -> list[tuple[int, int, float, float, int]]:
         """Fold the recorded steps into the totals; returns ``(step, size, loss, grad norm, correct)`` of each step
         (one sync)."""
@@ -452,43 +506,128 @@ def _open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig
 
 
 def _restore(s: Session, ckpt: dict[str, Any]) -> None:
-    """Continue exactly where the checkpoint left off, and drop what the killed process wrote after it."""
+    """Continue exactly where the checkpoint left off, and drop what the killed process wrote after it.
+
+    A multi-process checkpoint keeps every rank's own streams (``ranks``: sparsity state with its generators, RNG
+    states, communication residuals, the running totals of an unfinished epoch). Resumed on the same number of
+    processes each rank takes its own; on another number, rank 0 continues rank 0's streams and every other rank
+    starts fresh ones from ``(seed, rank, step)``: the batches are the same (they depend on the seed and epoch only),
+    the pruning noise and dropout masks of ranks > 0 are new.
+    """
+    env = s.env
     s.model.load_state_dict(ckpt["model"])
     s.optimizer.load_state_dict(ckpt["optimizer"])
     s.scheduler.load_state_dict(ckpt["scheduler"])
-    s.handle.load_state_dict(ckpt["sparsity"])
+    ranks = ckpt.get("ranks") if ckpt.get("world_size", 1) == env.world_size else None
+    own = ranks[env.rank] if ranks else None
+    s.handle.load_state_dict(own["sparsity"] if own else ckpt["sparsity"])
+    if own is None:
+        s.handle.set_rank(env.rank)
     if s.scaler is not None and ckpt.get("scaler"):
         s.scaler.load_state_dict(ckpt["scaler"])
-    _set_rng_state(ckpt["rng"])
-    s.start_epoch, s.step = ckpt["epoch"] + 1, ckpt["step"]
-    s.run_dir.truncate_after(epoch=s.start_epoch, step=s.step)
-    log.info("resuming %s from epoch %d (step %d)", s.run_dir.path, s.start_epoch, s.step)
+    if own is not None:
+        _set_rng_state(own["rng"])
+    elif env.rank == 0:
+        _set_rng_state(ckpt["rng"])
+    else:
+        _seed_everything(distributed.rank_seed(s.cfg.seed + ckpt["step"], env.rank), s.cfg.deterministic)
+    if s.comm is not None and own is not None and own.get("comm") is not None:
+        s.comm.load_state_dict(own["comm"])
+    s.step = s.checkpoint_step = ckpt["step"]
+    in_epoch = ckpt.get("in_epoch")
+    if in_epoch is None:
+        s.start_epoch = ckpt["epoch"] + 1
+    else:
+        s.start_epoch, s.start_batch = in_epoch["epoch"], in_epoch["batches"]
+        parts = in_epoch["ranks"]
+        if len(parts) == env.world_size:
+            s.partial = parts[env.rank]
+        else:  # another world size: rank 0 carries the epoch's totals so far, the global sums stay right
+            s.partial = _Totals.merge(parts) if env.rank == 0 else None
+    if env.is_main:
+        s.run_dir.truncate_after(epoch=s.start_epoch, step=s.step)
+    where = f"epoch {s.start_epoch}" + (f" batch {s.start_batch}" if s.start_batch else "")
+    log.info("resuming %s from %s (step %d)", s.run_dir.path, where, s.step)
+
+
+def _join(cfg: TrainConfig, exits: contextlib.ExitStack) -> tuple[distributed.DistEnv, torch.device]:
+    """This process's rank and device: the process group torchrun describes (left again when the run ends)."""
+    import torch.distributed as dist
+
+    owned = distributed.env_world_size() > 1 and not (dist.is_available() and dist.is_initialized())
+    env, device = distributed.init(cfg.device)
+    if owned:
+        exits.callback(distributed.shutdown)
+    if env.distributed:
+        if not env.is_main:
+            logging.getLogger("sparsetrain").setLevel(logging.WARNING)  # one log: rank 0's
+        if cfg.sync_bn and device.type not in ("cuda", "xpu", "hpu"):
+            raise ValueError(f"sync_bn: torch's SyncBatchNorm runs only on GPU devices, not on {device.type}; "
+                             "train without --sync-bn (each rank then normalises with its own batch statistics)")
+    return env, device
+
+
+def _lock_run(run_dir: RunDir, env: distributed.DistEnv, exits: contextlib.ExitStack, fresh: bool) -> None:
+    """Rank 0 locks the run directory for the life of the run; every rank fails if it could not."""
+    failure = None
+    if env.is_main:
+        try:
+            exits.enter_context(run_dir.lock())
+            if fresh and run_dir.has_checkpoint():  # another run finished there between our check and the lock
+                raise FileExistsError(f"{run_dir.path} already holds a run; continue it with --resume "
+                                      f"{run_dir.path} or choose another --out")
+        except Exception as e:
+            failure = e
+    message = distributed.broadcast_object(None if failure is None else str(failure), env)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not start the run: {message}")
 
 
 def setup(cfg: TrainConfig, resume=None, epochs: int | None = None) -> Session:
-    """Config, data, run directory, model, sparsity, optimizer, schedule; restored from ``resume`` if given."""
-    from sparsetrain.accounting import count_flops
-    from sparsetrain.telemetry import JsonlSink, Monitor
-
+    """Config, process group, run-directory lock, data, model, sparsity, optimizer, schedule; restored from
+    ``resume`` if given. The session's ``exits`` releases the lock (and leaves the group) when closed."""
     cfg, run_dir, ckpt = _open_run(cfg, resume, epochs)
     if cfg.tensorboard:
         _require_tensorboard()  # before anything is written
-    _seed_everything(cfg.seed, cfg.deterministic)
-    device = torch.device(cfg.device)
+    exits = contextlib.ExitStack()
+    try:
+        env, device = _join(cfg, exits)
+        _seed_everything(cfg.seed, cfg.deterministic)
+        # Data: whole uint8 tensors in memory; the batch order depends only on (seed, epoch), on every rank. Read
+        # before the lock: a missing dataset must fail with nothing written, not even the lock's folder.
+        loaders = make_loaders(
+            cfg.dataset, cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+            seed=cfg.seed, augment=cfg.augment, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+            channels_last=cfg.channels_last)
+        if env.distributed:
+            loaders[0].shard(env.rank, env.world_size)
+            loaders[1].shard(env.rank, env.world_size)
+        _lock_run(run_dir, env, exits, fresh=resume is None)
+        if resume is not None:
+            # Read again under the lock: the run we waited on may have checkpointed after our first read.
+            ckpt = runs.load_checkpoint(resume)
+        return _build(cfg, run_dir, ckpt, env, device, exits, loaders)
+    except BaseException:
+        exits.close()
+        raise
 
-    # Data: whole uint8 tensors in memory; the batch order depends only on (seed, epoch).
-    train_loader, test_loader, info = make_loaders(
-        cfg.dataset, cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
-        augment=cfg.augment, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-        channels_last=cfg.channels_last)
 
-    # Only now, with names and data known to be good, is the run directory written.
-    run_dir.create()
+def _build(cfg: TrainConfig, run_dir: RunDir, ckpt: dict[str, Any] | None, env: distributed.DistEnv,
+           device: torch.device, exits: contextlib.ExitStack, loaders: tuple[Any, Any, Any]) -> Session:
+    from sparsetrain.accounting import count_flops
+    from sparsetrain.telemetry import JsonlSink, Monitor
+
+    train_loader, test_loader, info = loaders
+
     # The config records what was used: the data folder an environment variable chose, the telemetry interval.
     cfg = dataclasses.replace(cfg, data_dir=_resolved_data_dir(cfg),
                               telemetry_every=_telemetry_every(cfg, len(train_loader)))
     config = {**cfg.to_dict(), "out": str(run_dir.path)}
-    run_dir.write_config(config)
+    if env.is_main:  # only now, with names and data known to be good, is the run directory written
+        run_dir.create()
+        run_dir.write_config(config)
 
     model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels,
                          width_mult=cfg.width_mult).to(device)
@@ -496,22 +635,29 @@ def setup(cfg: TrainConfig, resume=None, epochs: int | None = None) -> Session:
         model = model.to(memory_format=torch.channels_last)
     input_shape = (info.channels, info.image_size, info.image_size)
     dense_flops = count_flops(model, input_shape)  # layer shapes, traced once on the dense model
+    if cfg.sync_bn and env.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm2d
     handle = sparsify_(model, cfg.recipe, **(cfg.recipe_overrides or {}))
+    handle.set_rank(env.rank)
     optimizer = _make_optimizer(model, cfg, handle.recipe)
+    net, comm = _data_parallel(model, cfg, env, device)
+    if env.rank > 0:  # dropout and anything else random differ per rank; rank 0 keeps the single-process streams
+        _seed_everything(distributed.rank_seed(cfg.seed, env.rank), cfg.deterministic)
     s = Session(
         cfg=cfg, config=config, run_dir=run_dir, device=device, train_loader=train_loader, test_loader=test_loader,
         input_shape=input_shape, model=model, handle=handle, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, len(train_loader))),
         scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None, dense_flops=dense_flops,
         autocast=_autocast(cfg.amp, device),
-        l1_params=[m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
+        l1_params=[m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
+        env=env, net=net, comm=comm, exits=exits)
     if ckpt is not None:
         _restore(s, ckpt)
-    if cfg.tensorboard:
+    if cfg.tensorboard and env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         s.tb_writer = SummaryWriter(log_dir=str(run_dir.tensorboard_dir), purge_step=s.step or None)
-    if cfg.telemetry_every:
+    if cfg.telemetry_every and env.is_main:
         sinks: list[Any] = [JsonlSink(run_dir.telemetry_path)]
         if cfg.tensorboard:
             from sparsetrain.telemetry.sinks import TensorBoardSink
@@ -519,6 +665,24 @@ def setup(cfg: TrainConfig, resume=None, epochs: int | None = None) -> Session:
             sinks.append(TensorBoardSink(run_dir.tensorboard_dir))
         s.monitor = Monitor(model, every=cfg.telemetry_every, sinks=sinks, start_step=s.step)
     return s
+
+
+def _data_parallel(model: nn.Module, cfg: TrainConfig, env: distributed.DistEnv,
+                   device: torch.device) -> tuple[nn.Module, Any]:
+    """The DDP wrapper the training step calls (``model`` itself on one process) and the gradient hook's state."""
+    if not env.distributed:
+        if cfg.grad_compression is not None:
+            log.warning("grad_compression applies to multi-process runs only (torchrun); ignored on one process")
+        return model, None
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    comm = None
+    if cfg.grad_compression is not None:
+        from sparsetrain.comm import register_topk_hook
+
+        comm = register_topk_hook(net, density=cfg.grad_compression)
+    return net, comm
 
 
 TENSORBOARD_HINT = "pip install 'sparsetrain[tensorboard]'"
@@ -534,13 +698,24 @@ def _require_tensorboard() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- one epoch
-def _forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and loss (under autocast when asked), then backward; returns the logits and the loss."""
+def _forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor,
+                      global_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and loss (under autocast when asked), then backward; returns the logits and the batch's mean loss.
+
+    ``global_n`` is the size of the global batch this rank's ``x`` is a slice of (``len(x)`` on one process).
+    """
     with s.autocast():
-        out = s.model(x)
-        loss = F.cross_entropy(out, y, label_smoothing=s.cfg.label_smoothing)
+        out = s.net(x)
+        if s.env.distributed:
+            # The global batch's mean loss whatever the slices' sizes: DDP averages the ranks' gradients, so each
+            # rank's loss sum is scaled by world size / global batch.
+            loss_sum = F.cross_entropy(out, y, label_smoothing=s.cfg.label_smoothing, reduction="sum")
+            loss, logged = loss_sum * (s.env.world_size / global_n), loss_sum.detach() / len(y)
+        else:
+            loss = logged = F.cross_entropy(out, y, label_smoothing=s.cfg.label_smoothing)
     if s.cfg.l1:
-        loss = loss + s.cfg.l1 * sum(w.abs().sum() for w in s.l1_params)
+        l1 = s.cfg.l1 * sum(w.abs().sum() for w in s.l1_params)
+        loss, logged = loss + l1, logged + l1.detach()
     s.optimizer.zero_grad(set_to_none=True)
     if s.scaler is None:
         loss.backward()
@@ -551,7 +726,7 @@ def _forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor) -> tuple[tor
     if _thresholds_all_gradients(r):
         # Before the monitor reads dW, so the telemetry shows the gradient sparsity the update really gets.
         threshold_gradients_(s.optimizer, r.gradient_threshold)
-    return out, loss
+    return out, logged
 
 
 def _grad_norm(s: Session) -> torch.Tensor | None:
@@ -572,42 +747,93 @@ def _optimizer_step(s: Session) -> None:
 
 
 def train_one_epoch(s: Session, epoch: int) -> dict[str, float]:
-    """One pass over the training set; returns its loss, accuracy, sample count and time.
+    """One pass over the training set (the rest of it, when resumed mid-epoch); returns its loss, accuracy, sample
+    count and time (summed over ranks).
 
     Raises:
         NonFiniteError: the loss or the gradients became NaN/Inf (found at the next log interval).
+        ConsistencyError: ``check_consistency`` found ranks that no longer hold the same weights or masks.
     """
     cfg = s.cfg
-    s.train_loader.set_epoch(epoch)
+    start, partial = (s.start_batch, s.partial) if epoch == s.start_epoch else (0, None)
+    s.start_batch, s.partial = 0, None
+    s.train_loader.set_epoch(epoch, start)
     s.handle.set_epoch(epoch)
-    s.model.train()
+    s.net.train()
     totals = _Totals()
-    last = len(s.train_loader) - 1
-    curve = _Curve(max(1, (cfg.epochs * len(s.train_loader)) // CURVE_POINTS))
+    loader = s.train_loader
+    last = len(loader) - 1
+    curve = _Curve(max(1, (cfg.epochs * len(loader)) // CURVE_POINTS))
     lr_sum = 0.0
-    bar = _progress(s.train_loader, epoch, cfg)
+    if partial is not None:
+        totals.restore(partial)
+        curve.restore(partial["curve"])
+        lr_sum = partial["lr_sum"]
+    bar = _progress(loader, epoch, cfg, s.env, start)
+    comm_before = s.comm.bytes_sent if s.comm is not None else 0
     t0 = time.perf_counter()
-    for i, (x, y) in enumerate(bar):
+    for i, (x, y) in enumerate(bar, start):
         lr_sum += s.optimizer.param_groups[0]["lr"]  # the rate this step uses (a host float: no sync)
         x, y = x.to(s.device), y.to(s.device)
+        global_n = min(loader.batch_size, loader.num_samples - i * loader.batch_size)
         # Densities are measured on the last step only: the epoch's metrics report them, counting costs a pass.
         with s.handle.measuring() if i == last else contextlib.nullcontext():
-            out, loss = _forward_backward(s, x, y)
+            out, loss = _forward_backward(s, x, y, global_n)
         totals.add(s.step, out, y, loss, _grad_norm(s))
         if s.monitor is not None:
             s.monitor.step(epoch=epoch)  # records dW before the update consumes it
         _optimizer_step(s)
         s.step += 1
-        if (i + 1) % cfg.log_every == 0 or i == last:
+        if cfg.check_consistency and s.step % cfg.check_consistency == 0:
+            distributed.check_consistency(s.model, s.handle.shared_state(), s.env, s.step)
+        checkpoint = cfg.checkpoint_every is not None and s.step % cfg.checkpoint_every == 0 and i != last
+        if (i + 1) % cfg.log_every == 0 or i == last or checkpoint:
             rows = totals.read()  # the only host sync of the loop
             _check_finite(rows, epoch, s.run_dir)
             curve.add(rows)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{totals.loss_sum / totals.seen:.3f}",
                                 acc=f"{totals.correct / totals.seen:.3f}", refresh=False)
+        if checkpoint:
+            _save_checkpoint(s, epoch - 1, in_epoch={"epoch": epoch, "batches": i + 1, **totals.state(),
+                                                     "lr_sum": lr_sum, "curve": curve.state()})
     train_time = time.perf_counter() - t0
-    return {"train_loss": totals.loss_sum / totals.seen, "train_acc": totals.correct / totals.seen,
-            "seen": totals.seen, "time_s": train_time, "lr_mean": lr_sum / max(1, last + 1), "curve": curve.points()}
+    loss_sum, correct, seen = distributed.all_reduce_sum([totals.loss_sum, totals.correct, totals.seen], s.env,
+                                                         s.device)
+    stats = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seen": seen, "time_s": train_time,
+             "lr_mean": lr_sum / max(1, last + 1), "curve": curve.points()}
+    if s.comm is not None:
+        # What this rank put on the wire for the gradients, against a dense all-reduce of the same parameters.
+        steps = len(loader) - start
+        sent = s.comm.bytes_sent - comm_before
+        dense = sum(p.numel() * p.element_size() for p in s.model.parameters() if p.requires_grad)
+        stats["comm"] = {"density": s.comm.density, "bytes_sent": sent, "steps": steps,
+                         "bytes_per_step": sent / max(1, steps), "dense_bytes_per_step": dense}
+    return stats
+
+
+def _save_checkpoint(s: Session, epoch: int, in_epoch: dict[str, Any] | None = None) -> None:
+    """Checkpoint after ``epoch`` (the last finished one), or inside the next one (``in_epoch``: its position and
+    running totals). Every rank takes part (their own streams are gathered); rank 0 writes."""
+    own = {"sparsity": s.handle.state_dict(), "rng": _rng_state(),
+           **({"comm": s.comm.state_dict()} if s.comm is not None else {})}
+    ranks = distributed.gather_objects(own, s.env) if s.env.distributed else None
+    parts = None
+    if in_epoch is not None:
+        parts = distributed.gather_objects(in_epoch, s.env)
+    if not s.env.is_main:
+        return
+    state = {
+        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+        "sparsity": own["sparsity"], "epoch": epoch, "step": s.step, "rng": own["rng"], "config": s.config,
+        **({"scaler": s.scaler.state_dict()} if s.scaler is not None else {}),
+    }
+    if ranks is not None:
+        state.update(world_size=s.env.world_size, ranks=ranks)
+    if parts is not None:
+        state["in_epoch"] = {"epoch": in_epoch["epoch"], "batches": in_epoch["batches"], "ranks": parts}
+    s.run_dir.save_checkpoint(state)
+    s.checkpoint_step = s.step
 
 
 class _Curve:
@@ -634,6 +860,14 @@ class _Curve:
             self._points.append([self._rows[-1][0] + 1, loss, acc])
             self._rows = []
 
+    def state(self) -> dict[str, list]:
+        """The unfinished bucket and the points so far, for a mid-epoch checkpoint."""
+        return {"rows": [list(r) for r in self._rows], "points": [list(p) for p in self._points]}
+
+    def restore(self, state: dict[str, list]) -> None:
+        self._rows = [tuple(r) for r in state["rows"]]
+        self._points = [list(p) for p in state["points"]]
+
     def points(self) -> dict[str, list[float]]:
         """``{"step": [...], "train_loss": [...], "train_acc": [...]}`` (the epoch's partial last bucket included)."""
         self._flush()
@@ -642,8 +876,13 @@ class _Curve:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none") -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy over a loader (one host sync, at the end)."""
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none",
+             env: distributed.DistEnv | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy over a loader (one host sync, at the end).
+
+    With a data-parallel ``env`` each rank evaluates its shard of the loader and the sums are all-reduced, so every
+    rank returns the figures of the whole test set.
+    """
     model.eval()
     autocast = _autocast(amp, torch.device(device))
     totals = _Totals(loss_is_mean=False)
@@ -653,12 +892,18 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none") 
             out = model(x)
         totals.add(0, out, y, F.cross_entropy(out.float(), y, reduction="sum"))
     totals.read()
-    return totals.loss_sum / max(1, totals.seen), totals.correct / max(1, totals.seen)
+    loss_sum, correct, seen = distributed.all_reduce_sum([totals.loss_sum, totals.correct, totals.seen],
+                                                         env or distributed.DistEnv(), torch.device(device))
+    return loss_sum / max(1, seen), correct / max(1, seen)
 
 
 def record_epoch(s: Session, epoch: int, stats: dict[str, float], densities: dict[str, dict[str, float]],
                  test_loss: float, test_acc: float) -> dict[str, Any]:
-    """Append the epoch's metrics, then checkpoint (in this order: every checkpoint has its metrics line)."""
+    """Append the epoch's metrics, then checkpoint (in this order: every checkpoint has its metrics line).
+
+    Data-parallel: every rank calls it (the checkpoint gathers the ranks' own states); rank 0 writes, and the
+    densities are rank 0's (activation densities depend on the rank's slice of the batch).
+    """
     w_density, a_density = _overall_densities(densities, s.dense_flops)
     report = s.dense_flops.with_densities(densities)
     metrics = {
@@ -670,45 +915,56 @@ def record_epoch(s: Session, epoch: int, stats: dict[str, float], densities: dic
         "activation_density": a_density, "training_flops_reduction_pct": report.training_flops_reduction_pct,
         "densities": densities, "curve": stats["curve"],
     }
-    s.run_dir.append_metrics(metrics)
-    if s.tb_writer is not None:
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "weight_density", "activation_density",
-                    "training_flops_reduction_pct", "samples_per_s"):
-            s.tb_writer.add_scalar(f"epoch/{key}", metrics[key], s.step)
-        for step, loss, acc in zip(*stats["curve"].values()):
-            s.tb_writer.add_scalar("step/train_loss", loss, step)
-            s.tb_writer.add_scalar("step/train_acc", acc, step)
-        s.tb_writer.flush()
-    s.run_dir.save_checkpoint({
-        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-        "sparsity": s.handle.state_dict(), "epoch": epoch, "step": s.step, "rng": _rng_state(), "config": s.config,
-        **({"scaler": s.scaler.state_dict()} if s.scaler is not None else {}),
-    })
+    if s.env.distributed:
+        metrics["world_size"] = s.env.world_size
+    if "comm" in stats:
+        metrics["comm"] = stats["comm"]  # gradient bytes rank 0 sent (top-K hook), and a dense all-reduce's
+    if s.env.is_main:
+        s.run_dir.append_metrics(metrics)
+        if s.tb_writer is not None:
+            _tensorboard_epoch(s.tb_writer, metrics, stats, s.step)
+            if "comm" in metrics:
+                s.tb_writer.add_scalar("comm/bytes_per_step", metrics["comm"]["bytes_per_step"], s.step)
+    _save_checkpoint(s, epoch)
+    s.checkpoint_step = s.step
     log.info("epoch %d/%d  loss %.4f  train %.2f%%  test %.2f%%  W density %.3f  act density %.3f  "
              "%.0f samples/s", epoch + 1, s.cfg.epochs, metrics["train_loss"], 100 * metrics["train_acc"],
              100 * test_acc, w_density, a_density, metrics["samples_per_s"])
     return metrics
 
 
+def _tensorboard_epoch(writer, metrics: dict[str, Any], stats: dict[str, Any], step: int) -> None:
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "weight_density", "activation_density",
+                "training_flops_reduction_pct", "samples_per_s"):
+        writer.add_scalar(f"epoch/{key}", metrics[key], step)
+    for st, loss, acc in zip(*stats["curve"].values()):
+        writer.add_scalar("step/train_loss", loss, st)
+        writer.add_scalar("step/train_acc", acc, st)
+    writer.flush()
+
+
 def finalize(s: Session) -> dict[str, Any]:
-    """Write the FLOP/memory accounting and the summary from the last epoch's measured densities."""
+    """Write the FLOP/memory accounting and the summary from the last epoch's measured densities (rank 0; the
+    other ranks receive its summary)."""
     from sparsetrain.accounting import memory_report
 
-    metrics = s.run_dir.read_metrics()
-    densities = metrics[-1]["densities"]
-    report = s.dense_flops.with_densities(densities)
-    # Memory of one training step at this batch size, dense vs sparse storage of the sparsified operands
-    # (analytic; `sparsetrain flops --memory` adds a measured figure). Per-layer rows stay in the FLOP table.
-    memory = memory_report(s.model, s.input_shape, densities, batch_size=s.cfg.batch_size,
-                           optimizer=s.optimizer).to_dict()
-    memory.pop("layers", None)
-    flops = {**report.to_dict(), "memory": memory}
-    s.run_dir.write_flops(flops)
-    recipe = s.handle.recipe
-    summary = runs.summarize(s.config, metrics, flops, recipe=recipe.preset or "custom", density=recipe.density,
-                             epochs=s.cfg.epochs, run_dir=s.run_dir.path)
-    s.run_dir.write_summary(summary)
-    return summary
+    summary = None
+    if s.env.is_main:
+        metrics = s.run_dir.read_metrics()
+        densities = metrics[-1]["densities"]
+        report = s.dense_flops.with_densities(densities)
+        # Memory of one training step at this batch size, dense vs sparse storage of the sparsified operands
+        # (analytic; `sparsetrain flops --memory` adds a measured figure). Per-layer rows stay in the FLOP table.
+        memory = memory_report(s.model, s.input_shape, densities, batch_size=s.cfg.batch_size,
+                               optimizer=s.optimizer).to_dict()
+        memory.pop("layers", None)
+        flops = {**report.to_dict(), "memory": memory}
+        s.run_dir.write_flops(flops)
+        recipe = s.handle.recipe
+        summary = runs.summarize(s.config, metrics, flops, recipe=recipe.preset or "custom", density=recipe.density,
+                                 epochs=s.cfg.epochs, run_dir=s.run_dir.path)
+        s.run_dir.write_summary(summary)
+    return distributed.broadcast_object(summary, s.env)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -716,40 +972,43 @@ def train(cfg: TrainConfig, resume=None, epochs: int | None = None) -> dict[str,
     """Train as ``cfg`` says, or continue the run in ``resume``; returns the summary dict.
 
     A resumed run uses the config saved in its run directory (``cfg`` only sets ``quiet``); ``epochs`` may extend
-    it.
+    it. Under torchrun every rank calls it and gets the summary.
 
     Raises:
         NonFiniteError: the loss or the gradients became NaN/Inf (the last good checkpoint stays on disk).
+        runs.RunLockedError: another process is running in the run directory.
     """
     s = setup(cfg, resume, epochs)
-    done = s.start_epoch - 1 if s.start_epoch > 0 else None  # the last checkpointed epoch
-    try:
-        for epoch in range(s.start_epoch, s.cfg.epochs):
-            stats = train_one_epoch(s, epoch)
-            densities = s.handle.densities()  # measured on the epoch's last training step
-            test_loss, test_acc = evaluate(s.model, s.test_loader, s.device, s.cfg.amp)
-            record_epoch(s, epoch, stats, densities, test_loss, test_acc)
-            done = epoch
-    except KeyboardInterrupt:
-        # Checkpoints are written atomically, so the last one is complete whenever Ctrl-C arrives; metrics written
-        # after it are dropped by --resume.
-        raise TrainingInterrupted(s.run_dir, done) from None
-    finally:
-        if s.monitor is not None:
-            s.monitor.close()
-        if s.tb_writer is not None:
-            s.tb_writer.close()
-    return finalize(s)
+    with s.exits:  # the run directory stays locked until the summary is written
+        done = s.start_epoch - 1 if s.start_epoch > 0 else None  # the last finished epoch
+        try:
+            for epoch in range(s.start_epoch, s.cfg.epochs):
+                stats = train_one_epoch(s, epoch)
+                densities = s.handle.densities()  # measured on the epoch's last training step
+                distributed.broadcast_buffers(s.model, s.env)  # every rank evaluates rank 0's model
+                test_loss, test_acc = evaluate(s.model, s.test_loader, s.device, s.cfg.amp, s.env)
+                record_epoch(s, epoch, stats, densities, test_loss, test_acc)
+                done = epoch
+        except KeyboardInterrupt:
+            # Checkpoints are written atomically, so the last one is complete whenever Ctrl-C arrives; metrics written
+            # after it are dropped by --resume.
+            raise TrainingInterrupted(s.run_dir, done, s.checkpoint_step) from None
+        finally:
+            if s.monitor is not None:
+                s.monitor.close()
+            if s.tb_writer is not None:
+                s.tb_writer.close()
+        return finalize(s)
 
 
-def _progress(loader, epoch: int, cfg: TrainConfig):
-    if cfg.quiet:
+def _progress(loader, epoch: int, cfg: TrainConfig, env: distributed.DistEnv | None = None, initial: int = 0):
+    if cfg.quiet or (env is not None and not env.is_main):
         return loader
     from tqdm import tqdm
 
     # disable=None: no bar when stderr is not a terminal (logs, CI), only the per-epoch log line.
     return tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch", dynamic_ncols=True,
-                disable=None)
+                disable=None, initial=initial, total=len(loader))
 
 
 def format_summary(s: dict[str, Any]) -> str:

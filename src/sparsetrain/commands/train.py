@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -19,6 +20,8 @@ _FLAGS = {
     "warmup_epochs": "warmup_epochs", "seed": "seed", "deterministic": "deterministic",
     "channels_last": "channels_last", "device": "device", "telemetry_every": "telemetry_every", "out": "out",
     "train_subset": "train_subset", "test_subset": "test_subset", "quiet": "quiet", "tensorboard": "tensorboard",
+    "checkpoint_every": "checkpoint_every", "sync_bn": "sync_bn", "check_consistency": "check_consistency",
+    "grad_compression": "grad_compression",
 }
 
 
@@ -71,6 +74,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(needs pip install 'sparsetrain[tensorboard]')")
     g.add_argument("--out", help="run directory (default runs/<model>-<recipe>-<time>)")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars (CI, logs)")
+    g.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="also checkpoint every N steps inside an epoch (a kill then loses at most N steps)")
+    g = p.add_argument_group("several processes (under torchrun; see README)")
+    g.add_argument("--sync-bn", action="store_true", default=None,
+                   help="SyncBatchNorm: BatchNorm statistics over the global batch (GPU backends only)")
+    g.add_argument("--check-consistency", type=int, metavar="K",
+                   help="every K steps, checksum weights and weight masks across ranks; stop if they differ")
+    g.add_argument("--grad-compression", type=float, metavar="DENSITY",
+                   help="all-reduce only the top DENSITY fraction of each gradient bucket, with error feedback "
+                        "(default: dense all-reduce)")
 
 
 def _parse_value(text: str, key: str) -> Any:
@@ -140,8 +153,9 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """Train (or resume); 0 when done, 2 for a bad setting or file, 3 on NaN/Inf, 130 on Ctrl-C."""
-    from sparsetrain.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE
+    from sparsetrain.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE
     from sparsetrain.commands._errors import USER_ERRORS, describe
+    from sparsetrain.distributed import ConsistencyError
     from sparsetrain.train import NonFiniteError, TrainConfig, TrainingInterrupted, format_summary, train
 
     log = logging.getLogger("sparsetrain")
@@ -158,11 +172,15 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteError as e:
         log.error("sparsetrain train: %s", e)
         return EXIT_NONFINITE
+    except ConsistencyError as e:  # not the user's input: the ranks diverged
+        log.error("sparsetrain train: %s", e)
+        return EXIT_INTERNAL
     except (*USER_ERRORS, RuntimeError) as e:  # RuntimeError: a damaged checkpoint (runs.load_checkpoint)
         if getattr(args, "verbose", False):
             raise
         log.error("sparsetrain train: %s", describe(e))
         return EXIT_USAGE
-    print("\nsparsetrain train: finished\n" + format_summary(summary))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary; rank 0 prints it
+        print("\nsparsetrain train: finished\n" + format_summary(summary))
     sys.stdout.flush()
     return 0

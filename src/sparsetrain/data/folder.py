@@ -200,19 +200,33 @@ class FolderLoader:
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.dataset = _FolderDataset(samples, image_size, augment, hflip, seed)
         self.epoch = 0
+        self._start_batch = 0
+        self.rank, self.world_size = 0, 1
 
     @property
     def num_samples(self) -> int:
         """Number of images."""
         return len(self.samples)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentations the next iteration produces."""
+    def shard(self, rank: int, world_size: int) -> "FolderLoader":
+        """Yield rank ``rank``'s slice of each global batch (as :meth:`BatchLoader.shard`); returns ``self``."""
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"shard: rank must be in [0, world_size), got rank {rank!r} of {world_size!r}")
+        self.rank, self.world_size = rank, world_size
+        return self
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order and augmentations the next iteration produces, and the batch it starts at."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
         self.epoch = int(epoch)
+        self._start_batch = int(start_batch)
 
     def __len__(self) -> int:
         n, b = len(self.samples), self.batch_size
-        return n // b if self.drop_last else math.ceil(n / b)
+        # As BatchLoader: a training loader drops a last global batch with fewer samples than ranks.
+        tail = self.shuffle and self.world_size > 1 and 0 < n % b < self.world_size
+        return n // b if self.drop_last or tail else math.ceil(n / b)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.dataset.epoch = self.epoch  # workers get a fresh copy of the dataset at each iteration
@@ -221,8 +235,15 @@ class FolderLoader:
                 epoch_seed(self.seed, self.epoch))).tolist()
         else:
             order = list(range(len(self.samples)))
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=order,
-                                             num_workers=self.num_workers, drop_last=self.drop_last)
+        start, self._start_batch = self._start_batch, 0
+        # Augmentation is seeded per (seed, epoch, sample) in the dataset, so skipping or sharding batches needs
+        # no generator bookkeeping here.
+        batches = [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(start, len(self))]
+        if self.world_size > 1:
+            batches = [[bt[i] for i in part.tolist()] for bt in batches
+                       for part in [torch.tensor_split(torch.arange(len(bt)), self.world_size)[self.rank]]]
+            batches = [bt for bt in batches if bt]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers)
         for xb, yb in loader:
             yield normalize_to_float(xb, self.mean, self.std, self.channels_last), yb.long()
         self.epoch += 1

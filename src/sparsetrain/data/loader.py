@@ -44,6 +44,7 @@ __all__ = [
     "BatchLoader",
     "crop_flip",
     "random_crop_flip",
+    "draw_crop_flip",
     "normalize_to_float",
     "subset_indices",
     "epoch_seed",
@@ -91,11 +92,27 @@ def crop_flip(x: torch.Tensor, padding: int, offset_y: torch.Tensor, offset_x: t
     return torch.gather(padded.view(n, c, -1), 2, flat.expand(n, c, h * w)).view(n, c, h, w)
 
 
+def draw_crop_flip(n: int, padding: int, hflip: bool, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The random parameters of :func:`random_crop_flip` for ``n`` images: ``(offset_y, offset_x, flip)``.
+
+    Draws from ``generator`` in a fixed order (offsets y, offsets x, then flips; offsets only when ``padding > 0``,
+    flips only when ``hflip``), so skipping a batch by drawing its parameters leaves the generator exactly where
+    building it would have (how a run resumed mid-epoch sees the batches the uninterrupted run saw).
+    """
+    if padding > 0:
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    else:
+        oy = ox = torch.zeros(n, dtype=torch.long)
+    flip = torch.rand(n, generator=generator) < 0.5 if hflip else None
+    return oy, ox, flip
+
+
 def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding and (if ``hflip``) random horizontal flip of an NCHW batch.
 
-    Offsets are uniform in ``[0, 2 * padding]`` per image, flips have probability 1/2. Draws from ``generator``
-    (a CPU generator) in a fixed order: offsets y, offsets x, then flips.
+    Offsets are uniform in ``[0, 2 * padding]`` per image, flips have probability 1/2 (:func:`draw_crop_flip`).
 
     Args:
         x: ``N x C x H x W`` batch.
@@ -106,13 +123,7 @@ def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, generator: torc
     Returns:
         The augmented batch, same shape and dtype.
     """
-    n = x.shape[0]
-    if padding > 0:
-        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    else:
-        oy = ox = torch.zeros(n, dtype=torch.long)
-    flip = torch.rand(n, generator=generator) < 0.5 if hflip else None
+    oy, ox, flip = draw_crop_flip(x.shape[0], padding, hflip, generator)
     if padding == 0 and flip is None:
         return x
     return crop_flip(x, padding, oy, ox, flip)
@@ -212,7 +223,15 @@ class BatchLoader:
             thread count is restored before each batch is yielded; disable if another thread trains concurrently.
 
     The epoch starts at 0; :meth:`set_epoch` selects it, and a completed pass advances it by one, so forgetting
-    ``set_epoch`` still reshuffles. A resumed run calls ``set_epoch(start_epoch)`` to reproduce the original order.
+    ``set_epoch`` still reshuffles. A resumed run calls ``set_epoch(start_epoch)`` to reproduce the original order,
+    ``set_epoch(e, start_batch=k)`` to continue an epoch after its first ``k`` batches.
+
+    Data parallelism (:meth:`shard`): ``batch_size`` stays the *global* batch. Every rank draws the same order and
+    the same augmentation parameters for the whole global batch (from ``(seed, epoch)`` only) and keeps its part,
+    ``torch.tensor_split`` of the batch into ``world_size`` nearly equal slices. So each sample is seen once per
+    epoch, the global batches are those of a single process whatever the world size, and a run resumed on another
+    number of processes re-shards the same batches. A training loader drops a last global batch smaller than the
+    world size (every rank must take part in every step); an evaluation loader yields only non-empty slices.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, mean: Sequence[float],
@@ -238,6 +257,8 @@ class BatchLoader:
         self.device = torch.device(device) if device is not None else None
         self.single_thread = single_thread
         self.epoch = 0
+        self._start_batch = 0
+        self.rank, self.world_size = 0, 1
         normalize_to_float(self._planar[:1], self.mean, self.std)  # fail now, not mid-epoch, on a bad mean/std
 
     @property
@@ -255,27 +276,56 @@ class BatchLoader:
         """Whether any random augmentation is applied."""
         return self.crop_padding > 0 or self.hflip
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentations the next iteration produces."""
+    def shard(self, rank: int, world_size: int) -> "BatchLoader":
+        """Make this loader yield rank ``rank``'s slice of each global batch (in place; returns ``self``)."""
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"shard: rank must be in [0, world_size), got rank {rank!r} of {world_size!r}")
+        self.rank, self.world_size = rank, world_size
+        return self
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order and augmentations the next iteration produces, and the batch it starts at."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
         self.epoch = int(epoch)
+        self._start_batch = int(start_batch)
+
+    def _drops_tail(self) -> bool:
+        # A training step needs every rank: a last global batch with fewer samples than ranks is dropped.
+        n, b = len(self.y), self.batch_size
+        return self.shuffle and self.world_size > 1 and not self.drop_last and 0 < n % b < self.world_size
 
     def __len__(self) -> int:
         n, b = len(self.y), self.batch_size
-        return n // b if self.drop_last else math.ceil(n / b)
+        return n // b if self.drop_last or self._drops_tail() else math.ceil(n / b)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.y)
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(n, generator=gen) if self.shuffle else None
+        start, self._start_batch = self._start_batch, 0
         for b in range(len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, n)
+            # Drawn for the whole global batch, even when skipped or sharded: the generator must advance exactly
+            # as in an uninterrupted single-process epoch.
+            params = draw_crop_flip(hi - lo, self.crop_padding, self.hflip, gen) if self.augment else None
+            if b < start:
+                continue
+            if self.world_size > 1:
+                part = torch.tensor_split(torch.arange(hi - lo), self.world_size)[self.rank]
+                if len(part) == 0:
+                    continue
+                a, z = int(part[0]), int(part[-1]) + 1
+                lo, hi = lo + a, lo + z
+                params = None if params is None else tuple(None if p is None else p[a:z] for p in params)
             with _intra_op_threads(1 if self.single_thread else None):
-                batch = self._make_batch(lo, hi, order, gen)
+                batch = self._make_batch(lo, hi, order, params)
             yield batch
         self.epoch += 1
 
     def _make_batch(self, lo: int, hi: int, order: torch.Tensor | None,
-                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         if order is None:
             xb, yb = self._planar[lo:hi], self.y[lo:hi]
         else:
@@ -285,14 +335,14 @@ class BatchLoader:
             yb = self.y.index_select(0, idx)
         if self.device is not None:
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
-        if self.augment:
-            xb = random_crop_flip(xb, self.crop_padding, self.hflip, gen)
+        if params is not None and (self.crop_padding > 0 or params[2] is not None):
+            xb = crop_flip(xb, self.crop_padding, *params)
         return normalize_to_float(xb, self.mean, self.std, self.channels_last), yb
 
     def __repr__(self) -> str:
         return (f"BatchLoader(n={len(self.y)}, batch_size={self.batch_size}, batches={len(self)}, "
                 f"shuffle={self.shuffle}, crop_padding={self.crop_padding}, hflip={self.hflip}, seed={self.seed}, "
-                f"epoch={self.epoch})")
+                f"epoch={self.epoch}" + (f", rank={self.rank}/{self.world_size}" if self.world_size > 1 else "") + ")")
 
 
 def make_loaders(name: str, data_dir: str | os.PathLike | None = None, batch_size: int = 128,
