@@ -242,3 +242,68 @@ def test_a_killed_run_does_not_block_its_resume(tmp_path):
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(RunDir(out).summary_path.read_text())["final_test_acc"] > 0.3
+
+
+# ------------------------------------------------------------------------------------------- per-rank state
+def test_set_rank_gives_ranks_their_own_pruning_noise():
+    """Rank 0 keeps the single-process streams; another rank prunes the same gradient with other noise."""
+    import sparsetrain
+    from sparsetrain.models import create_model
+
+    def grads(rank):
+        torch.manual_seed(0)
+        model = create_model("lenet5", num_classes=10, in_channels=1)
+        handle = sparsetrain.sparsify_(model, "grad-prune", p=0.9)
+        handle.set_rank(rank)
+        x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+        model(x).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()], handle
+
+    base, h0 = grads(0)
+    again, _ = grads(0)
+    other, h1 = grads(1)
+    assert all(torch.equal(a, b) for a, b in zip(base, again))
+    assert not all(torch.equal(a, b) for a, b in zip(base, other))
+    # The state that must agree across ranks is the same for both ranks (nothing weight-derived is random here).
+    assert h0.shared_state().keys() == h1.shared_state().keys()
+
+
+def _consistency_worker(rank, world, init_file, perturb, result_file):
+    import torch.distributed as dist
+
+    import sparsetrain
+    from sparsetrain.models import create_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = create_model("lenet5", num_classes=10, in_channels=1)
+        handle = sparsetrain.sparsify_(model, "swat-u", density=0.3)
+        model(torch.randn(2, 1, 28, 28)).sum().backward()  # thresholds and masks exist now
+        env = distributed.DistEnv(rank, world)
+        distributed.check_consistency(model, handle.shared_state(), env, step=1)
+        if perturb and rank == 1:
+            with torch.no_grad():
+                model.conv2.weight.view(-1)[5] += 1e-3
+        try:
+            distributed.check_consistency(model, handle.shared_state(), env, step=2)
+            outcome = "ok"
+        except distributed.ConsistencyError as e:
+            outcome = str(e)
+        Path(f"{result_file}.{rank}").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("perturb", [False, True], ids=["identical", "one-weight-differs"])
+def test_check_consistency_fails_loudly_on_every_rank(tmp_path, perturb):
+    import torch.multiprocessing as mp
+
+    result = tmp_path / "result"
+    mp.spawn(_consistency_worker, args=(2, str(tmp_path / "init"), perturb, str(result)), nprocs=2)
+    outcomes = [Path(f"{result}.{r}").read_text() for r in (0, 1)]
+    if not perturb:
+        assert outcomes == ["ok", "ok"]
+    else:
+        for text in outcomes:
+            assert "step 2: state that must be identical on all 2 ranks differs: param conv2.weight" in text
