@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsetrain.data.datasets import DatasetInfo, candidate_dirs, dataset_info
-from sparsetrain.data.loader import epoch_seed, normalize_to_float, subset_indices
+from sparsetrain.data.loader import EpochBatches, epoch_seed, normalize_to_float, subset_indices
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -170,7 +170,7 @@ class _FolderDataset(torch.utils.data.Dataset):
         return img.contiguous(), label
 
 
-class FolderLoader:
+class FolderLoader(EpochBatches):
     """Batches of normalised float32 NCHW images decoded from an image folder (same interface as BatchLoader).
 
     Args:
@@ -199,34 +199,12 @@ class FolderLoader:
         self.drop_last, self.channels_last = drop_last, channels_last
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.dataset = _FolderDataset(samples, image_size, augment, hflip, seed)
-        self.epoch = 0
-        self._start_batch = 0
-        self.rank, self.world_size = 0, 1
+        self._init_epochs()
 
     @property
     def num_samples(self) -> int:
         """Number of images."""
         return len(self.samples)
-
-    def shard(self, rank: int, world_size: int) -> "FolderLoader":
-        """Yield rank ``rank``'s slice of each global batch (as :meth:`BatchLoader.shard`); returns ``self``."""
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"shard: rank must be in [0, world_size), got rank {rank!r} of {world_size!r}")
-        self.rank, self.world_size = rank, world_size
-        return self
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch whose order and augmentations the next iteration produces, and the batch it starts at."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self.epoch = int(epoch)
-        self._start_batch = int(start_batch)
-
-    def __len__(self) -> int:
-        n, b = len(self.samples), self.batch_size
-        # As BatchLoader: a training loader drops a last global batch with fewer samples than ranks.
-        tail = self.shuffle and self.world_size > 1 and 0 < n % b < self.world_size
-        return n // b if self.drop_last or tail else math.ceil(n / b)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.dataset.epoch = self.epoch  # workers get a fresh copy of the dataset at each iteration

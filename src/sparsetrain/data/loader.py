@@ -48,6 +48,7 @@ __all__ = [
     "normalize_to_float",
     "subset_indices",
     "epoch_seed",
+    "EpochBatches",
     "make_loaders",
     "make_loader",
 ]
@@ -201,7 +202,48 @@ def _intra_op_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class BatchLoader:
+class EpochBatches:
+    """What both loaders share: the epoch and start batch to iterate, and the rank's slice of each global batch.
+
+    A subclass sets ``batch_size``, ``shuffle``, ``drop_last`` and implements ``num_samples``; it calls
+    ``_init_epochs()`` in its constructor.
+    """
+
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+
+    def _init_epochs(self) -> None:
+        self.epoch = 0
+        self._start_batch = 0
+        self.rank, self.world_size = 0, 1
+
+    @property
+    def num_samples(self) -> int:  # pragma: no cover - every loader overrides it
+        raise NotImplementedError
+
+    def shard(self, rank: int, world_size: int):
+        """Make this loader yield rank ``rank``'s slice of each global batch (in place; returns ``self``)."""
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"shard: rank must be in [0, world_size), got rank {rank!r} of {world_size!r}")
+        self.rank, self.world_size = rank, world_size
+        return self
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order and augmentations the next iteration produces, and the batch it starts at."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.epoch = int(epoch)
+        self._start_batch = int(start_batch)
+
+    def __len__(self) -> int:
+        n, b = self.num_samples, self.batch_size
+        # A training step needs every rank: a last global batch with fewer samples than ranks is dropped.
+        tail = self.shuffle and self.world_size > 1 and not self.drop_last and 0 < n % b < self.world_size
+        return n // b if self.drop_last or tail else math.ceil(n / b)
+
+
+class BatchLoader(EpochBatches):
     """Iterate over an in-memory uint8 NHWC dataset in batches of normalised float32 NCHW images.
 
     Args:
@@ -256,9 +298,7 @@ class BatchLoader:
         self.drop_last, self.seed, self.channels_last = drop_last, seed, channels_last
         self.device = torch.device(device) if device is not None else None
         self.single_thread = single_thread
-        self.epoch = 0
-        self._start_batch = 0
-        self.rank, self.world_size = 0, 1
+        self._init_epochs()
         normalize_to_float(self._planar[:1], self.mean, self.std)  # fail now, not mid-epoch, on a bad mean/std
 
     @property
@@ -275,29 +315,6 @@ class BatchLoader:
     def augment(self) -> bool:
         """Whether any random augmentation is applied."""
         return self.crop_padding > 0 or self.hflip
-
-    def shard(self, rank: int, world_size: int) -> "BatchLoader":
-        """Make this loader yield rank ``rank``'s slice of each global batch (in place; returns ``self``)."""
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"shard: rank must be in [0, world_size), got rank {rank!r} of {world_size!r}")
-        self.rank, self.world_size = rank, world_size
-        return self
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch whose order and augmentations the next iteration produces, and the batch it starts at."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self.epoch = int(epoch)
-        self._start_batch = int(start_batch)
-
-    def _drops_tail(self) -> bool:
-        # A training step needs every rank: a last global batch with fewer samples than ranks is dropped.
-        n, b = len(self.y), self.batch_size
-        return self.shuffle and self.world_size > 1 and not self.drop_last and 0 < n % b < self.world_size
-
-    def __len__(self) -> int:
-        n, b = len(self.y), self.batch_size
-        return n // b if self.drop_last or self._drops_tail() else math.ceil(n / b)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.y)
