@@ -671,8 +671,9 @@ def _data_parallel(model: nn.Module, cfg: TrainConfig, env: distributed.DistEnv,
                    device: torch.device) -> tuple[nn.Module, Any]:
     """The DDP wrapper the training step calls (``model`` itself on one process) and the gradient hook's state."""
     if not env.distributed:
-        if cfg.grad_compression is not None:
-            log.warning("grad_compression applies to multi-process runs only (torchrun); ignored on one process")
+        for key in ("grad_compression", "check_consistency", "sync_bn"):
+            if getattr(cfg, key) not in (None, 0, False):
+                log.warning("%s applies to multi-process runs only (torchrun); ignored on one process", key)
         return model, None
     from torch.nn.parallel import DistributedDataParallel as DDP
 
