@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-__all__ = ["DistEnv", "env_world_size", "init", "shutdown", "rank_seed", "all_reduce_sum", "gather_objects",
+__all__ = ["DistEnv", "env_world_size", "init", "shutdown", "barrier", "rank_seed", "all_reduce_sum", "gather_objects",
            "broadcast_object", "broadcast_buffers", "checksums", "check_consistency", "ConsistencyError"]
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,15 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (a no-op on one process). Called before leaving the group after a successful run, so no
+    rank closes its connections while another still receives the last collective."""
+    if env.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def rank_seed(seed: int, rank: int) -> int:

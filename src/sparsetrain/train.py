@@ -999,7 +999,9 @@ def train(cfg: TrainConfig, resume=None, epochs: int | None = None) -> dict[str,
                 s.monitor.close()
             if s.tb_writer is not None:
                 s.tb_writer.close()
-        return finalize(s)
+        summary = finalize(s)
+        distributed.barrier(s.env)
+        return summary
 
 
 def _progress(loader, epoch: int, cfg: TrainConfig, env: distributed.DistEnv | None = None, initial: int = 0):
