@@ -23,7 +23,7 @@ import sys
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_INTERRUPTED"]
 
-COMMANDS = ("train", "sweep", "list", "measure", "report", "flops", "export")
+COMMANDS = ("train", "sweep", "reproduce", "list", "measure", "report", "flops", "export")
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1

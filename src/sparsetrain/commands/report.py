@@ -1,8 +1,12 @@
 """``sparsetrain report``: Markdown + HTML report of one run, or a comparison table of several runs.
 
+Given ``sparsetrain reproduce`` results folders (``results/<paper>``, holding ``reproduce.json``) instead, it
+regenerates their tables (``tables.md``, CSV) and plots from ``reproduce.json`` alone and prints the tables.
+
 Examples:
     sparsetrain report runs/resnet18-swat-u               # -> Markdown + HTML in runs/resnet18-swat-u/report/
     sparsetrain report runs/swat-u-s* runs/dense-s* --out cmp --title "SWAT-U vs dense, ResNet-18"
+    sparsetrain report results/swat results/grad-prune    # -> results/swat/tables.md, ... (docs/results.md)
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "run_dirs",
         nargs="+",
         metavar="RUN_DIR",
-        help="run directory written by `sparsetrain train`; several give a comparison report",
+        help="run directory written by `sparsetrain train`; several give a comparison report; or results folders "
+        "of `sparsetrain reproduce` (results/<paper>): their tables and plots are regenerated",
     )
     parser.add_argument(
         "--out",
@@ -43,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Write the report; print the paths written. Returns 0, or 2 for a bad run directory, 1 without matplotlib."""
     from sparsetrain.reporting import MATPLOTLIB_HINT, RunDirectoryError, write_report
+    from sparsetrain.reporting.reproduce import is_results_folder
 
+    if any(is_results_folder(d) for d in args.run_dirs):
+        return _regenerate(args)
     try:
         result = write_report(
             args.run_dirs,
@@ -64,4 +72,28 @@ def main(args: argparse.Namespace) -> int:
     print(result.html)
     for png in result.images:
         print(png)
+    return 0
+
+
+def _regenerate(args: argparse.Namespace) -> int:
+    """Rewrite the tables and plots of ``sparsetrain reproduce`` results folders; print their Markdown tables."""
+    from sparsetrain.reporting.reproduce import is_results_folder, regenerate
+
+    not_results = [d for d in args.run_dirs if not is_results_folder(d)]
+    if not_results:
+        print(f"sparsetrain report: error: {not_results[0]} is not a `sparsetrain reproduce` results folder (no "
+              "reproduce.json): give either run directories or results folders, not both", file=sys.stderr)
+        return 2
+    if args.out or args.title:
+        print("sparsetrain report: error: --out and --title apply to run reports; a results folder's tables are "
+              "regenerated in place", file=sys.stderr)
+        return 2
+    for folder in args.run_dirs:
+        try:
+            written = regenerate(folder, plots=not args.no_plots)
+        except ValueError as e:
+            print(f"sparsetrain report: error: {e}", file=sys.stderr)
+            return 2
+        print(written.markdown_text)
+        print(f"sparsetrain report: regenerated {', '.join(str(p) for p in written.files[1:])}")
     return 0

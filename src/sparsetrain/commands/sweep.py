@@ -129,8 +129,12 @@ def run_name(values: dict[str, Any], seed: int) -> str:
     return "_".join([f"{k}-{_fmt(v)}" for k, v in values.items()] + [f"seed-{seed}"])
 
 
-def _check_same_config(run, cfg: dict[str, Any]) -> None:
-    """A run directory reused by a rerun must hold the same job, else the table would mix two sweeps."""
+def check_same_config(run, cfg: dict[str, Any]) -> None:
+    """A run directory reused by a rerun must hold the same job, else the table would mix two sweeps.
+
+    Raises:
+        UsageError: the run directory holds a run whose config differs from ``cfg`` (the message names the key).
+    """
     from sparsetrain.commands._errors import UsageError
     from sparsetrain.train import TrainConfig
 
@@ -243,6 +247,45 @@ def plot_accuracy(rows: list[dict[str, Any]], keys: list[str], path: Path, title
     return path
 
 
+def run_jobs(jobs: list[tuple[Any, dict[str, Any]]], command: str = "sweep") -> tuple[bool, list[str]]:
+    """Train every job ``(RunDir, train config)`` in order: skip finished runs, resume interrupted ones.
+
+    A run with a summary is finished; one with a checkpoint but no summary was interrupted and is resumed from it;
+    any other is trained from scratch. A run that stops on NaN/Inf is logged and the next job starts.
+
+    Args:
+        jobs: ``(run directory, config dict)`` pairs, the config as :meth:`TrainConfig.from_dict` takes it.
+        command: the CLI command named in progress lines and in the interruption message.
+
+    Returns:
+        ``(interrupted, diverged)``: True when Ctrl-C stopped the jobs (the message saying how to continue is
+        printed), and the names of the run directories that stopped on NaN/Inf.
+    """
+    from sparsetrain.train import NonFiniteError, TrainConfig, TrainingInterrupted, train
+
+    diverged: list[str] = []
+    for i, (run, cfg) in enumerate(jobs, 1):
+        tag = f"[{i}/{len(jobs)}] {run.path.name}"
+        if run.read_summary() is not None:
+            log.info("%s %s: finished, skipped", command, tag)
+            continue
+        try:
+            if run.has_checkpoint():
+                log.info("%s %s: resuming", command, tag)
+                train(TrainConfig(quiet=bool(cfg.get("quiet"))), resume=run.path, epochs=cfg.get("epochs"))
+            else:
+                log.info("%s %s: training", command, tag)
+                train(TrainConfig.from_dict(cfg))
+        except TrainingInterrupted as e:
+            print(f"\nsparsetrain {command}: interrupted in {run.path} ({e}); rerun the same command to continue: "
+                  "finished points are skipped, this one resumes", file=sys.stderr)
+            return True, diverged
+        except NonFiniteError as e:
+            log.error("%s %s: %s", command, tag, e)
+            diverged.append(run.path.name)
+    return False, diverged
+
+
 def _default_out(recipe: Any) -> Path:
     from sparsetrain.runs import RunDir
 
@@ -258,7 +301,7 @@ def main(args: argparse.Namespace) -> int:
     from sparsetrain.commands.train import resolve_config
     from sparsetrain.recipe import Recipe
     from sparsetrain.runs import RunDir
-    from sparsetrain.train import NonFiniteError, TrainConfig, TrainingInterrupted, train
+    from sparsetrain.train import TrainConfig
 
     if args.resume:
         raise UsageError("sweep has no --resume: rerun the same sweep command (same --out) and it resumes "
@@ -291,32 +334,15 @@ def main(args: argparse.Namespace) -> int:
                 where = ", ".join(f"{k}={v}" for k, v in pt.values.items())
                 raise UsageError(f"point {where}: {e}") from None
             if run.is_run():
-                _check_same_config(run, cfg)
+                check_same_config(run, cfg)
             pt.runs.append(run)
             jobs.append((run, cfg))
         points.append(pt)
 
     out.mkdir(parents=True, exist_ok=True)
-    diverged: list[str] = []
-    for i, (run, cfg) in enumerate(jobs, 1):
-        tag = f"[{i}/{len(jobs)}] {run.path.name}"
-        if run.read_summary() is not None:
-            log.info("sweep %s: finished, skipped", tag)
-            continue
-        try:
-            if run.has_checkpoint():
-                log.info("sweep %s: resuming", tag)
-                train(TrainConfig(quiet=bool(cfg.get("quiet"))), resume=run.path, epochs=cfg.get("epochs"))
-            else:
-                log.info("sweep %s: training", tag)
-                train(TrainConfig.from_dict(cfg))
-        except TrainingInterrupted as e:
-            print(f"\nsparsetrain sweep: interrupted in {run.path} ({e}); rerun the same command to continue: "
-                  "finished points are skipped, this one resumes", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        except NonFiniteError as e:
-            log.error("sweep %s: %s", tag, e)
-            diverged.append(run.path.name)
+    interrupted, diverged = run_jobs(jobs, "sweep")
+    if interrupted:
+        return EXIT_INTERRUPTED
 
     rows = summarize_points(points)
     title = f"sweep of {Path(str(base['recipe'])).stem}: {', '.join(keys)}"

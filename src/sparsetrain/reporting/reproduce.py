@@ -1,0 +1,626 @@
+"""Tables and plots of ``sparsetrain reproduce``, rendered from a results record (``reproduce.json``) alone.
+
+The record (:func:`sparsetrain.reproduce.collect_results`) holds every per-seed number; this module aggregates them
+(mean ± sample SD over seeds) into each paper's table layout, prints the published numbers beside them and draws the
+plots. :func:`write_results` writes ``reproduce.json``, ``tables.md``, one CSV per table and the PNGs into a results
+folder; :func:`regenerate` rewrites the tables and plots of an existing results folder from its ``reproduce.json``
+(``sparsetrain report results/<paper>``), so every number in ``docs/results.md`` traces back to a file in
+``results/``.
+
+Example:
+    >>> written = regenerate("results/swat")  # doctest: +SKIP
+    >>> print(written.markdown_text)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RESULTS_FILE", "TABLES_FILE", "Table", "Rendered", "Written", "is_results_folder", "render",
+           "write_results", "regenerate", "point_stats"]
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "reproduce.json"
+TABLES_FILE = "tables.md"
+
+
+@dataclass
+class Table:
+    """One table: a title, column names, rows of cells (already formatted) and a note printed under it."""
+
+    key: str
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    def markdown(self) -> str:
+        lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        if self.note:
+            lines += ["", self.note]
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(self.columns)
+        w.writerows(self.rows)
+        return buf.getvalue()
+
+
+@dataclass
+class Rendered:
+    """Every table of a results record, and the plot functions (``file name -> draw(path)``)."""
+
+    tables: list[Table]
+    plots: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+    header: str = ""
+
+    def markdown(self) -> str:
+        return self.header + "\n".join(t.markdown() for t in self.tables)
+
+
+@dataclass
+class Written:
+    """What :func:`write_results` wrote."""
+
+    folder: Path
+    files: list[Path]
+    markdown_text: str
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    from sparsetrain.reporting.tables import mean_sd
+
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return mean_sd(vals) if vals else (None, None)
+
+
+def point_stats(point: dict[str, Any]) -> dict[str, Any]:
+    """Aggregate one point's runs: accuracy mean/SD over seeds, means of densities and FLOP figures, total time."""
+    runs = point["runs"]
+    acc, sd = _mean_sd([r["final_test_acc"] for r in runs])
+
+    def mean(get: Callable[[dict[str, Any]], Any]) -> float | None:
+        vals = []
+        for r in runs:
+            try:
+                v = get(r)
+            except (KeyError, TypeError):
+                continue
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                vals.append(float(v))
+        return sum(vals) / len(vals) if vals else None
+
+    out = {"n": len(runs), "acc": acc, "sd": sd,
+           "weight_density": mean(lambda r: r["weight_density"]),
+           "activation_density": mean(lambda r: r["activation_density"]),
+           "time_s": sum(r.get("train_time_s") or 0.0 for r in runs),
+           "params": mean(lambda r: r["sparse_totals"]["params_excl_classifier"]),
+           "forward_macs": mean(lambda r: r["sparse_totals"]["forward_macs"])}
+    for key in ("training_flops_reduction_pct", "inference_flops_reduction_pct", "act_memory_reduction_pct",
+                "model_compression_x", "training_flops_reduction_pct_all_ops",
+                "inference_flops_reduction_pct_all_ops"):
+        out[key] = mean(lambda r, k=key: r["flops"][k])
+    return out
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _acc(acc: float | None, sd: float | None, n: int) -> str:
+    if acc is None:
+        return "—"
+    return f"{100 * acc:.2f} ± {100 * sd:.2f}" if n > 1 and sd is not None else f"{100 * acc:.2f}"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f}"
+
+
+def _protocol_line(rec: dict[str, Any]) -> str:
+    p = rec["protocol"]
+    keys = ("model", "dataset", "train_subset", "test_subset", "epochs", "batch_size", "optimizer", "lr", "momentum",
+            "weight_decay", "schedule", "augment", "channels_last")
+    parts = [f"{k} {p[k]}" for k in keys if k in p]
+    total = sum(point_stats(pt)["time_s"] for pt in rec["points"])
+    runs = sum(len(pt["runs"]) for pt in rec["points"])
+    kind = "quick smoke protocol" if rec.get("quick") else "CPU-scale protocol"
+    return (f"{kind}: {', '.join(parts)}; {runs} runs, {total / 60:.1f} min of training in total (one torch thread "
+            f"each; sum of the runs' per-epoch training times, evaluation excluded). Command: `{rec['command']}`.")
+
+
+def _published_tables(rec: dict[str, Any]) -> list[Table]:
+    tables = []
+    for i, t in enumerate(rec.get("published", {}).get("tables", [])):
+        rows = [["" if c is None else str(c) for c in row] for row in t.get("rows", [])]
+        tables.append(Table(f"published_{i + 1}", f"Published: {t.get('caption', '')}", [str(c) for c in t["columns"]],
+                            rows, t.get("note", "")))
+    return tables
+
+
+def _baseline(rec: dict[str, Any], group: str) -> dict[str, Any] | None:
+    for pt in rec["points"]:
+        if pt.get("group", "") == group and pt["config"].get("recipe") == "dense" and pt.get("width") is None \
+                and not pt["config"].get("width_mult"):
+            return pt
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- SWAT
+def _render_swat(rec: dict[str, Any]) -> Rendered:
+    base = _baseline(rec, "")
+    ba = point_stats(base)["acc"] if base else None
+    rows = []
+    for pt in rec["points"]:
+        st = point_stats(pt)
+        w = None if st["weight_density"] is None else 100 * (1 - st["weight_density"])
+        a = None if st["activation_density"] is None else 100 * (1 - st["activation_density"])
+        ac = "—" if ba is None or st["acc"] is None else f"{100 * ba:.2f} / {100 * (st['acc'] - ba):+.2f}"
+        rows.append([pt["label"], _pct(w), _pct(a), _acc(st["acc"], st["sd"], st["n"]), str(st["n"]), ac,
+                     _pct(st["training_flops_reduction_pct"]), _pct(st["training_flops_reduction_pct_all_ops"]),
+                     _pct(st["act_memory_reduction_pct"]),
+                     "—" if st["model_compression_x"] is None else f"{st['model_compression_x']:.1f}",
+                     _pct(st["inference_flops_reduction_pct"]), _pct(st["inference_flops_reduction_pct_all_ops"]),
+                     _minutes(st["time_s"])])
+    cols = ["Method", "W (%)", "Act (%)", "Top-1 acc ± SD (%)", "seeds", "BA / AC", "Training FLOPs ↓ (%)",
+            "Training FLOPs ↓ all ops (%)", "Act ↓ (%)", "MC (×)", "Inference FLOPs ↓ (%)",
+            "Inference FLOPs ↓ all ops (%)", "train time (min)"]
+    note = ("W / Act: measured training sparsity of weights and saved activations on the last step, element-weighted "
+            "over all conv/linear layers (dense layers count as 0 %). FLOPs ↓: GEMM-only convention of "
+            "docs/accounting.md (forward (1-s_w)F, grad-input (1-s_w)F, grad-weight (1-s_a)F); *all ops* adds the "
+            "non-GEMM work of a training step (BatchNorm, ReLU, pooling, residual adds, loss) and the top-K "
+            "selection (`count_flops(non_gemm=True)`). Accuracy: final test accuracy, mean ± sample SD over seeds. "
+            + _protocol_line(rec))
+    ours = Table("swat", f"Ours: {rec['title']}", cols, rows, note)
+
+    def plot(path: Path) -> None:
+        fig, ax = _figure()
+        for pt in rec["points"]:
+            st = point_stats(pt)
+            if st["acc"] is None:
+                continue
+            x = st["training_flops_reduction_pct"] or 0.0
+            ax.errorbar([x], [100 * st["acc"]], yerr=[100 * (st["sd"] or 0.0)], marker="o", capsize=3)
+            ax.annotate(pt["label"], (x, 100 * st["acc"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("training FLOPs reduction (%), GEMM convention")
+        ax.set_ylabel("test accuracy (%), mean ± SD over seeds")
+        ax.set_title("SWAT at CPU scale: accuracy vs training FLOPs reduction")
+        _save(fig, ax, path)
+
+    return Rendered([ours, *_published_tables(rec)], {"swat_accuracy_vs_flops.png": plot})
+
+
+# ---------------------------------------------------------------------------------------------- Ye et al.
+def _last(series: dict[str, Any]) -> float | None:
+    vals = series.get("sparsity") or []
+    return 1.0 - vals[-1] if vals else None
+
+
+def rho_layers(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per conv layer: the density of the ``dy`` its two backward GEMMs use (``rho``) and of the pruned operand.
+
+    ``pruned`` is the operand the handle pruned (``grad_output`` in Conv-BN-ReLU, ``grad_input`` in Conv-ReLU) and
+    ``rho_pruned`` its measured density (``handle.densities()`` on the epoch's last step). ``rho`` is the pruned
+    ``grad_output`` where the layer prunes its own ``dy``, else the ``dy`` the telemetry saw on the last sampled
+    step (for a Conv-ReLU net: the next conv's pruned ``dx`` after the ReLU/pool backward; for a dense baseline the
+    natural density). ``numel``: elements of that ``dy`` per step (the telemetry's), the weight of the overall mean.
+    """
+    tel_go = (run.get("telemetry") or {}).get("grad_output", {})
+    tel_gi = (run.get("telemetry") or {}).get("grad_input", {})
+    out: dict[str, dict[str, Any]] = {}
+    names = list(tel_go) or list(run.get("densities") or {})
+    for name in names:
+        d = (run.get("densities") or {}).get(name, {})
+        pruned, rho_pruned = None, None
+        for op in ("grad_output", "grad_input"):
+            v = d.get(op)
+            if isinstance(v, (int, float)) and v < 1.0 and (rho_pruned is None or v < rho_pruned):
+                pruned, rho_pruned = op, float(v)
+        if pruned == "grad_input" and tel_gi and name not in tel_gi:
+            # The layer's input needs no gradient (the first conv): its dx is never computed, so the handle's
+            # figure is the nominal one, not a measurement.
+            pruned, rho_pruned = "grad_input (not computed)", None
+        rho = rho_pruned if pruned == "grad_output" else _last(tel_go.get(name, {}))
+        out[name] = {"rho": rho, "pruned": pruned, "rho_pruned": rho_pruned,
+                     "numel": (tel_go.get(name) or {}).get("numel")}
+    return out
+
+
+def overall_rho(run: dict[str, Any], layer_filter: Callable[[str], bool] = lambda n: True) -> float | None:
+    """Element-weighted mean of the per-layer ``rho`` over the conv layers (Ye et al.'s overall rho_nnz)."""
+    num = den = 0.0
+    for name, r in rho_layers(run).items():
+        if not layer_filter(name) or r["rho"] is None or not r["numel"]:
+            continue
+        num += r["rho"] * r["numel"]
+        den += r["numel"]
+    return num / den if den else None
+
+
+def _is_conv(run: dict[str, Any]) -> Callable[[str], bool]:
+    conv = set(run.get("conv_layers") or [])
+    return (lambda n: n in conv) if conv else (lambda n: True)
+
+
+def _render_grad_prune(rec: dict[str, Any]) -> Rendered:
+    groups = list(dict.fromkeys(pt["group"] for pt in rec["points"]))
+    ps = list(dict.fromkeys(pt["config"].get("recipe_overrides", {}).get("p") for pt in rec["points"]
+                            if pt["config"].get("recipe") != "dense"))
+    cols = ["Model", "Baseline acc (%)", "Baseline ρ_nnz"]
+    for p in ps:
+        cols += [f"p={100 * p:g}% acc (%)", f"p={100 * p:g}% ρ_nnz"]
+    cols.append("train time (min)")
+    rows, layer_tables = [], []
+    by_group: dict[str, dict[Any, dict[str, Any]]] = {}
+    for g in groups:
+        pts = {("base" if pt["config"].get("recipe") == "dense" else pt["config"]["recipe_overrides"]["p"]): pt
+               for pt in rec["points"] if pt["group"] == g}
+        by_group[g] = pts
+        row = [g]
+        total = 0.0
+        for key in ["base", *ps]:
+            pt = pts.get(key)
+            if pt is None:
+                row += ["—", "—"]
+                continue
+            st = point_stats(pt)
+            total += st["time_s"]
+            rhos = [overall_rho(r, _is_conv(r)) for r in pt["runs"]]
+            rho, _ = _mean_sd([r for r in rhos if r is not None])
+            row += [_acc(st["acc"], st["sd"], st["n"]), "—" if rho is None else f"{rho:.3f}"]
+        rows.append(row + [_minutes(total)])
+        # Per-layer table of this model: rho per p, and the pruned operand's own density.
+        names: list[str] = []
+        for pt in pts.values():
+            for r in pt["runs"][:1]:
+                names += [n for n in rho_layers(r) if n not in names and _is_conv(r)(n)]
+        lcols = ["Layer", "baseline ρ"] + [f"p={100 * p:g}% ρ" for p in ps]
+        lrows = []
+        for n in names:
+            cells = [n]
+            for key in ["base", *ps]:
+                pt = pts.get(key)
+                if pt is None or not pt["runs"]:
+                    cells.append("—")
+                    continue
+                r = rho_layers(pt["runs"][0]).get(n, {})
+                txt = "—" if r.get("rho") is None else f"{r['rho']:.3f}"
+                if key != "base" and str(r.get("pruned")).startswith("grad_input"):
+                    txt += f" (dx: {'not computed' if r['rho_pruned'] is None else format(r['rho_pruned'], '.3f')})"
+                cells.append(txt)
+            lrows.append(cells)
+        layer_tables.append(Table(f"grad_prune_layers_{g}", f"Ours, per layer: {g} (first seed)", lcols, lrows,
+                                  "ρ: density of the dy each conv's two backward GEMMs use, on the last step (the "
+                                  "handle's measured grad_output density where the conv prunes its own dy). In "
+                                  "brackets, for Conv-ReLU layers, the density of the conv's pruned dx as the handle "
+                                  "measured it (handle.densities()), before the ReLU/pool backward sparsifies it "
+                                  "further into the previous conv's dy."))
+    note = ("ρ_nnz: non-zero density of the convs' output gradients dy (the tensor feeding both backward GEMMs), "
+            "element-weighted over the conv layers, on the last training step (see the per-layer tables). Accuracy: "
+            "final *test* accuracy (Ye et al.'s tables say training accuracy). " + _protocol_line(rec))
+    ours = Table("grad_prune", f"Ours: {rec['title']}", cols, rows, note)
+
+    def plot(path: Path) -> None:
+        fig = _require_figure(figsize=(10.0, 4.0))
+        for i, g in enumerate(groups):
+            ax = fig.add_subplot(1, len(groups), i + 1)
+            for key in ["base", *ps]:
+                pt = by_group[g].get(key)
+                if pt is None or not pt["runs"]:
+                    continue
+                run = pt["runs"][0]
+                layers = {n: v for n, v in rho_layers(run).items() if _is_conv(run)(n) and v["rho"] is not None}
+                ax.plot(range(len(layers)), [v["rho"] for v in layers.values()], marker="o", markersize=3,
+                        label="baseline" if key == "base" else f"p={100 * key:g}%")
+                ax.set_xticks(range(len(layers)), list(layers), rotation=90, fontsize=6)
+            ax.set_ylabel("ρ_nnz of dy (last step)")
+            ax.set_title(g, fontsize=9)
+            ax.set_ylim(0, 1.05)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        _save_fig(fig, path)
+
+    return Rendered([ours, *layer_tables, *_published_tables(rec)], {"grad_prune_rho_per_layer.png": plot})
+
+
+# ---------------------------------------------------------------------------------------------- TensorQuant
+def _grad_sparsity_total(run: dict[str, Any]) -> float | None:
+    """Element-weighted gradient sparsity over all layers' weight gradients on the last sampled step."""
+    tel = (run.get("telemetry") or {}).get("grad_weight", {})
+    num = den = 0.0
+    for s in tel.values():
+        if s.get("sparsity") and s.get("numel"):
+            num += s["sparsity"][-1] * s["numel"]
+            den += s["numel"]
+    return num / den if den else None
+
+
+def _render_tensorquant(rec: dict[str, Any]) -> Rendered:
+    from sparsetrain.telemetry.blocks import TOTAL
+
+    tables: list[Table] = []
+    analyses = rec.get("analyses") or {}
+    groups = list(dict.fromkeys(pt["group"] for pt in rec["points"]))
+    for g in groups:
+        measured = {pt["config"].get("l1", 0) and "L1" or "L2": pt for pt in rec["points"]
+                    if pt["group"] == g and any(r["run"] in analyses for r in pt["runs"])}
+        if not measured:
+            continue
+        res = {k: analyses[pt["runs"][0]["run"]] for k, pt in measured.items()}
+        kinds = [k for k in ("L2", "L1") if k in res]
+        for what, title in (("layers", "per layer"), ("blocks", "per block")):
+            names = [r["name"] for r in res[kinds[0]].get("weight", res[kinds[0]]["natural"])["report"][what]] \
+                if "weight" in res[kinds[0]] else [r["name"] for r in res[kinds[0]]["natural"][what]]
+            if not names or (what == "blocks" and len(names) == 1):  # only the total: it is in the notes
+                continue
+            cols = ["Layer" if what == "layers" else "Block"]
+            cols += [f"{k} weights" for k in kinds] + [f"{k} activations" for k in kinds]
+            searched_acts = any("activation" in res[k] for k in kinds)
+            if searched_acts:
+                cols += [f"{k} activations (searched)" for k in kinds]
+            rows = []
+            for n in names:
+                cells = [n]
+                for k in kinds:
+                    rw = _row(res[k].get("weight", {}).get("report", {}), what, n)
+                    cells.append("—" if rw is None else f"{rw.get('weight_enforced', rw['weight_sparsity']):.3f}")
+                for k in kinds:
+                    rn = _row(res[k]["natural"], what, n)
+                    cells.append("—" if rn is None or rn.get("input_sparsity") is None
+                                 else f"{rn['input_sparsity']:.3f}")
+                for k in kinds if searched_acts else ():
+                    ra = _row(res[k].get("activation", {}).get("report", {}), what, n)
+                    v = None if ra is None else ra.get("input_enforced")
+                    cells.append("—" if v is None else f"{v:.3f}")
+                rows.append(cells)
+            accs = []
+            base_l2 = res.get("L2", res[kinds[0]])["natural"]["baseline_accuracy"]
+            for k in kinds:
+                rep = res[k].get("weight", {}).get("report")
+                if rep and rep.get("enforced_accuracy") is not None and base_l2:
+                    accs.append(f"{k} {100 * rep['enforced_accuracy'] / base_l2:.1f}%")
+            tot = []
+            for k in kinds:
+                rep = res[k].get("weight", {}).get("report")
+                total = _row(rep, "blocks", TOTAL) if rep else None
+                if total is not None:
+                    tot.append(f"{k} {total.get('weight_enforced', total['weight_sparsity']):.3f}")
+            note = (f"Weights: sparsity after the per-layer halving weight-threshold search (margin "
+                    f"{res[kinds[0]].get('margin')}, all thresholds applied at once); activations: the natural "
+                    "sparsity of the input activation each layer consumes (after the previous ReLU/pooling; "
+                    "TensorQuant did not threshold activations either)"
+                    + (", and after the activation-threshold search" if searched_acts else "") + ", on the first "
+                    f"{res[kinds[0]].get('num_samples')} test images. Relative test accuracy with the searched "
+                    f"weight thresholds (vs L2 unsparsified): {', '.join(accs) or '—'}. Total weight sparsity "
+                    f"(TensorQuant Table 6): {', '.join(tot) or '—'}.")
+            tables.append(Table(f"tensorquant_{g}_{what}", f"Ours: {g}, weight and activation sparsity {title}",
+                                cols, rows, note))
+    # Gradient-threshold study (their Fig. 2), and per-layer gradient sparsity over training (Figs. 3-7).
+    gt_rows = []
+    for pt in rec["points"]:
+        thr = pt["config"].get("recipe_overrides", {}).get("gradient_threshold")
+        if thr is None and pt["config"].get("recipe") != "tensorquant-gradient-threshold":
+            if pt["config"].get("l1"):
+                continue
+            thr = 0.0
+        st = point_stats(pt)
+        sp = [s for s in (_grad_sparsity_total(r) for r in pt["runs"]) if s is not None]
+        gt_rows.append([pt["group"], f"{thr:g}", _acc(st["acc"], st["sd"], st["n"]),
+                        "—" if not sp else f"{sum(sp) / len(sp):.3f}", _minutes(st["time_s"])])
+    tables.append(Table("tensorquant_gradient_threshold", "Ours: gradient-threshold sweep (TensorQuant Fig. 2)",
+                        ["Model", "gradient threshold", "test acc (%)", "gradient sparsity at the end",
+                         "train time (min)"], gt_rows,
+                        "Threshold 0 = the L2 baseline. Gradient sparsity: exact zeros of all conv/linear weight "
+                        "gradients after thresholding (after the L2 term is added), element-weighted, on the last "
+                        "sampled step. " + _protocol_line(rec)))
+    tables += _published_tables(rec)
+
+    def fig2(path: Path) -> None:
+        fig = _require_figure(figsize=(10.0, 4.0))
+        for i, g in enumerate(groups):
+            ax = fig.add_subplot(1, len(groups), i + 1)
+            pts = [r for r in gt_rows if r[0] == g and r[2] != "—"]
+            xs = [max(float(r[1]), 1e-6) for r in pts]
+            ax.plot(xs, [float(r[2].split(" ")[0]) for r in pts], marker="o", label="test accuracy (%)")
+            ax2 = ax.twinx()
+            ax2.plot(xs, [100 * float(r[3]) if r[3] != "—" else math.nan for r in pts], marker="s", color="C1",
+                     label="gradient sparsity (%)")
+            ax.set_xscale("log")
+            ax.set_xlabel("gradient threshold (0 plotted at 1e-6)")
+            ax.set_ylabel("test accuracy (%)")
+            ax2.set_ylabel("gradient sparsity (%)", color="C1")
+            ax.set_title(g, fontsize=9)
+            ax.grid(True, alpha=0.3)
+        _save_fig(fig, path)
+
+    plots: dict[str, Callable[[Path], None]] = {"tensorquant_fig2_threshold_sweep.png": fig2}
+    for pt in rec["points"]:
+        if pt["config"].get("recipe") != "tensorquant-gradient-threshold" or not pt["runs"]:
+            continue
+        tel = (pt["runs"][0].get("telemetry") or {}).get("grad_weight", {})
+        if not tel:
+            continue
+
+        def over_training(path: Path, tel: dict[str, Any] = tel, label: str = pt["label"]) -> None:
+            fig, ax = _figure()
+            for name, s in tel.items():
+                ax.plot(s["steps"], [100 * v for v in s["sparsity"]], label=name)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("weight-gradient sparsity (%)")
+            ax.set_title(label, fontsize=9)
+            ax.legend(fontsize=7)
+            _save(fig, ax, path)
+
+        plots[f"tensorquant_grad_sparsity_{pt['name']}.png"] = over_training
+    return Rendered(tables, plots)
+
+
+def _row(report: dict[str, Any] | None, what: str, name: str) -> dict[str, Any] | None:
+    for r in (report or {}).get(what, []):
+        if r["name"] == name:
+            return r
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- Changpinyo et al.
+def _render_channel(rec: dict[str, Any]) -> Rendered:
+    rows = []
+    series: dict[str, list[tuple[float, float, float, float]]] = {}
+    for pt in rec["points"]:
+        st = point_stats(pt)
+        cfg = pt["config"]
+        recipe = cfg.get("recipe")
+        ov = cfg.get("recipe_overrides") or {}
+        width = (pt.get("width") or {}).get("width_mult", cfg.get("width_mult") or 1.0)
+        alpha = ov.get("density") if recipe != "dense" else None
+        kind = pt["group"] or ("depth multiplier" if recipe == "dense" else "sparse random")
+        rows.append([pt["label"], kind, "—" if alpha is None else f"{alpha:g}", f"{width:g}",
+                     "—" if st["params"] is None else f"{st['params']:,.0f}",
+                     "—" if st["forward_macs"] is None else f"{st['forward_macs'] / 1e6:.2f}",
+                     _acc(st["acc"], st["sd"], st["n"]), str(st["n"]), _minutes(st["time_s"])])
+        if st["acc"] is not None and st["params"] is not None:
+            series.setdefault(kind, []).append((st["params"], st["forward_macs"] or math.nan, 100 * st["acc"],
+                                                100 * (st["sd"] or 0.0)))
+    note = ("Params: non-zero parameters excluding the classifier (Changpinyo et al.'s count; the accounting's "
+            "params_excl_classifier with the measured weight densities); MACs: effectual forward multiply-adds per "
+            "image (inference). Depth-multiplier points take the width_mult whose dense model has the parameter count "
+            "closest to the sparse-random point they are matched with. " + _protocol_line(rec))
+    ours = Table("channel", f"Ours: {rec['title']}", ["Point", "kind", "α (connection density)", "width_mult",
+                                                     "params (excl. classifier)", "forward MMACs", "test acc (%)",
+                                                     "seeds", "train time (min)"], rows, note)
+
+    def plot(path: Path) -> None:
+        fig = _require_figure(figsize=(10.0, 4.0))
+        for i, (idx, xlabel) in enumerate(((0, "parameters (excl. classifier)"), (1, "forward multiply-adds"))):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for kind, pts in series.items():
+                pts = sorted(pts)
+                ax.errorbar([p[idx] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts], marker="o",
+                            capsize=3, label=kind, linestyle="-" if len(pts) > 1 else "none")
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        _save_fig(fig, path)
+
+    return Rendered([ours, *_published_tables(rec)], {"channel_accuracy_vs_params.png": plot})
+
+
+_RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
+    "swat": _render_swat, "grad-prune": _render_grad_prune, "tensorquant": _render_tensorquant,
+    "channel": _render_channel,
+}
+
+
+def render(rec: dict[str, Any]) -> Rendered:
+    """The tables and plots of a results record, in its paper's layout.
+
+    Raises:
+        ValueError: the record's paper has no layout here (the message lists the known ones).
+    """
+    paper = rec.get("paper")
+    if paper not in _RENDERERS:
+        raise ValueError(f"results record of unknown paper {paper!r}; known: {', '.join(_RENDERERS)}")
+    out = _RENDERERS[paper](rec)
+    notes = "".join(f"> {n}\n" for n in rec.get("notes") or [])
+    ref = f" ({rec['reference']})" if rec.get("reference") else ""
+    out.header = f"### {rec['title']}{ref}\n\n" + (notes + "\n" if notes else "")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- plotting
+def _require_figure(figsize: tuple[float, float] = (6.0, 4.0)):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from sparsetrain.reporting.plots import require_matplotlib
+
+    fig = require_matplotlib()(figsize=figsize, dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _figure():
+    fig = _require_figure()
+    return fig, fig.add_subplot()
+
+
+def _save(fig, ax, path: Path) -> None:
+    ax.grid(True, alpha=0.3)
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # No metadata: a regenerated plot of the same numbers is byte-identical (no date stamp to commit).
+    fig.savefig(path, format="png", facecolor="white", metadata={"Software": None})
+
+
+# ---------------------------------------------------------------------------------------------- files
+def is_results_folder(path: str | Path) -> bool:
+    """True if ``path`` is a folder holding a ``reproduce.json``."""
+    return (Path(path) / RESULTS_FILE).is_file()
+
+
+def write_results(rec: dict[str, Any], folder: str | Path, plots: bool = True) -> Written:
+    """Write the record, ``tables.md``, one CSV per table and the plots into ``folder``."""
+    from sparsetrain.reproduce import write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / RESULTS_FILE, rec)
+    return _write_rendered(rec, folder, plots)
+
+
+def _write_rendered(rec: dict[str, Any], folder: Path, plots: bool) -> Written:
+    from sparsetrain.runs import atomic_write_text
+
+    rendered = render(rec)
+    files = [folder / RESULTS_FILE]
+    text = rendered.markdown()
+    atomic_write_text(folder / TABLES_FILE, text)
+    files.append(folder / TABLES_FILE)
+    for t in rendered.tables:
+        atomic_write_text(folder / f"{t.key}.csv", t.csv())
+        files.append(folder / f"{t.key}.csv")
+    if plots:
+        for name, draw in rendered.plots.items():
+            try:
+                draw(folder / name)
+            except ImportError as e:  # matplotlib is optional: the tables are the result
+                log.warning("no plot %s (%s)", name, str(e).splitlines()[0])
+                break
+            files.append(folder / name)
+    return Written(folder, files, text)
+
+
+def regenerate(folder: str | Path, plots: bool = True) -> Written:
+    """Rewrite the tables and plots of a results folder from its ``reproduce.json`` (no run directory needed).
+
+    Raises:
+        ValueError: no ``reproduce.json`` there, or it is not a results record.
+    """
+    folder = Path(folder)
+    path = folder / RESULTS_FILE
+    if not path.is_file():
+        raise ValueError(f"{folder} holds no {RESULTS_FILE}: not a `sparsetrain reproduce` results folder")
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    if not isinstance(rec, dict) or "points" not in rec or "paper" not in rec:
+        raise ValueError(f"{path}: not a `sparsetrain reproduce` results record (no paper/points)")
+    return _write_rendered(rec, folder, plots)
