@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,17 +188,20 @@ def _render_swat(rec: dict[str, Any]) -> Rendered:
     ours = Table("swat", f"Ours: {rec['title']}", cols, rows, note)
 
     def plot(path: Path) -> None:
-        fig, ax = _figure()
-        for pt in rec["points"]:
+        fig = _require_figure(figsize=(9.0, 4.5))
+        ax = fig.add_subplot()
+        markers = "osD^v<>pPX*h"
+        for i, pt in enumerate(rec["points"]):
             st = point_stats(pt)
             if st["acc"] is None:
                 continue
-            x = st["training_flops_reduction_pct"] or 0.0
-            ax.errorbar([x], [100 * st["acc"]], yerr=[100 * (st["sd"] or 0.0)], marker="o", capsize=3)
-            ax.annotate(pt["label"], (x, 100 * st["acc"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.errorbar([st["training_flops_reduction_pct"] or 0.0], [100 * st["acc"]],
+                        yerr=[100 * (st["sd"] or 0.0)], marker=markers[i % len(markers)], capsize=3, linestyle="none",
+                        label=f"{pt['label']} ({st['n']} seed{'s' if st['n'] != 1 else ''})")
         ax.set_xlabel("training FLOPs reduction (%), GEMM convention")
         ax.set_ylabel("test accuracy (%), mean ± SD over seeds")
-        ax.set_title("SWAT at CPU scale: accuracy vs training FLOPs reduction")
+        ax.set_title("SWAT, ResNet-20 on CIFAR-10 at CPU scale", fontsize=10)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         _save(fig, ax, path)
 
     return Rendered([ours, *_published_tables(rec)], {"swat_accuracy_vs_flops.png": plot})
@@ -302,12 +306,29 @@ def _render_grad_prune(rec: dict[str, Any]) -> Rendered:
                     txt += f" (dx: {'not computed' if r['rho_pruned'] is None else format(r['rho_pruned'], '.3f')})"
                 cells.append(txt)
             lrows.append(cells)
-        layer_tables.append(Table(f"grad_prune_layers_{g}", f"Ours, per layer: {g} (first seed)", lcols, lrows,
-                                  "ρ: density of the dy each conv's two backward GEMMs use, on the last step (the "
-                                  "handle's measured grad_output density where the conv prunes its own dy). In "
-                                  "brackets, for Conv-ReLU layers, the density of the conv's pruned dx as the handle "
-                                  "measured it (handle.densities()), before the ReLU/pool backward sparsifies it "
-                                  "further into the previous conv's dy."))
+        note = ("ρ: density of the dy each conv's two backward GEMMs use, on the last step (the handle's measured "
+                "grad_output density where the conv prunes its own dy, else the telemetry's).")
+        if any("(dx:" in c for r in lrows for c in r):
+            note += (" In brackets (Conv-ReLU layers): the density of the conv's pruned dx as the handle measured it "
+                     "(handle.densities()), before the ReLU/pool backward sparsifies it further into the previous "
+                     "conv's dy.")
+        layer_tables.append(Table(f"grad_prune_layers_{g}", f"Ours, per layer: {g} (first seed)", lcols, lrows, note))
+    fcols = ["Model"] + [f"p={100 * p:g}% training FLOPs ↓ (%) GEMM / all ops" for p in ps]
+    frows = []
+    for g in groups:
+        cells = [g]
+        for p in ps:
+            pt = by_group[g].get(p)
+            st = point_stats(pt) if pt is not None else {}
+            cells.append(f"{_pct(st.get('training_flops_reduction_pct'))} / "
+                         f"{_pct(st.get('training_flops_reduction_pct_all_ops'))}")
+        frows.append(cells)
+    flops_table = Table("grad_prune_flops", "Ours: training FLOPs reduction as the accounting counts it", fcols, frows,
+                        "The accounting credits a pruned dy to the two backward GEMMs of the conv that prunes it "
+                        "(placement grad_output, Conv-BN-ReLU). A Conv-ReLU conv prunes its dx, which becomes the "
+                        "previous conv's dy only after the ReLU/pool backward; the per-layer accounting does not "
+                        "follow it there, so it credits the Conv-ReLU model nothing (0 %), although the measured ρ "
+                        "above is what those GEMMs would see. Ye et al. report no FLOP figures.")
     note = ("ρ_nnz: non-zero density of the convs' output gradients dy (the tensor feeding both backward GEMMs), "
             "element-weighted over the conv layers, on the last training step (see the per-layer tables). Accuracy: "
             "final *test* accuracy (Ye et al.'s tables say training accuracy). " + _protocol_line(rec))
@@ -333,7 +354,8 @@ def _render_grad_prune(rec: dict[str, Any]) -> Rendered:
             ax.legend(fontsize=7)
         _save_fig(fig, path)
 
-    return Rendered([ours, *layer_tables, *_published_tables(rec)], {"grad_prune_rho_per_layer.png": plot})
+    return Rendered([ours, flops_table, *layer_tables, *_published_tables(rec)],
+                    {"grad_prune_rho_per_layer.png": plot})
 
 
 # ---------------------------------------------------------------------------------------------- TensorQuant
@@ -424,8 +446,9 @@ def _render_tensorquant(rec: dict[str, Any]) -> Rendered:
                         ["Model", "gradient threshold", "test acc (%)", "gradient sparsity at the end",
                          "train time (min)"], gt_rows,
                         "Threshold 0 = the L2 baseline. Gradient sparsity: exact zeros of all conv/linear weight "
-                        "gradients after thresholding (after the L2 term is added), element-weighted, on the last "
-                        "sampled step. " + _protocol_line(rec)))
+                        "gradients as the backward pass leaves them (thresholded, where a threshold is set; see the "
+                        "notes for where the L2 term enters), element-weighted over the layers, on the last sampled "
+                        "step; the baseline's zeros are natural (dead units). " + _protocol_line(rec)))
     tables += _published_tables(rec)
 
     def fig2(path: Path) -> None:
@@ -594,8 +617,9 @@ def _write_rendered(rec: dict[str, Any], folder: Path, plots: bool) -> Written:
     atomic_write_text(folder / TABLES_FILE, text)
     files.append(folder / TABLES_FILE)
     for t in rendered.tables:
-        atomic_write_text(folder / f"{t.key}.csv", t.csv())
-        files.append(folder / f"{t.key}.csv")
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", t.key) + ".csv"  # group names become file names: no spaces
+        atomic_write_text(folder / name, t.csv())
+        files.append(folder / name)
     if plots:
         for name, draw in rendered.plots.items():
             try:
