@@ -261,3 +261,20 @@ def test_gradient_threshold_resume_is_exact(tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
     group = b["optimizer"]["param_groups"][0]
     assert group["weight_decay"] == 0.0 and group["grad_l2"] == 5e-4  # still added once, by the loop
+
+
+def test_telemetry_records_the_thresholded_weight_gradient(tmp_path):
+    """With TensorQuant's in-loop gradient threshold, the telemetry's dW is the gradient the update gets (after the
+    threshold), not the one backward produced."""
+    def grad_sparsity(threshold):
+        recipe = {"preset": "dense", "gradient_threshold": threshold, "gradient_threshold_scope": "all_after_decay"}
+        out = tmp_path / f"t{threshold}"
+        train(TrainConfig(**{**TINY, "telemetry_every": 1}, epochs=1, recipe=recipe, recipe_overrides={},
+                          out=str(out)))
+        rows = [r for r in RunDir(out).iter_telemetry() if r["kind"] == "layer" and r["tensor"] == "grad_weight"]
+        return {r["name"]: r["sparsity"] for r in rows if r["step"] == 1}
+
+    loose, tight = grad_sparsity(1e-12), grad_sparsity(1e-2)
+    assert loose and loose.keys() == tight.keys()
+    assert max(loose.values()) < 0.2
+    assert min(tight.values()) > 0.5  # most |g| <= 1e-2 on LeNet-5 are zeroed before the update

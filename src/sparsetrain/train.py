@@ -725,8 +725,11 @@ def _forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor,
         s.scaler.unscale_(s.optimizer)  # true gradients for the telemetry; scaler.step skips non-finite ones
     r = s.handle.recipe
     if _thresholds_all_gradients(r):
-        # Before the monitor reads dW, so the telemetry shows the gradient sparsity the update really gets.
         threshold_gradients_(s.optimizer, r.gradient_threshold)
+    if s.monitor is not None and (_thresholds_all_gradients(r) or s.env.distributed):
+        # The telemetry's dW is the gradient the update really gets: thresholded here, or averaged by DDP after the
+        # monitor's accumulate hooks ran.
+        s.monitor.recount_weight_grads()
     return out, logged
 
 

@@ -254,6 +254,7 @@ class Monitor:
         self._step = start_step
         self._sampling = self._step % every == 0
         self._acc: dict[tuple[str, str], _Acc] = {}
+        self._wgrad_params: dict[str, Tensor] = {}  # weights whose gradient this sampling step counted
         self._handles: list[Any] = []  # module and parameter hooks, removed on close
         self._step_handles: list[Any] = []  # tensor hooks of the current sampling step
         self._latest: list[dict[str, Any]] = []
@@ -335,6 +336,16 @@ class Monitor:
             return
         # replace=True: with gradient accumulation the last call sees the full accumulated gradient.
         self._count(name, "grad_weight", param.grad, replace=True)
+        self._wgrad_params[name] = param
+
+    def recount_weight_grads(self) -> None:
+        """Count ``grad_weight`` again from each weight's current ``.grad``, for a loop that changes the gradients
+        after ``backward()`` and before the update: a gradient threshold applied in the loop (TensorQuant's study),
+        or DDP, whose all-reduce writes the averaged gradient back after the accumulate hooks ran. Call it between
+        that change and ``optimizer.step()``; a no-op on a non-sampling step."""
+        for name, param in self._wgrad_params.items():
+            if param.grad is not None:
+                self._count(name, "grad_weight", param.grad, replace=True)
 
     # ------------------------------------------------------------------ sampling
     def step(self, epoch: int | None = None) -> list[dict[str, Any]] | None:
@@ -366,6 +377,7 @@ class Monitor:
         for h in self._step_handles:
             h.remove()
         self._step_handles = []
+        self._wgrad_params = {}
         # One host transfer for the whole step: stack every 0-dim count and call tolist() once.
         flat = [t for a in acc.values() for t in (*a.zeros, *a.near)]
         device = flat[0].device
