@@ -446,7 +446,7 @@ def _render_tensorquant(rec: dict[str, Any]) -> Rendered:
                         ["Model", "gradient threshold", "test acc (%)", "gradient sparsity at the end",
                          "train time (min)"], gt_rows,
                         "Threshold 0 = the L2 baseline. Gradient sparsity: exact zeros of all conv/linear weight "
-                        "gradients as the backward pass leaves them (thresholded, where a threshold is set; see the "
+                        "gradients as the update receives them (after the threshold, where one is set; see the "
                         "notes for where the L2 term enters), element-weighted over the layers, on the last sampled "
                         "step; the baseline's zeros are natural (dead units). " + _protocol_line(rec)))
     tables += _published_tables(rec)
