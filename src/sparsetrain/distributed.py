@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["DistEnv", "env_world_size", "init", "shutdown", "barrier", "rank_seed", "all_reduce_sum", "gather_objects",
@@ -73,8 +74,6 @@ def init(device_name: str) -> tuple[DistEnv, torch.device]:
     Raises:
         ValueError: ``RANK``/``LOCAL_RANK``/``MASTER_ADDR`` missing or malformed (the message says what torchrun sets).
     """
-    import torch.distributed as dist
-
     world = env_world_size()
     device = torch.device(device_name)
     if world <= 1:
@@ -96,8 +95,6 @@ def init(device_name: str) -> tuple[DistEnv, torch.device]:
 
 def shutdown() -> None:
     """Leave the process group (a no-op when none was joined)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -106,8 +103,6 @@ def barrier(env: DistEnv) -> None:
     """Wait for every rank (a no-op on one process). Called before leaving the group after a successful run, so no
     rank closes its connections while another still receives the last collective."""
     if env.distributed:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -124,8 +119,6 @@ def all_reduce_sum(values: Iterable[float], env: DistEnv, device: torch.device) 
     values = [float(v) for v in values]
     if not env.distributed:
         return values
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
@@ -135,8 +128,6 @@ def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` on one process). A collective: all ranks must call it."""
     if not env.distributed:
         return [obj]
-    import torch.distributed as dist
-
     out: list[Any] = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
@@ -146,8 +137,6 @@ def broadcast_object(obj: Any, env: DistEnv, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (``obj`` itself on one process)."""
     if not env.distributed:
         return obj
-    import torch.distributed as dist
-
     box = [obj if env.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -159,8 +148,6 @@ def broadcast_buffers(model: nn.Module, env: DistEnv, src: int = 0) -> None:
     its own slice of the batch). A no-op on one process."""
     if not env.distributed:
         return
-    import torch.distributed as dist
-
     for b in model.buffers():
         dist.broadcast(b, src=src)
 
@@ -194,8 +181,6 @@ def check_consistency(model: nn.Module, weight_states: dict[str, torch.Tensor], 
     """
     if not env.distributed:
         return
-    import torch.distributed as dist
-
     names, local = checksums(model, weight_states)
     both = torch.cat([local, -local])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)

@@ -724,9 +724,10 @@ def _forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor,
         s.scaler.scale(loss).backward()
         s.scaler.unscale_(s.optimizer)  # true gradients for the telemetry; scaler.step skips non-finite ones
     r = s.handle.recipe
-    if _thresholds_all_gradients(r):
+    threshold_all = _thresholds_all_gradients(r)
+    if threshold_all:
         threshold_gradients_(s.optimizer, r.gradient_threshold)
-    if s.monitor is not None and (_thresholds_all_gradients(r) or s.env.distributed):
+    if s.monitor is not None and (threshold_all or s.env.distributed):
         # The telemetry's dW is the gradient the update really gets: thresholded here, or averaged by DDP after the
         # monitor's accumulate hooks ran.
         s.monitor.recount_weight_grads()
@@ -825,18 +826,18 @@ def _save_checkpoint(s: Session, epoch: int, in_epoch: dict[str, Any] | None = N
     parts = None
     if in_epoch is not None:
         parts = distributed.gather_objects(in_epoch, s.env)
-    if not s.env.is_main:
-        return
-    state = {
-        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-        "sparsity": own["sparsity"], "epoch": epoch, "step": s.step, "rng": own["rng"], "config": s.config,
-        **({"scaler": s.scaler.state_dict()} if s.scaler is not None else {}),
-    }
-    if ranks is not None:
-        state.update(world_size=s.env.world_size, ranks=ranks)
-    if parts is not None:
-        state["in_epoch"] = {"epoch": in_epoch["epoch"], "batches": in_epoch["batches"], "ranks": parts}
-    s.run_dir.save_checkpoint(state)
+    if s.env.is_main:
+        state = {
+            "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+            "scheduler": s.scheduler.state_dict(), "sparsity": own["sparsity"], "epoch": epoch, "step": s.step,
+            "rng": own["rng"], "config": s.config,
+            **({"scaler": s.scaler.state_dict()} if s.scaler is not None else {}),
+        }
+        if ranks is not None:
+            state.update(world_size=s.env.world_size, ranks=ranks)
+        if parts is not None:
+            state["in_epoch"] = {"epoch": in_epoch["epoch"], "batches": in_epoch["batches"], "ranks": parts}
+        s.run_dir.save_checkpoint(state)
     s.checkpoint_step = s.step
 
 
@@ -930,7 +931,6 @@ def record_epoch(s: Session, epoch: int, stats: dict[str, float], densities: dic
             if "comm" in metrics:
                 s.tb_writer.add_scalar("comm/bytes_per_step", metrics["comm"]["bytes_per_step"], s.step)
     _save_checkpoint(s, epoch)
-    s.checkpoint_step = s.step
     log.info("epoch %d/%d  loss %.4f  train %.2f%%  test %.2f%%  W density %.3f  act density %.3f  "
              "%.0f samples/s", epoch + 1, s.cfg.epochs, metrics["train_loss"], 100 * metrics["train_acc"],
              100 * test_acc, w_density, a_density, metrics["samples_per_s"])

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsetrain.reporting.tables import format_mean_sd, mean_sd
+
 __all__ = ["RESULTS_FILE", "TABLES_FILE", "Table", "Rendered", "Written", "is_results_folder", "render",
            "write_results", "regenerate", "point_stats"]
 
@@ -82,8 +84,6 @@ class Written:
 
 # ---------------------------------------------------------------------------------------------- numbers
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    from sparsetrain.reporting.tables import mean_sd
-
     vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     return mean_sd(vals) if vals else (None, None)
 
@@ -119,12 +119,6 @@ def point_stats(point: dict[str, Any]) -> dict[str, Any]:
 
 def _pct(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
-
-
-def _acc(acc: float | None, sd: float | None, n: int) -> str:
-    if acc is None:
-        return "—"
-    return f"{100 * acc:.2f} ± {100 * sd:.2f}" if n > 1 and sd is not None else f"{100 * acc:.2f}"
 
 
 def _minutes(seconds: float) -> str:
@@ -170,7 +164,7 @@ def _render_swat(rec: dict[str, Any]) -> Rendered:
         w = None if st["weight_density"] is None else 100 * (1 - st["weight_density"])
         a = None if st["activation_density"] is None else 100 * (1 - st["activation_density"])
         ac = "—" if ba is None or st["acc"] is None else f"{100 * ba:.2f} / {100 * (st['acc'] - ba):+.2f}"
-        rows.append([pt["label"], _pct(w), _pct(a), _acc(st["acc"], st["sd"], st["n"]), str(st["n"]), ac,
+        rows.append([pt["label"], _pct(w), _pct(a), format_mean_sd(st["acc"], st["sd"], scale=100.0), str(st["n"]), ac,
                      _pct(st["training_flops_reduction_pct"]), _pct(st["training_flops_reduction_pct_all_ops"]),
                      _pct(st["act_memory_reduction_pct"]),
                      "—" if st["model_compression_x"] is None else f"{st['model_compression_x']:.1f}",
@@ -284,7 +278,7 @@ def _render_grad_prune(rec: dict[str, Any]) -> Rendered:
             total += st["time_s"]
             rhos = [overall_rho(r, _is_conv(r)) for r in pt["runs"]]
             rho, _ = _mean_sd([r for r in rhos if r is not None])
-            row += [_acc(st["acc"], st["sd"], st["n"]), "—" if rho is None else f"{rho:.3f}"]
+            row += [format_mean_sd(st["acc"], st["sd"], scale=100.0), "—" if rho is None else f"{rho:.3f}"]
         rows.append(row + [_minutes(total)])
         # Per-layer table of this model: rho per p, and the pruned operand's own density.
         names: list[str] = []
@@ -440,7 +434,7 @@ def _render_tensorquant(rec: dict[str, Any]) -> Rendered:
             thr = 0.0
         st = point_stats(pt)
         sp = [s for s in (_grad_sparsity_total(r) for r in pt["runs"]) if s is not None]
-        gt_rows.append([pt["group"], f"{thr:g}", _acc(st["acc"], st["sd"], st["n"]),
+        gt_rows.append([pt["group"], f"{thr:g}", format_mean_sd(st["acc"], st["sd"], scale=100.0),
                         "—" if not sp else f"{sum(sp) / len(sp):.3f}", _minutes(st["time_s"])])
     tables.append(Table("tensorquant_gradient_threshold", "Ours: gradient-threshold sweep (TensorQuant Fig. 2)",
                         ["Model", "gradient threshold", "test acc (%)", "gradient sparsity at the end",
@@ -513,7 +507,7 @@ def _render_channel(rec: dict[str, Any]) -> Rendered:
         rows.append([pt["label"], kind, "—" if alpha is None else f"{alpha:g}", f"{width:g}",
                      "—" if st["params"] is None else f"{st['params']:,.0f}",
                      "—" if st["forward_macs"] is None else f"{st['forward_macs'] / 1e6:.2f}",
-                     _acc(st["acc"], st["sd"], st["n"]), str(st["n"]), _minutes(st["time_s"])])
+                     format_mean_sd(st["acc"], st["sd"], scale=100.0), str(st["n"]), _minutes(st["time_s"])])
         if st["acc"] is not None and st["params"] is not None:
             series.setdefault(kind, []).append((st["params"], st["forward_macs"] or math.nan, 100 * st["acc"],
                                                 100 * (st["sd"] or 0.0)))
