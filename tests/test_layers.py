@@ -18,7 +18,7 @@ from sparsetrain.layers import (
     LinearGemm,
     SparseConv2d,
     SparseLinear,
-    _SparseGemm,
+    sparse_gemm,
     observe,
 )
 
@@ -114,10 +114,13 @@ def test_saved_activation_is_the_sparse_one(pack):
     floats = [t for t in saved if t.dtype.is_floating_point]
     k = int(0.2 * x.numel()) + 1
     if pack:
-        # Packed: the kept values (as many as top-K keeps) and a bitmap of 1 bit per element; no dense copy.
+        # Saved as the top-K selection: the kept values and their int32 positions (k of each); no dense copy.
         assert not any(t.numel() == x.numel() for t in floats), [t.shape for t in floats]
-        assert any(t.numel() <= k and t.numel() >= k - 2 for t in floats), [t.shape for t in floats]
-        assert any(t.dtype == torch.uint8 and t.numel() == (x.numel() + 7) // 8 for t in saved)
+        values = [t for t in floats if k - 2 <= t.numel() <= k]
+        assert values, [t.shape for t in floats]
+        pos = [t for t in saved if t.dtype == torch.int32]
+        assert len(pos) == 1 and pos[0].numel() == values[0].numel()
+        assert int(pos[0].max()) < x.numel() and torch.equal(x.detach().flatten()[pos[0].long()], values[0])
     else:
         x_saved = [t for t in floats if t.numel() == x.numel()]
         assert x_saved and int(x_saved[0].count_nonzero()) <= k  # x stored with top-K applied
@@ -165,7 +168,7 @@ def test_gradcheck_float64_every_forward_combination(kind):
         gemm = ConvGemm(m.stride, m.padding, m.dilation, m.groups) if kind == "conv" else LinearGemm()
 
         def f(x_, w_):
-            return _SparseGemm.apply(x_, w_, m.bias, spec, m.sparse_state, gemm)
+            return sparse_gemm(m.sparse_state, spec, gemm, x_, w_, m.bias)
 
         # float64 dilated grouped convs take a slow reference kernel: the conv case checks random projections of
         # the Jacobian (gradcheck's fast mode, a few evaluations instead of one per element); linear is checked whole.

@@ -24,6 +24,7 @@ from sparsetrain.layers import (
     OPERANDS,
     LayerSpec,
     LayerState,
+    OperandCache,
     OperandEvent,
     PackedReLU,
     effective_weight,
@@ -72,6 +73,25 @@ def _with_density(spec: LayerSpec, density: float) -> LayerSpec:
     return dataclasses.replace(spec, **kw)
 
 
+def _flat_cache(st: LayerState) -> dict[str, Tensor | None]:
+    """A layer's cache in the checkpoint format: ``{op: thr, "op/mask": mask}`` (stable across versions)."""
+    out: dict[str, Tensor | None] = {}
+    for op, c in st.cache.items():
+        if c.computed_at is None:
+            continue
+        out[op] = c.thr
+        if c.mask is not None:
+            out[f"{op}/mask"] = c.mask
+    return out
+
+
+def _cache_from(thresholds: Mapping[str, Any], computed_at: Mapping[str, Any]) -> dict[str, OperandCache]:
+    cache = {}
+    for op, at in computed_at.items():
+        cache[op] = OperandCache(thr=thresholds.get(op), mask=thresholds.get(f"{op}/mask"), computed_at=int(at))
+    return cache
+
+
 class SparsityHandle:
     """Owns the sparse layers of one model and all their state. Created by :func:`sparsify_`."""
 
@@ -103,8 +123,7 @@ class SparsityHandle:
                                pack_saved=recipe.pack_saved, track_active=momentum and name in self.distributed)
             if spec.weight is not None and sp.entry(spec.weight).fixed:
                 # A fixed topology is drawn now, so what it really keeps is known before the first step.
-                state.thresholds["weight"] = sp.threshold(dense.weight.detach(), spec.weight, key=name)
-                state.computed_at["weight"] = 0
+                state.record("weight", sp.threshold(dense.weight.detach(), spec.weight, key=name))
             sparse = sparse_class(dense).from_dense(dense, spec, state)
             self._set_module(name, sparse)
             self.modules[name] = sparse
@@ -187,7 +206,7 @@ class SparsityHandle:
         """
         self.step_count += 1
         for st in self.states.values():
-            st.step = self.step_count
+            st.advance(self.step_count)
         r = self.recipe
         if r.distribution == "momentum" and not self._frozen_done:
             if optimizer is None:
@@ -221,9 +240,10 @@ class SparsityHandle:
         for name in self.distributed:
             m, st = self.modules[name], self.states[name]
             cfg = m.spec.weight
-            if cfg is None or not (sp.entry(cfg).fixed and sp.has_density(cfg)) or "weight" not in st.thresholds:
+            cache = st.cache.get("weight")
+            if cfg is None or not (sp.entry(cfg).fixed and sp.has_density(cfg)) or cache is None or cache.thr is None:
                 continue
-            old = st.thresholds["weight"]
+            old = cache.thr
             g = torch.Generator().manual_seed(sp.seed_for(f"{name}@{self.step_count}", self.recipe.seed))
             new_mask = sp.grow_channel_mask(old, g, target)
             if torch.equal(new_mask, old):
@@ -233,7 +253,7 @@ class SparsityHandle:
                 m.spec = dataclasses.replace(m.spec, weight=None, mask_inactive_grads=False)
             else:
                 m.spec = dataclasses.replace(m.spec, weight=sp.with_density(cfg, kept))
-            st.thresholds["weight"], st.computed_at["weight"] = new_mask, self.step_count
+            st.record("weight", new_mask)
             if self.recipe.densify_init == "zero":
                 grown = (new_mask & ~old).reshape(new_mask.shape + (1,) * (m.weight.dim() - 2))
                 m.weight.masked_fill_(grown.expand_as(m.weight), 0.0)
@@ -293,7 +313,8 @@ class SparsityHandle:
             for op in OPERANDS:
                 cfg = m.spec.resolved(op)
                 src = "weight" if op == "weight_for_grad_input" and getattr(m.spec, op) is INHERIT else op
-                mask = st.thresholds.get(src) if cfg is not None and sp.entry(cfg).fixed else None
+                cache = st.cache.get(src) if cfg is not None and sp.entry(cfg).fixed else None
+                mask = cache.thr if cache is not None else None
                 row[op] = float(mask.float().mean()) if mask is not None else (sp.nominal_density(cfg) or 1.0)
             out[name] = row
         return out
@@ -323,7 +344,7 @@ class SparsityHandle:
         out: dict[str, torch.Tensor] = {}
         for name, m in self.modules.items():
             st = self.states[name]
-            for key, v in st.thresholds.items():
+            for key, v in _flat_cache(st).items():
                 if isinstance(v, torch.Tensor) and key.split("/")[0] in ("weight", "weight_for_grad_input"):
                     out[f"{name}.thresholds.{key}"] = v
             for key, v in st.frozen.items():
@@ -342,8 +363,8 @@ class SparsityHandle:
             st = self.states[name]
             layers[name] = {
                 "spec": m.spec.to_dict(),
-                "thresholds": {k: v for k, v in st.thresholds.items()},
-                "computed_at": dict(st.computed_at),
+                "thresholds": _flat_cache(st),
+                "computed_at": {op: c.computed_at for op, c in st.cache.items() if c.computed_at is not None},
                 "frozen": dict(st.frozen),
                 "generator": None if st.generator is None else st.generator.get_state(),
             }
@@ -364,9 +385,8 @@ class SparsityHandle:
             m = self.modules[name]
             m.spec = LayerSpec.from_dict(s["spec"], where=f"state[{name}]")
             st = self.states[name]
-            st.step = self.step_count
-            st.thresholds = dict(s["thresholds"])
-            st.computed_at = {k: int(v) for k, v in s["computed_at"].items()}
+            st.cache = _cache_from(s["thresholds"], s["computed_at"])
+            st.advance(self.step_count)
             st.frozen = dict(s["frozen"])
             if s["generator"] is not None:
                 # On the layer's device: a CUDA layer draws its pruning noise from a CUDA generator.

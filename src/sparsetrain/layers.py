@@ -15,9 +15,10 @@ results are bit-identical to the dense layer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,11 @@ __all__ = [
     "SparseLinear",
     "PackedReLU",
     "LayerState",
+    "OperandCache",
+    "Sparsified",
+    "sparsify_operand",
+    "sparsify_gradient",
+    "sparse_gemm",
     "SPARSE_TYPES",
     "OperandEvent",
     "add_observer",
@@ -134,21 +140,38 @@ class LayerSpec:
 
 
 @dataclass
-class LayerState:
-    """Runtime state of one sparse layer, owned by the handle and handed to the kernel explicitly.
+class OperandCache:
+    """The reusable part of one forward operand's sparsifier, kept between steps (typed; one per operand).
 
-    ``thresholds[op]`` caches the result of ``sparsifiers.threshold`` and ``computed_at[op]`` the step it was
-    computed at, for periodic thresholds. ``frozen[op]`` holds a fixed boolean mask once the topology is frozen.
-    ``active`` is the weight mask the last training forward used, kept only when ``track_active`` (SWAT-M needs the
-    forward's active set after the optimizer has moved the weights). ``pack_saved`` stores what backward needs
-    compactly (:mod:`sparsetrain.packing`).
+    ``thr`` is what :func:`sparsetrain.sparsifiers.threshold` returned (a threshold, per-row thresholds, or a fixed
+    mask); ``mask`` a weight's keep mask, reused between periodic recomputes; ``computed_at`` the handle step it was
+    computed at; ``due`` whether the next forward recomputes it (the handle sets it when a period ends, so the
+    forward reads a bool, never a step counter: a compiled model is not re-specialised on every step).
+    """
+
+    thr: Tensor | None = None
+    mask: Tensor | None = None
+    computed_at: int | None = None
+    due: bool = True
+
+
+@dataclass
+class LayerState:
+    """Runtime state of one sparse layer, owned by the handle; the kernel never sees it (it gets tensors).
+
+    ``cache[op]`` holds the reusable part of each forward operand's sparsifier (:class:`OperandCache`), written by the
+    module's forward from what the pure sparsifiers return, and advanced by :meth:`advance` (the handle's step).
+    Backward operands (gradients) are recomputed on every call: nothing is cached in backward. ``frozen[op]`` holds
+    a fixed boolean mask once the topology is frozen. ``active`` is the weight mask the last training forward used,
+    kept only when ``track_active`` (SWAT-M needs the forward's active set after the optimizer has moved the
+    weights). ``pack_saved`` stores what backward needs compactly (:mod:`sparsetrain.packing`). ``generator`` draws
+    stochastic pruning's noise (created on the layer's device at first use, seeded from ``seed``).
     """
 
     name: str
     step: int = 0
     period: int = 1
-    thresholds: dict[str, Tensor | None] = field(default_factory=dict)
-    computed_at: dict[str, int] = field(default_factory=dict)
+    cache: dict[str, OperandCache] = field(default_factory=dict)
     frozen: dict[str, Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
     seed: int = 0
@@ -157,54 +180,102 @@ class LayerState:
     active: Tensor | None = None
     owner: Any = None  # weakref to the module, only to name it in observer events
 
+    def advance(self, step: int) -> None:
+        """Move to handle step ``step``: flag the cached thresholds whose period has ended."""
+        self.step = step
+        if self.period > 1:
+            for c in self.cache.values():
+                if c.computed_at is not None:
+                    c.due = step - c.computed_at >= self.period
 
-def transform(state: LayerState, op: str, x: Tensor, cfg: sp.SparsifierConfig | None,
-              materialize: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Sparsify ``x`` as operand ``op`` of a layer, reusing a cached threshold within the period.
+    def rng(self, device: torch.device) -> torch.Generator:
+        """The layer's generator (per-layer seed: reproducible and resumable), created on ``device`` at first use."""
+        if self.generator is None:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
 
-    Returns ``(values, keep)``: ``keep`` is the bool mask of kept positions, or None when nothing was dropped.
-    With ``materialize=False`` a mask-type sparsifier returns ``x`` itself with its mask (the caller applies it;
-    packing reads ``x[keep]`` directly, which saves writing the masked copy).
-    """
-    if cfg is None:
-        return x, None
-    if op in state.frozen:
-        keep = state.frozen[op]
-        return x * keep.to(x.dtype), keep
-    entry = sp.entry(cfg)
-    thr = state.thresholds.get(op)
-    if entry.fixed:
-        due = op not in state.computed_at  # a fixed mask is drawn once
-    else:
-        # period 1 = exact: recompute on every call (a second forward in the same step sees another batch).
-        due = state.period <= 1 or op not in state.computed_at or state.step - state.computed_at[op] >= state.period
-    if due:
-        thr = entry.threshold(x, cfg, key=state.name)
-        state.thresholds[op] = thr
-        state.computed_at[op] = state.step
-    if entry.keep is not None:
-        if op in _WEIGHT_OPERANDS and state.period > 1 and not entry.fixed:
-            # Between recomputes a weight keeps the *mask* of the last recompute, not just its threshold: weights
-            # move every step, and a reused threshold lets the kept fraction drift far from the target (0.3 -> 0.67
-            # for channel top-K in a few large steps). An activation is a new tensor every step, so it can only
-            # reuse the threshold; its drift is what handle.measuring() reports.
-            mkey = f"{op}/mask"
-            if due or mkey not in state.thresholds:
-                state.thresholds[mkey] = entry.keep(x, cfg, thr)
-            keep = state.thresholds[mkey]
-        else:
-            keep = entry.keep(x, cfg, thr)
-        if keep is None or not materialize:
-            return x, keep
-        return x * keep.to(x.dtype), keep
-    if entry.stochastic(cfg) and state.generator is None:
-        # Per-layer generator, seeded from the recipe seed and the layer name: reproducible and resumable.
-        state.generator = torch.Generator(device=x.device).manual_seed(state.seed)
-    out = entry.apply(x, cfg, thr, state.generator)
-    return out, (None if out is x else out != 0)
+    def record(self, op: str, thr: Tensor | None, mask: Tensor | None = None) -> None:
+        c = self.cache.setdefault(op, OperandCache())
+        c.thr, c.mask, c.computed_at, c.due = thr, mask, self.step, self.period <= 1
 
 
 _WEIGHT_OPERANDS = ("weight", "weight_for_grad_input")
+
+
+class Sparsified(NamedTuple):
+    """One operand after its sparsifier: the dense result, its keep mask, and an exact top-K selection if any.
+
+    ``dense`` is None when only the packed form was asked for; ``keep`` (bool, broadcastable) is None when every
+    position is kept or the mask was not asked for; ``sel = (pos, values)`` are the kept positions in memory order
+    and their values (from :func:`sparsetrain.sparsifiers.topk_select`), which pack without another pass.
+    """
+
+    dense: Tensor | None
+    keep: Tensor | None
+    sel: tuple[Tensor, Tensor] | None = None
+
+
+def _keep_from(t: Tensor, pos: Tensor) -> Tensor:
+    """The bool mask of the positions ``pos`` (memory order, padded with numel) in ``t``'s shape."""
+    return packing.scatter(pos, torch.ones((), dtype=torch.bool, device=t.device).expand(pos.shape), tuple(t.shape),
+                           sp.dense_order(t))
+
+
+def sparsify_operand(state: LayerState, op: str, t: Tensor, cfg: sp.SparsifierConfig | None, *,
+                     need_dense: bool = True, need_keep: bool = False) -> Sparsified:
+    """Sparsify ``t`` as forward operand ``op`` of a layer, reusing the cached part of its sparsifier when not due.
+
+    Pure apart from the cache it reads and records into (called by the module's forward, never inside autograd).
+    An exact top-K whose threshold is due selects the kept positions and values in one go
+    (:func:`sparsetrain.sparsifiers.topk_select`): the dense result is a scatter of them, and they pack as they are.
+    """
+    if cfg is None:
+        return Sparsified(t, None)
+    frozen = state.frozen.get(op)
+    if frozen is not None:
+        return Sparsified(t * frozen.to(t.dtype) if need_dense else None, frozen)
+    e = sp.entry(cfg)
+    c = state.cache.get(op)
+    weight_op = op in _WEIGHT_OPERANDS and state.period > 1 and not e.fixed
+    # period 1 = exact: recomputed on every call (a second forward in the same step sees another batch); a fixed
+    # mask is drawn once.
+    due = c is None or c.computed_at is None or (not e.fixed and (state.period <= 1 or c.due))
+    if due and type(cfg) is sp.TopK and cfg.density < 1.0:
+        thr, pos, values = sp.topk_select(t, cfg.density)
+        keep = _keep_from(t, pos) if (need_keep or weight_op) else None
+        # Between recomputes a weight keeps the *mask* of the last recompute, not just its threshold: weights move
+        # every step, and a reused threshold lets the kept fraction drift far from the target. An activation is a
+        # new tensor every step, so it can only reuse the threshold; its drift is what handle.measuring() reports.
+        state.record(op, thr, keep if weight_op else None)
+        dense = packing.scatter(pos, values, tuple(t.shape), sp.dense_order(t)) if need_dense else None
+        return Sparsified(dense, keep, (pos, values))
+    if due:
+        thr = e.threshold(t, cfg, key=state.name)
+        state.record(op, thr)
+        c = state.cache[op]
+    thr = c.thr
+    if e.keep is not None:
+        if weight_op:
+            if c.mask is None:
+                c.mask = e.keep(t, cfg, thr)
+            keep = c.mask
+        else:
+            keep = e.keep(t, cfg, thr)
+        if keep is None:
+            return Sparsified(t, None)
+        return Sparsified(t * keep.to(t.dtype) if need_dense else None, keep)
+    gen = state.rng(t.device) if e.stochastic(cfg) else None
+    out = e.apply(t, cfg, thr, gen)
+    return Sparsified(out, None if out is t else out != 0)
+
+
+def sparsify_gradient(t: Tensor, cfg: sp.SparsifierConfig | None, generator: torch.Generator | None,
+                      key: str = "") -> Tensor:
+    """A backward operand: threshold and apply on every call (a gradient is new every step; nothing is cached)."""
+    if cfg is None:
+        return t
+    e = sp.entry(cfg)
+    return e.apply(t, cfg, e.threshold(t, cfg, key=key), generator)
 
 
 # ------------------------------------------------------------------------------------------------ the seam
@@ -271,8 +342,16 @@ def dense_mode() -> Iterator[None]:
 
 
 def _emit(state: LayerState, op: str, before: Tensor, after: Tensor) -> None:
-    mod = state.owner() if state.owner is not None else None
-    ev = OperandEvent(state.name, op, before.detach(), after.detach(), mod)
+    _emit_named(state.name, state.owner, op, before, after)
+
+
+def _emit_args(args: Any, op: str, before: Tensor, after: Tensor) -> None:
+    _emit_named(args.name, args.owner, op, before, after)
+
+
+def _emit_named(name: str, owner: Any, op: str, before: Tensor, after: Tensor) -> None:
+    mod = owner() if owner is not None else None
+    ev = OperandEvent(name, op, before.detach(), after.detach(), mod)
     for fn in list(_OBSERVERS.values()):
         fn(ev)
 
@@ -331,134 +410,243 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t.to(dtype)
 
 
-class _Saver:
-    """Collects what backward needs: plain tensors go through ``save_for_backward``, packing metadata on ctx."""
+@dataclass(frozen=True)
+class Slot:
+    """How one saved operand is stored: ``kind`` in {none, plain, selection, packed, mask}; its tensors follow."""
 
-    def __init__(self) -> None:
-        self.tensors: list[Tensor | None] = []
-        self.slots: list[tuple[packing.Packed | None, int, int]] = []
+    kind: str
+    count: int = 0
+    shape: tuple[int, ...] = ()
+    perm: tuple[int, ...] | None = None
+    meta: packing.Packed | None = None
 
-    def add(self, t: Tensor | None, keep: Tensor | None = None, pack: bool = False, mask: bool = False) -> None:
-        start = len(self.tensors)
-        meta = None
-        if t is not None and mask:
-            meta, ts = packing.pack_mask(t)
-            self.tensors.extend(ts)
-        elif t is not None and pack:
-            meta, ts = packing.pack(t, keep)
-            self.tensors.extend(ts)
+
+def _save(tensors: list[Tensor], t: Tensor | None, *, sel: tuple[Tensor, Tensor] | None = None,
+          keep: Tensor | None = None, pack: bool = False, mask: bool = False, like: Tensor | None = None,
+          dtype: torch.dtype | None = None) -> Slot:
+    """Append what backward needs of one operand to ``tensors``; return how to read it back.
+
+    A top-K selection is saved as it came (kept values in the GEMM dtype + int32 positions): no pass over the dense
+    tensor. Other sparsified operands are packed (values + bitmap/indices; a data-dependent size, the slower path) or,
+    with ``pack_saved: false``, kept dense. Masks become bitmaps. A dense operand is the caller's own tensor.
+    """
+    if sel is not None:
+        pos, values = sel
+        assert like is not None
+        n = like.numel()
+        idx = pos.to(torch.int32) if n < 2**31 - 1 else pos
+        tensors += [_cast(values, dtype), idx]
+        return Slot("selection", 2, tuple(like.shape), sp.dense_order(like))
+    if t is None:
+        return Slot("none")
+    if mask and pack:
+        meta, ts = packing.pack_mask(t)
+    elif pack:
+        meta, ts = packing.pack(t, keep)
+    else:
+        tensors.append(t)
+        return Slot("plain", 1)
+    tensors += list(ts)
+    return Slot("packed", len(ts), meta=meta)
+
+
+def _load(slots: tuple[Slot, ...], saved: tuple[Tensor, ...]) -> list[Tensor | None]:
+    out: list[Tensor | None] = []
+    i = 0
+    for s in slots:
+        ts = saved[i:i + s.count]
+        i += s.count
+        if s.kind == "none":
+            out.append(None)
+        elif s.kind == "plain":
+            out.append(ts[0])
+        elif s.kind == "selection":
+            out.append(packing.scatter(ts[1], ts[0], s.shape, s.perm))
         else:
-            self.tensors.append(t)
-        self.slots.append((meta, start, len(self.tensors)))
+            out.append(packing.unpack(s.meta, tuple(ts)))
+    return out
 
-    @staticmethod
-    def load(slots: list, saved: tuple[Tensor, ...]) -> list[Tensor | None]:
-        out = []
-        for meta, a, b in slots:
-            out.append(saved[a] if meta is None else packing.unpack(meta, tuple(saved[a:b])))
-        return out
+
+@dataclass(frozen=True)
+class GemmArgs:
+    """Everything backward needs besides tensors: frozen, so backward uses exactly what the forward used."""
+
+    gemm: Any
+    spec: LayerSpec
+    slots: tuple[Slot, ...]  # x_b, w_b, input mask, weight mask
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype | None]
+    shapes: tuple[tuple[int, ...], tuple[int, ...]]
+    name: str = ""
+    observed: bool = False
+    owner: Any = None  # weakref to the module, only to name it in observer events
 
 
 class _SparseGemm(torch.autograd.Function):
-    """The one mechanism: per-operand sparsification around a conv or linear GEMM (see module docstring).
+    """The one mechanism: a conv or linear GEMM on sparsified operands, with per-GEMM operands in backward.
 
-    Stateless apart from the explicit ``state`` it is given: the frozen ``spec`` and ``gemm`` travel on ``ctx``, so
-    backward uses exactly the spec the forward used, even if the layer's spec changes in between.
+    Stateless, like torchao's ``matmul_with_hp_or_float8_args``: tensors and a frozen :class:`GemmArgs` in, tensors
+    out. The forward operands arrive already sparsified (``x_g``, ``w_g``, ``b_g``: the GEMM's operands, in its
+    dtype) with what backward needs of them (``saved``, described by ``args.slots``); ``x``, ``weight`` and ``bias``
+    are the differentiable originals the gradients belong to. Backward sparsifies the gradients (``grad_output``,
+    ``grad_input``, ``grad_weight``) with pure functions and writes no state.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, spec: LayerSpec, state: LayerState,
-                gemm: Any) -> Tensor:
-        obs = bool(_OBSERVERS)
-        w_f, w_keep = transform(state, "weight", weight, spec.weight)
-        x_f, x_keep = transform(state, "input", x, spec.input)
-        # Under autocast the GEMM runs in the autocast dtype, as for the plain module; sparsify first (exact
-        # thresholds in the parameter dtype), then cast: a zero casts to zero.
-        ac = _autocast_dtype(x)
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, x_g: Tensor, w_g: Tensor,
+                b_g: Tensor | None, args: GemmArgs, generator: torch.Generator | None, *saved: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            y = gemm.forward(_cast(x_f, ac), _cast(w_f, ac), _cast(bias, ac))
-        y_out, y_keep = transform(state, "output", y, spec.output)
-        if spec.weight_for_grad_input is INHERIT:
-            w_b, wb_keep = w_f, w_keep
-        else:
-            w_b, wb_keep = transform(state, "weight_for_grad_input", weight, spec.weight_for_grad_input)
-        pack = state.pack_saved
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if spec.input_for_grad_weight is INHERIT:
-            x_b, xb_keep = x_f, x_keep
-        else:
-            # SWAT's top-K x exists only to be saved: packed straight from x, the masked copy is never written.
-            x_b, xb_keep = transform(state, "input_for_grad_weight", x, spec.input_for_grad_weight,
-                                     materialize=obs or not (pack and needs_w))
-        if state.track_active and spec.weight is not None:
-            state.active = torch.ones_like(weight, dtype=torch.bool) if w_keep is None else w_keep.expand_as(weight)
-        if obs:
-            for op, before, after in (("weight", weight, w_f), ("input", x, x_f), ("output", y, y_out),
-                                      ("weight_for_grad_input", weight, w_b), ("input_for_grad_weight", x, x_b)):
-                _emit(state, op, before, after)
-
-        # Save only what backward needs. A sparsified operand is a new tensor: store it packed (values + bitmap or
-        # indices) in the GEMM's dtype, so the dense top-K copy dies with the forward. An operand left dense is
-        # the caller's own tensor (or autocast's copy of it): saving it costs nothing extra.
-        sv = _Saver()
-        sv.add(_cast(x_b, ac) if needs_w else None, xb_keep, pack=pack and xb_keep is not None)
-        sv.add(_cast(w_b, ac) if needs_x else None, wb_keep, pack=pack and wb_keep is not None)
-        sv.add(x_keep if spec.input is not None else None, mask=pack)
-        sv.add(y_keep if spec.output is not None else None, mask=pack)
-        sv.add(w_keep if spec.mask_inactive_grads else None, mask=pack)
-        ctx.save_for_backward(*sv.tensors)
-        ctx.slots = sv.slots
-        ctx.spec, ctx.state, ctx.gemm = spec, state, gemm
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.shapes = (x.shape, weight.shape)
-        ctx.has_bias = bias is not None
-        ctx.observed = obs
-        return y_out
+            y = args.gemm.forward(x_g, w_g, b_g)
+        ctx.save_for_backward(*saved)
+        ctx.args, ctx.generator = args, generator
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x_b, w_b, in_mask, out_mask, w_mask = _Saver.load(ctx.slots, ctx.saved_tensors)
-        spec, state = ctx.spec, ctx.state
-        obs = ctx.observed and bool(_OBSERVERS)
-        if out_mask is not None:
-            dy = dy * out_mask.to(dy.dtype)
+        a: GemmArgs = ctx.args
+        spec = a.spec
+        x_b, w_b, in_mask, w_mask = _load(a.slots, ctx.saved_tensors)
+        obs = a.observed and bool(_OBSERVERS)
         dy_in = dy
-        dy, _ = transform(state, "grad_output", dy, spec.grad_output)
+        dy = sparsify_gradient(dy, spec.grad_output, ctx.generator, a.name)
         if obs:
-            _emit(state, "grad_output", dy_in, dy)
+            _emit_args(a, "grad_output", dy_in, dy)
 
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = ctx.needs_input_grad[2] and ctx.has_bias
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         with torch.autocast(dy.device.type, enabled=False):
             # The GEMMs run in the dtype the forward ran them in (autocast's); gradients return in the inputs' dtypes.
             g = dy.to((x_b if x_b is not None else w_b).dtype)
             # An operand only one GEMM needs was not saved; the conv kernel still wants its shape.
-            x_b = x_b if x_b is not None else g.new_zeros(()).expand(ctx.shapes[0])
-            w_b = w_b if w_b is not None else g.new_zeros(()).expand(ctx.shapes[1])
-            dx, dw, db = ctx.gemm.backward(g, x_b, w_b, (need_x, need_w, need_b))
-        x_dt, w_dt, b_dt = ctx.dtypes
+            x_b = x_b if x_b is not None else g.new_zeros(()).expand(a.shapes[0])
+            w_b = w_b if w_b is not None else g.new_zeros(()).expand(a.shapes[1])
+            dx, dw, db = a.gemm.backward(g, x_b, w_b, (need_x, need_w, need_b))
+        x_dt, w_dt, b_dt = a.dtypes
 
         # calculate grad_input
         if dx is not None:
             dx = dx.to(x_dt)
             dx_raw = dx
-            dx, _ = transform(state, "grad_input", dx, spec.grad_input)
+            dx = sparsify_gradient(dx, spec.grad_input, ctx.generator, a.name)
             if in_mask is not None:
                 dx = dx * in_mask.to(dx.dtype)
             if obs:
-                _emit(state, "grad_input", dx_raw, dx)
+                _emit_args(a, "grad_input", dx_raw, dx)
         # calculate grad_weight
         if dw is not None:
             dw = dw.to(w_dt)
             dw_raw = dw
             if w_mask is not None:
                 dw = dw * w_mask.to(dw.dtype)
-            dw, _ = transform(state, "grad_weight", dw, spec.grad_weight)
+            dw = sparsify_gradient(dw, spec.grad_weight, ctx.generator, a.name)
             if obs:
-                _emit(state, "grad_weight", dw_raw, dw)
-        if db is not None:
+                _emit_args(a, "grad_weight", dw_raw, dw)
+        if db is not None and b_dt is not None:
             db = db.to(b_dt)
-        return dx, dw, db, None, None, None
+        return (dx, dw, db, None, None, None, None, None) + (None,) * len(ctx.saved_tensors)
+
+
+class _Masked(torch.autograd.Function):
+    """An output operand: forward returns the sparsified ``values``; backward passes ``dy`` where ``keep`` is set."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, values: Tensor, slot: Slot, *saved: Tensor) -> Tensor:
+        ctx.save_for_backward(*saved)
+        ctx.slot = slot
+        return values.clone()  # an output must not be an input (an ablation's path: the copy is cheap enough)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        (keep,) = _load((ctx.slot,), ctx.saved_tensors)
+        return (dy * keep.to(dy.dtype), None, None) + (None,) * len(ctx.saved_tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def _stochastic(spec: LayerSpec) -> bool:
+    """Whether any of the spec's sparsifiers draws random numbers (the layer then passes its generator)."""
+    return any(cfg is not None and sp.entry(cfg).stochastic(cfg) for cfg in (spec.resolved(op) for op in OPERANDS))
+
+
+def sparse_gemm(state: LayerState, spec: LayerSpec, gemm: Any, x: Tensor, weight: Tensor,
+                bias: Tensor | None) -> Tensor:
+    """One sparse layer's forward: sparsify the forward operands (pure functions + the layer's cache), run the GEMM
+    through :class:`_SparseGemm` with what backward needs, and report every operand to the observers."""
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    obs = bool(_OBSERVERS)
+    name = state.name
+    ac = _autocast_dtype(x)
+    events: list[tuple[str, Tensor, Tensor]] = []
+    with torch.no_grad():
+        xd, wd = x.detach(), weight.detach()
+        need_x = training and x.requires_grad
+        need_w = training and weight.requires_grad
+        w = sparsify_operand(state, "weight", wd, spec.weight,
+                             need_keep=spec.mask_inactive_grads or (state.track_active and training))
+        xs = sparsify_operand(state, "input", xd, spec.input, need_keep=need_x and spec.input is not None)
+        x_g, w_g, b_g = _cast(xs.dense, ac), _cast(w.dense, ac), _cast(None if bias is None else bias.detach(), ac)
+        if obs:
+            events += [("weight", weight, w.dense if spec.weight is not None else weight),
+                       ("input", x, xs.dense if spec.input is not None else x)]
+        if not training:
+            with torch.autocast(x.device.type, enabled=False):
+                y = gemm.forward(x_g, w_g, b_g)
+            return _finish_output(state, spec, y, None, events)
+
+        if state.track_active and spec.weight is not None:
+            state.active = torch.ones_like(weight, dtype=torch.bool) if w.keep is None else w.keep.expand_as(weight)
+        # What backward needs: x_b for dW = H(dy, x_b) and w_b for dx = G(dy, w_b), each only if that GEMM runs.
+        if spec.weight_for_grad_input is INHERIT:
+            wb = w
+        else:
+            wb = sparsify_operand(state, "weight_for_grad_input", wd, spec.weight_for_grad_input)
+        if spec.input_for_grad_weight is INHERIT:
+            xb = xs
+        else:
+            # SWAT's top-K x exists only to be saved: kept as its selection, the dense copy is never written.
+            xb = sparsify_operand(state, "input_for_grad_weight", xd, spec.input_for_grad_weight,
+                                  need_dense=obs or not state.pack_saved)
+        x_sparse = spec.resolved("input_for_grad_weight") is not None
+        if obs:
+            xb_dense = xb.dense if xb.dense is not None or xb.sel is None else packing.scatter(
+                xb.sel[0], xb.sel[1], tuple(x.shape), sp.dense_order(xd))
+            events += [("weight_for_grad_input", weight, wb.dense if spec.resolved("weight_for_grad_input") else weight),
+                       ("input_for_grad_weight", x, xb_dense if x_sparse else x)]
+
+        pack = state.pack_saved
+        saved: list[Tensor] = []
+        slots = (
+            (_save(saved, None, sel=xb.sel, like=xd, dtype=ac) if pack and xb.sel is not None else
+             _save(saved, _cast(xb.dense, ac) if xb.dense is not None else x_g, keep=xb.keep, pack=pack and x_sparse))
+            if need_w else Slot("none"),
+            _save(saved, (w_g if wb is w else _cast(wb.dense, ac)) if need_x else None),
+            _save(saved, xs.keep if need_x and spec.input is not None else None, mask=True, pack=pack),
+            _save(saved, w.keep if spec.mask_inactive_grads else None, mask=True, pack=pack),
+        )
+        args = GemmArgs(gemm, spec, slots, (x.dtype, weight.dtype, None if bias is None else bias.dtype),
+                        (tuple(x.shape), tuple(weight.shape)), name, obs, state.owner)
+    gen = state.rng(x.device) if _stochastic(spec) else None
+    y = _SparseGemm.apply(x, weight, bias, x_g, w_g, b_g, args, gen, *saved)
+    return _finish_output(state, spec, y, args, events)
+
+
+def _finish_output(state: LayerState, spec: LayerSpec, y: Tensor, args: GemmArgs | None,
+                   events: list[tuple[str, Tensor, Tensor]]) -> Tensor:
+    """Apply the output operand (if any) and emit the forward's events in operand order."""
+    y_out = y
+    if spec.output is not None:
+        with torch.no_grad():
+            o = sparsify_operand(state, "output", y.detach(), spec.output, need_keep=True)
+        if args is None or not y.requires_grad:
+            y_out = o.dense
+        else:
+            saved: list[Tensor] = []
+            slot = _save(saved, o.keep if o.keep is not None else torch.ones_like(y, dtype=torch.bool), mask=True,
+                         pack=state.pack_saved)
+            y_out = _Masked.apply(y, o.dense, slot, *saved)
+    if events:
+        order = ("weight", "input", "output", "weight_for_grad_input", "input_for_grad_weight")
+        events.append(("output", y, y_out))
+        for op, before, after in sorted(events, key=lambda e: order.index(e[0])):
+            _emit(state, op, before, after)
+    return y_out
 
 
 class _PackedReLUFn(torch.autograd.Function):
@@ -478,10 +666,11 @@ class _PackedReLUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, None]:
-        mask = packing.unpack_mask(ctx.meta, ctx.saved_tensors)
-        # autograd's own ReLU backward kernel, reading the mask's bytes (1 where the output was positive) as the
-        # output: bit-identical gradients, and faster than torch.where with a scalar.
-        return torch.ops.aten.threshold_backward(dy, mask.view(torch.uint8), 0), None
+        meta = ctx.meta
+        # autograd's own ReLU backward kernel, reading the unpacked bytes (non-zero where the output was positive)
+        # as the output: bit-identical gradients, and one pass fewer than unpacking to bools first.
+        mask = packing.unflat(packing.unpackbits_bytes(ctx.saved_tensors[0], meta.numel), meta.shape, meta.perm)
+        return torch.ops.aten.threshold_backward(dy, mask, 0), None
 
 
 class PackedReLU(nn.ReLU):
@@ -532,18 +721,7 @@ class _SparseMixin:
         return dense
 
     def _sparse_forward(self, x: Tensor, gemm: Any) -> Tensor:
-        spec, st = self.spec, self.sparse_state
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _SparseGemm.apply(x, self.weight, self.bias, spec, st, gemm)
-        # Inference: no backward will run, so skip the backward-only operands (e.g. top-K on activations).
-        w_f, _ = transform(st, "weight", self.weight, spec.weight)
-        x_f, _ = transform(st, "input", x, spec.input)
-        y = gemm.forward(x_f, w_f, self.bias)
-        y_out, _ = transform(st, "output", y, spec.output)
-        if _OBSERVERS:
-            for op, before, after in (("weight", self.weight, w_f), ("input", x, x_f), ("output", y, y_out)):
-                _emit(st, op, before, after)
-        return y_out
+        return sparse_gemm(self.sparse_state, self.spec, gemm, x, self.weight, self.bias)
 
     def effective_weight(self) -> Tensor:
         """The weight as the forward uses it; see :func:`effective_weight`."""
@@ -606,8 +784,8 @@ def effective_weight(m: nn.Module) -> Tensor:
     st, cfg = m.sparse_state, m.spec.weight
     if "weight" in st.frozen:
         return w * st.frozen["weight"].to(w.dtype)
-    if "weight/mask" in st.thresholds:  # a periodic threshold's cached mask (see transform)
-        keep = st.thresholds["weight/mask"]
-        return w if keep is None else w * keep.to(w.dtype)
-    thr = st.thresholds.get("weight") if "weight" in st.computed_at else sp.threshold(w, cfg, key=st.name)
+    c = st.cache.get("weight")
+    if c is not None and c.mask is not None:  # a periodic threshold's cached mask (see sparsify_operand)
+        return w * c.mask.to(w.dtype)
+    thr = c.thr if c is not None and c.computed_at is not None else sp.threshold(w, cfg, key=st.name)
     return sp.apply(w, cfg, thr, None)

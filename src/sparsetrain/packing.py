@@ -21,7 +21,8 @@ from torch import Tensor
 
 from sparsetrain.sparsifiers import dense_order
 
-__all__ = ["Packed", "pack", "unpack", "pack_mask", "unpack_mask", "packbits", "unpackbits"]
+__all__ = ["Packed", "pack", "unpack", "pack_mask", "unpack_mask", "packbits", "unpackbits", "unpackbits_bytes",
+           "scatter", "unflat"]
 
 # Multiply-and-shift bit tricks on 8 bools (bytes 0/1) read as one int64: 3 streaming ops per 8 elements instead
 # of a shift per bit plus a reduction. The products wrap modulo 2**64 by design. Byte order is little-endian.
@@ -41,8 +42,13 @@ def packbits(mask: Tensor) -> Tensor:
 
 def unpackbits(bits: Tensor, n: int) -> Tensor:
     """Inverse of :func:`packbits`: the first ``n`` bits as a flat bool tensor."""
+    return unpackbits_bytes(bits, n) != 0
+
+
+def unpackbits_bytes(bits: Tensor, n: int) -> Tensor:
+    """The first ``n`` bits as flat uint8, non-zero exactly where the bit is set (one pass fewer than bools)."""
     spread = (bits.to(torch.int64) * _SPREAD) & _SELECT
-    return (spread.view(torch.uint8) != 0)[:n]
+    return spread.view(torch.uint8)[:n]
 
 
 @dataclass(frozen=True)
@@ -106,11 +112,31 @@ def unpack(meta: Packed, tensors: tuple[Tensor, ...]) -> Tensor:
 
 def _unflat(flat: Tensor, meta: Packed) -> Tensor:
     assert meta.perm is not None
-    perm_shape = [meta.shape[d] for d in meta.perm]
-    inv = [0] * len(meta.perm)
-    for i, d in enumerate(meta.perm):
+    return unflat(flat, meta.shape, meta.perm)
+
+
+def unflat(flat: Tensor, shape: tuple[int, ...], perm: tuple[int, ...] | None) -> Tensor:
+    """A flat tensor in memory order ``perm`` (see :func:`sparsetrain.sparsifiers.dense_order`) viewed as ``shape``."""
+    if perm is None or perm == tuple(range(len(shape))):
+        return flat.view(shape)
+    inv = [0] * len(perm)
+    for i, d in enumerate(perm):
         inv[d] = i
-    return flat.reshape(perm_shape).permute(inv)
+    return flat.view([shape[d] for d in perm]).permute(inv)
+
+
+def scatter(pos: Tensor, values: Tensor, shape: tuple[int, ...], perm: tuple[int, ...] | None) -> Tensor:
+    """The dense tensor holding ``values`` at the flat positions ``pos`` (memory order ``perm``), zeros elsewhere.
+
+    ``pos`` may hold the padding position ``numel`` (a static-size selection's unused slots): it lands in one spare
+    element that is cut off. One zero-fill and one scatter of the kept values: no mask pass, no compaction.
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    flat = values.new_zeros(n + 1)
+    flat.index_put_((pos,), values)
+    return unflat(flat[:n], shape, perm)
 
 
 def pack_mask(mask: Tensor) -> tuple[Packed, tuple[Tensor, ...]]:

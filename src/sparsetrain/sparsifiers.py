@@ -38,6 +38,7 @@ __all__ = [
     "sparsify",
     "mask",
     "topk_threshold",
+    "topk_select",
     "random_channel_mask",
     "dbtd_tau",
     "stochastic_prune",
@@ -376,7 +377,7 @@ def flat_memory_order(t: Tensor) -> Tensor:
 
 
 # On CPU the k-th value is first bracketed from a fixed sample: reading a count back is free there, and a
-# selection among the few elements inside the band beats two full histogram passes (2-3x at density <= 0.2).
+# selection among the few elements inside the band beats full histogram passes (3-6x at density <= 0.2).
 _BRACKET_MIN_NUMEL = 1 << 16
 _SAMPLE = 1 << 13
 _sample_index: dict[tuple[int, str], Tensor] = {}
@@ -396,60 +397,164 @@ def _sample(n: int, device: torch.device) -> Tensor:
     return idx
 
 
-def _bracket_select(a: Tensor, k: int) -> Tensor | None:
-    """The exact k-th largest of the non-negative ``a`` from a sampled band, or None when the band misses it.
+def _eager_cpu(a: Tensor) -> bool:
+    """Eager CPU code, where reading a count back to the host costs nothing (elsewhere it is a sync or untraceable)."""
+    return a.device.type == "cpu" and not torch.compiler.is_compiling()
 
-    A band of about +-6 standard errors of the sample quantile: the elements above it are counted and the k-th
-    value is selected among the few inside. It misses when many values tie at the band's edge (e.g. the zeros of a
-    ReLU output when k reaches into them); the caller then runs the radix select.
+
+def _direct(a: Tensor) -> bool:
+    """Select the k-th value with one ``kthvalue`` call: float64 (64-bit patterns), tiny tensors, and on eager CPU
+    every tensor below the bracket's size (cheaper than the radix select's two 32k/64k-bin histograms)."""
+    n = a.numel()
+    return a.dtype == torch.float64 or n < 4096 or (n < _BRACKET_MIN_NUMEL and _eager_cpu(a))
+
+
+def _use_bracket(a: Tensor, k: int) -> bool:
+    # Eager CPU only: the bracket reads counts back (free on CPU, a sync elsewhere) and sizes a buffer from the
+    # sample, which a compiler cannot trace; compiled and accelerator code takes the static radix select.
+    return a.numel() >= _BRACKET_MIN_NUMEL and k > 1 and _eager_cpu(a)
+
+
+def _bracket_candidates(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The exact k-th largest of the non-negative flat ``a[:-1]``, with every position that can hold a top-k value.
+
+    ``a`` has one extra last element, ``-1``: the value the padding positions gather (no clamp pass needed).
+
+    A fixed sample brackets the k-th value in a band of about +-6 standard errors of the sample quantile; one pass
+    compacts the positions at or above the band's low edge (a static-size ``nonzero_static``, sized from the
+    sample), and the k-th value is selected among the few inside the band. Returns ``(thr, pos, vals)``: the
+    threshold, the candidate positions (``pos``; padded with ``n``) and their values (``-1`` at the padding), or
+    None when the band misses (many ties at its edge, e.g. ReLU zeros when k reaches into them) or the sample
+    under-sized the buffer; the caller then runs the radix select.
     """
-    n, m = a.numel(), _SAMPLE
+    n, m = a.numel() - 1, _SAMPLE
     q = 1.0 - k / n  # the k-th largest sits at this quantile
     half = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
-    sample = a[_sample(n, a.device)].sort().values
-    lo = sample[max(0, math.floor((q - half) * m))]
-    hi = sample[min(m - 1, math.ceil((q + half) * m))]
-    above = int(torch.count_nonzero(a > hi))  # strictly above the band
+    sample = a[:n][_sample(n, a.device)]
+    i_lo = max(0, math.floor((q - half) * m))
+    lo = sample.kthvalue(i_lo + 1).values  # two selections in the sample: cheaper than sorting it
+    hi = sample.kthvalue(min(m - 1, math.ceil((q + half) * m)) + 1).values
+    # Candidates: a >= lo. Expected count (m - i_lo) / m * n; the buffer has room for 1.25x that plus slack.
+    cap = min(n, int((m - i_lo) / m * n * 1.25) + 1024)
+    pos = torch.nonzero_static(a[:n] >= lo, size=cap + 1, fill_value=n).reshape(-1)
+    if int(pos[cap]) != n:
+        return None  # more candidates than the sample predicted
+    vals = a.index_select(0, pos)  # a[n] is the padding's value, -1
+    above = int(torch.count_nonzero(vals > hi))  # strictly above the band: all kept
     if above >= k:
         return None
-    band = a[(a >= lo) & (a <= hi)]
+    if bool(lo == hi):
+        # A band of one value (ties, e.g. the zeros of a ReLU output): it is the k-th value if it reaches k.
+        if k > int(torch.count_nonzero(vals >= lo)):
+            return None
+        return lo, pos, vals
+    band = vals[(vals <= hi) & (vals >= 0)]
     if k > above + band.numel():
         return None
-    return band.kthvalue(band.numel() - (k - above) + 1).values
+    return band.kthvalue(band.numel() - (k - above) + 1).values, pos, vals
 
 
-def topk_threshold(score: Tensor, density: float) -> Tensor:
-    """The k-th largest ``|value|`` of ``score`` (flattened), ``k = ceil(density * numel)``; a 0-dim tensor. Exact.
-
-    A radix select on the float's bit pattern: for non-negative IEEE floats the bits, read as integers, are
-    ordered like the values, so two histogram passes (the high 16 bits, then the low 16 bits inside the one
-    bucket that holds the k-th value) give its exact bits. Cost: a few streaming passes whatever k is (a sort or
-    ``kthvalue`` is a single-threaded selection that copies the tensor), ties and zeros need no special case, and
-    nothing leaves the device (no host sync, so an accelerator's stream is not stalled). On CPU a sampled bracket
-    (:func:`_bracket_select`) is tried first, since there a count read back costs nothing. ``score`` is used by
-    magnitude (the sign bit is cleared), so ``topk_threshold(x, d)`` equals ``topk_threshold(x.abs(), d)``.
-    """
-    flat = flat_memory_order(score.detach())
-    n = flat.numel()
-    k = min(n, max(1, math.ceil(density * n)))
-    if flat.dtype == torch.float64 or n < 4096:
-        # float64 has 64-bit patterns; tiny tensors are cheaper to select directly.
-        a = flat.abs() if flat.dtype == torch.float64 else flat.float().abs()
-        return a.kthvalue(n - k + 1).values
-    if flat.dtype != torch.float32:
-        flat = flat.float()  # exact for bf16/fp16 values
-    if flat.device.type == "cpu" and n >= _BRACKET_MIN_NUMEL and k > 1 and not torch.compiler.is_compiling():
-        found = _bracket_select(flat.abs(), k)
-        if found is not None:
-            return found
-    bits = flat.view(torch.int32).bitwise_and(0x7FFFFFFF)  # |x|, as ordered integers
+def _radix_threshold(a: Tensor, k: int) -> Tensor:
+    """The exact k-th largest of the non-negative float32 ``a`` by two histogram passes on its bit pattern."""
+    bits = a.view(torch.int32)  # non-negative floats: ordered like their bit patterns read as integers
     high = bits >> 16
-    kk = torch.tensor(k, device=flat.device)
+    kk = torch.tensor(k, device=a.device)
     b, above = _select_bucket(_count(high, 1 << 15), kk)
     # Only the elements of bucket b compete for the low bits; the rest go to a spill bin that is cut off.
     low = torch.where(high == b, bits.bitwise_and(0xFFFF), 1 << 16)
     lo, _ = _select_bucket(_count(low, (1 << 16) + 1)[: 1 << 16], kk - above)
     return ((b << 16) | lo).to(torch.int32).view(torch.float32)
+
+
+def _magnitudes(flat: Tensor) -> Tensor:
+    """float32 magnitudes (exact for bf16/fp16 values; float64 stays float64), plus one last element ``-1``."""
+    dt = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float32
+    a = torch.empty(flat.numel() + 1, dtype=dt, device=flat.device)
+    if flat.dtype == dt:
+        torch.abs(flat, out=a[:-1])
+    else:
+        a[:-1].copy_(flat).abs_()
+    a[-1] = -1.0
+    return a
+
+
+def topk_threshold(score: Tensor, density: float) -> Tensor:
+    """The k-th largest ``|value|`` of ``score`` (flattened), ``k = ceil(density * numel)``; a 0-dim tensor. Exact.
+
+    On CPU a sampled bracket (:func:`_bracket_candidates`) selects among the few values near the k-th; elsewhere, and
+    when the bracket misses, a radix select on the float's bit pattern: for non-negative IEEE floats the bits, read
+    as integers, are ordered like the values, so two histogram passes (the high 16 bits, then the low 16 bits inside
+    the one bucket that holds the k-th value) give its exact bits with static shapes and no host sync. ``score`` is
+    used by magnitude, so ``topk_threshold(x, d)`` equals ``topk_threshold(x.abs(), d)``.
+    """
+    flat = flat_memory_order(score.detach())
+    n = flat.numel()
+    k = min(n, max(1, math.ceil(density * n)))
+    a = _magnitudes(flat)
+    if _direct(a[:n]):
+        return a[:n].kthvalue(n - k + 1).values
+    if _use_bracket(a[:n], k):
+        found = _bracket_candidates(a, k)
+        if found is not None:
+            return found[0]
+    return _radix_threshold(a[:n], k)
+
+
+def _tie_rule_positions(a: Tensor, thr: Tensor, k: int, fill: int) -> Tensor:
+    """Positions of the top k of ``a`` given its exact k-th largest ``thr``, in a static ``(k,)`` int64 tensor.
+
+    The tie rule: every value ``> thr`` (fewer than k of them), then the values ``== thr`` in memory order until k
+    are taken; unused slots hold ``fill``. When ``thr`` is 0 the ties are zeros, which a GEMM does not need: they
+    are not taken. So the kept set is ``|v| >= thr`` except when more than k values tie at a non-zero threshold.
+    """
+    gt = a > thr
+    n_gt = gt.sum()
+    pos_gt = torch.nonzero_static(gt, size=k, fill_value=fill).reshape(-1)
+    pos_eq = torch.nonzero_static((a == thr) & (thr > 0), size=k, fill_value=fill).reshape(-1)
+    j = torch.arange(k, device=a.device)
+    return torch.where(j < n_gt, pos_gt, pos_eq.gather(0, (j - n_gt).clamp(min=0)))
+
+
+def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-K of ``|x|`` as a static-size selection: ``(thr, pos, values)``.
+
+    ``thr`` is the k-th largest magnitude (as :func:`topk_threshold`), ``pos`` the kept positions in ``x``'s memory
+    order (:func:`flat_memory_order`; int64, padded with ``numel``) and ``values`` the kept values of ``x`` (0 at
+    the padding). With static shapes (compiled code, accelerators) ``pos`` has exactly ``k = ceil(density *
+    numel)`` slots, known before the data is seen, so no count goes to the host; ties at the threshold then follow
+    :func:`_tie_rule_positions`. In eager CPU code, where reading a count back is free, every value ``|v| >= thr``
+    is kept (all ties, as :func:`mask` does; zeros are left out), so ``pos`` may be longer or shorter than k.
+
+    Example:
+        >>> thr, pos, vals = topk_select(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5)
+        >>> thr.item(), pos.tolist(), vals.tolist()
+        (2.0, [1, 2], [-3.0, 2.0])
+    """
+    flat = flat_memory_order(x.detach())
+    n = flat.numel()
+    k = min(n, max(1, math.ceil(density * n)))
+    a = _magnitudes(flat)
+    thr = pos = None
+    if not _direct(a[:n]) and _use_bracket(a[:n], k):
+        found = _bracket_candidates(a, k)
+        if found is not None:
+            thr, cand, vals = found
+            last = cand.numel() - 1  # cand's last slot holds the padding value n (one slot more than its capacity)
+            # Here a count read back is free, so every tie at the threshold is kept (|v| >= thr, as the mask
+            # sparsifiers do); zeros are left out when the threshold is 0 (a GEMM does not need them).
+            keep = vals >= thr if bool(thr > 0) else vals > 0
+            sel = torch.nonzero_static(keep, size=int(torch.count_nonzero(keep)), fill_value=last).reshape(-1)
+            pos = cand.index_select(0, sel)
+    if pos is None:
+        a = a[:n]
+        thr = a.kthvalue(n - k + 1).values if _direct(a) else _radix_threshold(a, k)
+        if _eager_cpu(a):
+            keep = a >= thr if bool(thr > 0) else a > 0  # as in the bracket: every tie, no zeros
+            pos = torch.nonzero_static(keep, size=int(torch.count_nonzero(keep)), fill_value=n).reshape(-1)
+        else:
+            pos = _tie_rule_positions(a, thr, k, n)
+    values = flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
+    return thr, pos, values
 
 
 def _topk_thr(x: Tensor, cfg: TopK, *, key: str = "") -> Tensor | None:
