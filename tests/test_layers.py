@@ -18,8 +18,8 @@ from sparsetrain.layers import (
     LinearGemm,
     SparseConv2d,
     SparseLinear,
-    sparse_gemm,
     observe,
+    sparse_gemm,
 )
 
 
