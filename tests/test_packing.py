@@ -238,15 +238,20 @@ def test_density_one_under_autocast_equals_dense():
 
 
 def test_autocast_saves_in_the_gemm_dtype():
-    """Under bf16 autocast the packed values are bf16 (the storage dtype), not float32 copies."""
+    """Under bf16 autocast the packed values are bf16 (the storage dtype), not float32 copies.
+
+    The sparse weight is not copied at all: backward recomputes it from the parameter (saved by reference) and its
+    0-dim threshold, then casts it to the GEMM dtype.
+    """
     conv = SparseConv2d.from_dense(nn.Conv2d(4, 4, 3), LayerSpec(weight=sp.TopK(0.5),
                                    input_for_grad_weight=sp.TopK(0.5)), LayerState(name="c"))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             conv(torch.randn(2, 4, 6, 6, requires_grad=True))
-    floats = [t for t in saved if t.is_floating_point()]
-    assert floats and all(t.dtype == torch.bfloat16 for t in floats), [t.dtype for t in floats]
+    copies = [t for t in saved if t.is_floating_point() and t.dim() > 0 and t.data_ptr() != conv.weight.data_ptr()]
+    assert copies and all(t.dtype == torch.bfloat16 for t in copies), [t.dtype for t in copies]
+    assert any(t.data_ptr() == conv.weight.data_ptr() for t in saved)
 
 
 # ------------------------------------------------------------------------------------------------ the seam

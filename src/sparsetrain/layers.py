@@ -213,6 +213,7 @@ class Sparsified(NamedTuple):
     dense: Tensor | None
     keep: Tensor | None
     sel: tuple[Tensor, Tensor] | None = None
+    thr: Tensor | None = None  # the exact top-K threshold that made ``sel``
 
 
 def _keep_from(t: Tensor, pos: Tensor) -> Tensor:
@@ -248,7 +249,7 @@ def sparsify_operand(state: LayerState, op: str, t: Tensor, cfg: sp.SparsifierCo
         # new tensor every step, so it can only reuse the threshold; its drift is what handle.measuring() reports.
         state.record(op, thr, keep if weight_op else None)
         dense = packing.scatter(pos, values, tuple(t.shape), sp.dense_order(t)) if need_dense else None
-        return Sparsified(dense, keep, (pos, values))
+        return Sparsified(dense, keep, (pos, values), thr)
     if due:
         thr = e.threshold(t, cfg, key=state.name)
         state.record(op, thr)
@@ -419,6 +420,7 @@ class Slot:
     shape: tuple[int, ...] = ()
     perm: tuple[int, ...] | None = None
     meta: packing.Packed | None = None
+    cast: torch.dtype | None = None  # the GEMM dtype a recomputed operand is cast to
 
 
 def _save(tensors: list[Tensor], t: Tensor | None, *, sel: tuple[Tensor, Tensor] | None = None,
@@ -450,6 +452,20 @@ def _save(tensors: list[Tensor], t: Tensor | None, *, sel: tuple[Tensor, Tensor]
     return Slot("packed", len(ts), meta=meta)
 
 
+def _save_weight(tensors: list[Tensor], weight: Tensor, w: Sparsified, w_g: Tensor, dtype: torch.dtype | None,
+                 pack: bool) -> Slot:
+    """What dx = G(dy, w_b) needs of the sparse weight: the weight itself (saved by reference, free) and its
+    threshold or mask, from which backward recomputes w_b; a dense copy of the masked weight only as a last resort."""
+    if w.sel is not None and w.thr is not None:
+        tensors += [weight, w.thr]
+        return Slot("weight_thr", 2, cast=dtype)
+    if w.keep is not None and w.dense is not None:
+        tensors += [weight, w.keep]
+        return Slot("weight_keep", 2, cast=dtype)
+    tensors.append(w_g)
+    return Slot("plain", 1)
+
+
 def _load(slots: tuple[Slot, ...], saved: tuple[Tensor, ...]) -> list[Tensor | None]:
     out: list[Tensor | None] = []
     i = 0
@@ -461,7 +477,14 @@ def _load(slots: tuple[Slot, ...], saved: tuple[Tensor, ...]) -> list[Tensor | N
         elif s.kind == "plain":
             out.append(ts[0])
         elif s.kind == "selection":
-            out.append(packing.scatter(ts[1], ts[0], s.shape, s.perm))
+            # Unpacked into a reused buffer: it lives only until this layer's backward GEMM has read it.
+            out.append(packing.scatter(ts[1], ts[0], s.shape, s.perm, reuse="dense"))
+        elif s.kind == "weight_thr":  # the forward's top-K weight, recomputed from the weight and its threshold
+            w, thr = ts
+            out.append(_cast(w * (w.abs() >= thr.to(w.dtype)), s.cast))
+        elif s.kind == "weight_keep":
+            w, keep = ts
+            out.append(_cast(w * keep.to(w.dtype), s.cast))
         else:
             out.append(packing.unpack(s.meta, tuple(ts)))
     return out
@@ -616,7 +639,7 @@ def sparse_gemm(state: LayerState, spec: LayerSpec, gemm: Any, x: Tensor, weight
             (_save(saved, None, sel=xb.sel, like=xd, dtype=ac) if pack and xb.sel is not None else
              _save(saved, _cast(xb.dense, ac) if xb.dense is not None else x_g, keep=xb.keep, pack=pack and x_sparse))
             if need_w else Slot("none"),
-            _save(saved, (w_g if wb is w else _cast(wb.dense, ac)) if need_x else None),
+            _save_weight(saved, wd, wb, w_g if wb is w else _cast(wb.dense, ac), ac, pack) if need_x else Slot("none"),
             _save(saved, xs.keep if need_x and spec.input is not None else None, mask=True, pack=pack),
             _save(saved, w.keep if spec.mask_inactive_grads else None, mask=True, pack=pack),
         )

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sparsetrain._scratch import release_scratch, scratch
 from sparsetrain.sparsifiers import dense_order
 
 __all__ = ["Packed", "pack", "unpack", "pack_mask", "unpack_mask", "packbits", "unpackbits", "unpackbits_bytes",
-           "scatter", "unflat"]
+           "scatter", "unflat", "scratch", "release_scratch"]
 
 # Multiply-and-shift bit tricks on 8 bools (bytes 0/1) read as one int64: 3 streaming ops per 8 elements instead
 # of a shift per bit plus a reduction. The products wrap modulo 2**64 by design. Byte order is little-endian.
@@ -125,16 +126,21 @@ def unflat(flat: Tensor, shape: tuple[int, ...], perm: tuple[int, ...] | None) -
     return flat.view([shape[d] for d in perm]).permute(inv)
 
 
-def scatter(pos: Tensor, values: Tensor, shape: tuple[int, ...], perm: tuple[int, ...] | None) -> Tensor:
+def scatter(pos: Tensor, values: Tensor, shape: tuple[int, ...], perm: tuple[int, ...] | None,
+            reuse: str | None = None) -> Tensor:
     """The dense tensor holding ``values`` at the flat positions ``pos`` (memory order ``perm``), zeros elsewhere.
 
     ``pos`` may hold the padding position ``numel`` (a static-size selection's unused slots): it lands in one spare
-    element that is cut off. One zero-fill and one scatter of the kept values: no mask pass, no compaction.
+    element that is cut off. One zero-fill and one scatter of the kept values: no mask pass, no compaction. With
+    ``reuse`` the result lives in a :func:`scratch` buffer of that tag: valid only until the next such call.
     """
     n = 1
     for s in shape:
         n *= s
-    flat = values.new_zeros(n + 1)
+    if reuse is None:
+        flat = values.new_zeros(n + 1)
+    else:
+        flat = scratch(reuse, n + 1, values.dtype, values.device).zero_()
     flat.index_put_((pos,), values)
     return unflat(flat[:n], shape, perm)
 

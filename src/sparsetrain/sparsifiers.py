@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from sparsetrain._scratch import scratch
+
 __all__ = [
     "TopK",
     "ChannelTopK",
@@ -436,7 +438,8 @@ def _bracket_candidates(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | No
     hi = sample.kthvalue(min(m - 1, math.ceil((q + half) * m)) + 1).values
     # Candidates: a >= lo. Expected count (m - i_lo) / m * n; the buffer has room for 1.25x that plus slack.
     cap = min(n, int((m - i_lo) / m * n * 1.25) + 1024)
-    pos = torch.nonzero_static(a[:n] >= lo, size=cap + 1, fill_value=n).reshape(-1)
+    cand = torch.ge(a[:n], lo, out=scratch("candidates", n, torch.bool, a.device))
+    pos = torch.nonzero_static(cand, size=cap + 1, fill_value=n).view(-1)
     if int(pos[cap]) != n:
         return None  # more candidates than the sample predicted
     vals = a.index_select(0, pos)  # a[n] is the padding's value, -1
@@ -467,9 +470,13 @@ def _radix_threshold(a: Tensor, k: int) -> Tensor:
 
 
 def _magnitudes(flat: Tensor) -> Tensor:
-    """float32 magnitudes (exact for bf16/fp16 values; float64 stays float64), plus one last element ``-1``."""
+    """float32 magnitudes (exact for bf16/fp16 values; float64 stays float64), plus one last element ``-1``.
+
+    A transient as large as the tensor, in a reused buffer (:func:`sparsetrain._scratch.scratch`): valid only inside
+    the selection that asked for it.
+    """
     dt = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float32
-    a = torch.empty(flat.numel() + 1, dtype=dt, device=flat.device)
+    a = scratch("dense", flat.numel() + 1, dt, flat.device)
     if flat.dtype == dt:
         torch.abs(flat, out=a[:-1])
     else:
@@ -515,11 +522,16 @@ def _tie_rule_positions(a: Tensor, thr: Tensor, k: int, fill: int) -> Tensor:
     return torch.where(j < n_gt, pos_gt, pos_eq.gather(0, (j - n_gt).clamp(min=0)))
 
 
+def _int32(pos: Tensor, n: int) -> Tensor:
+    """Positions as a new int32 tensor (half the bytes of int64; index ops take either) when ``n`` allows."""
+    return pos.to(torch.int32, copy=True) if n < 2**31 - 1 else pos.clone()
+
+
 def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
     """Exact top-K of ``|x|`` as a static-size selection: ``(thr, pos, values)``.
 
     ``thr`` is the k-th largest magnitude (as :func:`topk_threshold`), ``pos`` the kept positions in ``x``'s memory
-    order (:func:`flat_memory_order`; int64, padded with ``numel``) and ``values`` the kept values of ``x`` (0 at
+    order (:func:`flat_memory_order`; int32 below 2**31 elements, padded with ``numel``) and ``values`` the kept values of ``x`` (0 at
     the padding). With static shapes (compiled code, accelerators) ``pos`` has exactly ``k = ceil(density *
     numel)`` slots, known before the data is seen, so no count goes to the host; ties at the threshold then follow
     :func:`_tie_rule_positions`. In eager CPU code, where reading a count back is free, every value ``|v| >= thr``
@@ -543,8 +555,8 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
             # Here a count read back is free, so every tie at the threshold is kept (|v| >= thr, as the mask
             # sparsifiers do); zeros are left out when the threshold is 0 (a GEMM does not need them).
             keep = vals >= thr if bool(thr > 0) else vals > 0
-            sel = torch.nonzero_static(keep, size=int(torch.count_nonzero(keep)), fill_value=last).reshape(-1)
-            pos = cand.index_select(0, sel)
+            sel = torch.nonzero_static(keep, size=int(torch.count_nonzero(keep)), fill_value=last).view(-1)
+            pos = _int32(cand.index_select(0, sel), n)
     if pos is None:
         a = a[:n]
         thr = a.kthvalue(n - k + 1).values if _direct(a) else _radix_threshold(a, k)
@@ -552,9 +564,10 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
             keep = a >= thr if bool(thr > 0) else a > 0  # as in the bracket: every tie, no zeros
             pos = torch.nonzero_static(keep, size=int(torch.count_nonzero(keep)), fill_value=n).reshape(-1)
         else:
-            pos = _tie_rule_positions(a, thr, k, n)
-    values = flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
-    return thr, pos, values
+            pos = _int32(_tie_rule_positions(a, thr, k, n), n)
+            return thr, pos, flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
+        pos = _int32(pos, n)
+    return thr, pos, flat.index_select(0, pos)  # eager CPU: no padding
 
 
 def _topk_thr(x: Tensor, cfg: TopK, *, key: str = "") -> Tensor | None:
