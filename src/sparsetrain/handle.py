@@ -27,6 +27,7 @@ from sparsetrain.layers import (
     OperandCache,
     OperandEvent,
     PackedReLU,
+    _stochastic,
     effective_weight,
     is_sparse_layer,
     observe,
@@ -124,6 +125,9 @@ class SparsityHandle:
             if spec.weight is not None and sp.entry(spec.weight).fixed:
                 # A fixed topology is drawn now, so what it really keeps is known before the first step.
                 state.record("weight", sp.threshold(dense.weight.detach(), spec.weight, key=name))
+            if _stochastic(spec):
+                # Created now, on the layer's device: a compiled forward must not create objects.
+                state.rng(dense.weight.device)
             sparse = sparse_class(dense).from_dense(dense, spec, state)
             self._set_module(name, sparse)
             self.modules[name] = sparse
@@ -332,7 +336,9 @@ class SparsityHandle:
             return
         for name, st in self.states.items():
             st.seed = sp.seed_for(f"{name}#rank{rank}", self.recipe.seed)
-            st.generator = None  # recreated from the new seed at first use
+            if st.generator is not None:
+                st.generator = None
+                st.rng(self.modules[name].weight.device)  # from the new seed
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """The sparsity state that must be identical on every rank of a data-parallel job, as tensors.

@@ -15,7 +15,6 @@ results are bit-identical to the dense layer.
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
@@ -453,7 +452,7 @@ def _save(tensors: list[Tensor], t: Tensor | None, *, sel: tuple[Tensor, Tensor]
 
 
 def _save_weight(tensors: list[Tensor], weight: Tensor, w: Sparsified, w_g: Tensor, dtype: torch.dtype | None,
-                 pack: bool) -> Slot:
+                 gemm_w: Tensor) -> Slot:
     """What dx = G(dy, w_b) needs of the sparse weight: the weight itself (saved by reference, free) and its
     threshold or mask, from which backward recomputes w_b; a dense copy of the masked weight only as a last resort."""
     if w.sel is not None and w.thr is not None:
@@ -462,6 +461,8 @@ def _save_weight(tensors: list[Tensor], weight: Tensor, w: Sparsified, w_g: Tens
     if w.keep is not None and w.dense is not None:
         tensors += [weight, w.keep]
         return Slot("weight_keep", 2, cast=dtype)
+    if w_g is gemm_w:
+        return Slot("gemm_w")  # the GEMM's own weight operand (the Function saves it)
     tensors.append(w_g)
     return Slot("plain", 1)
 
@@ -474,6 +475,8 @@ def _load(slots: tuple[Slot, ...], saved: tuple[Tensor, ...]) -> list[Tensor | N
         i += s.count
         if s.kind == "none":
             out.append(None)
+        elif s.kind == "gemm_w":
+            out.append(None)  # filled in by the Function from its own input
         elif s.kind == "plain":
             out.append(ts[0])
         elif s.kind == "selection":
@@ -502,6 +505,8 @@ class GemmArgs:
     name: str = ""
     observed: bool = False
     owner: Any = None  # weakref to the module, only to name it in observer events
+    reuse: tuple[bool, bool] = (False, False)  # x_b is the GEMM's x_g / w_b is its w_g (saved by the Function)
+    n_saved: int = 0
 
 
 class _SparseGemm(torch.autograd.Function):
@@ -519,7 +524,8 @@ class _SparseGemm(torch.autograd.Function):
                 b_g: Tensor | None, args: GemmArgs, generator: torch.Generator | None, *saved: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             y = args.gemm.forward(x_g, w_g, b_g)
-        ctx.save_for_backward(*saved)
+        # A GEMM operand backward reuses is saved here rather than passed twice (a compiler rejects duplicate inputs).
+        ctx.save_for_backward(*saved, *([x_g] if args.reuse[0] else []), *([w_g] if args.reuse[1] else []))
         ctx.args, ctx.generator = args, generator
         return y
 
@@ -527,7 +533,12 @@ class _SparseGemm(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         a: GemmArgs = ctx.args
         spec = a.spec
-        x_b, w_b, in_mask, w_mask = _load(a.slots, ctx.saved_tensors)
+        x_b, w_b, in_mask, w_mask = _load(a.slots, ctx.saved_tensors[:len(ctx.saved_tensors) - sum(a.reuse)])
+        tail = list(ctx.saved_tensors[len(ctx.saved_tensors) - sum(a.reuse):])
+        if a.reuse[0]:
+            x_b = tail.pop(0)
+        if a.reuse[1]:
+            w_b = tail.pop(0)
         obs = a.observed and bool(_OBSERVERS)
         dy_in = dy
         dy = sparsify_gradient(dy, spec.grad_output, ctx.generator, a.name)
@@ -564,7 +575,7 @@ class _SparseGemm(torch.autograd.Function):
                 _emit_args(a, "grad_weight", dw_raw, dw)
         if db is not None and b_dt is not None:
             db = db.to(b_dt)
-        return (dx, dw, db, None, None, None, None, None) + (None,) * len(ctx.saved_tensors)
+        return (dx, dw, db, None, None, None, None, None) + (None,) * a.n_saved
 
 
 class _Masked(torch.autograd.Function):
@@ -582,7 +593,6 @@ class _Masked(torch.autograd.Function):
         return (dy * keep.to(dy.dtype), None, None) + (None,) * len(ctx.saved_tensors)
 
 
-@functools.lru_cache(maxsize=None)
 def _stochastic(spec: LayerSpec) -> bool:
     """Whether any of the spec's sparsifiers draws random numbers (the layer then passes its generator)."""
     return any(cfg is not None and sp.entry(cfg).stochastic(cfg) for cfg in (spec.resolved(op) for op in OPERANDS))
@@ -635,17 +645,23 @@ def sparse_gemm(state: LayerState, spec: LayerSpec, gemm: Any, x: Tensor, weight
 
         pack = state.pack_saved
         saved: list[Tensor] = []
+        use_sel = pack and xb.sel is not None
+        x_keep = None if use_sel else (_cast(xb.dense, ac) if xb.dense is not None and xb is not xs else x_g)
+        reuse_x = need_w and x_keep is x_g and not (pack and x_sparse)
         slots = (
-            (_save(saved, None, sel=xb.sel, like=xd, dtype=ac) if pack and xb.sel is not None else
-             _save(saved, _cast(xb.dense, ac) if xb.dense is not None else x_g, keep=xb.keep, pack=pack and x_sparse))
-            if need_w else Slot("none"),
-            _save_weight(saved, wd, wb, w_g if wb is w else _cast(wb.dense, ac), ac, pack) if need_x else Slot("none"),
+            Slot("none") if not need_w or reuse_x else
+            _save(saved, None, sel=xb.sel, like=xd, dtype=ac) if use_sel else
+            _save(saved, x_keep, keep=xb.keep, pack=pack and x_sparse),
+            _save_weight(saved, wd, wb, w_g if wb is w else _cast(wb.dense, ac), ac, w_g) if need_x else Slot("none"),
             _save(saved, xs.keep if need_x and spec.input is not None else None, mask=True, pack=pack),
             _save(saved, w.keep if spec.mask_inactive_grads else None, mask=True, pack=pack),
         )
         args = GemmArgs(gemm, spec, slots, (x.dtype, weight.dtype, None if bias is None else bias.dtype),
-                        (tuple(x.shape), tuple(weight.shape)), name, obs, state.owner)
-    gen = state.rng(x.device) if _stochastic(spec) else None
+                        (tuple(x.shape), tuple(weight.shape)), name, obs, state.owner,
+                        (reuse_x, need_x and slots[1].kind == "gemm_w"), len(saved))
+    # Stochastic pruning draws from the layer's own generator (reproducible, resumable); compiled code cannot take a
+    # generator object through the autograd Function, so it draws from torch's global (seeded) RNG instead.
+    gen = state.rng(x.device) if _stochastic(spec) and not torch.compiler.is_compiling() else None
     y = _SparseGemm.apply(x, weight, bias, x_g, w_g, b_g, args, gen, *saved)
     return _finish_output(state, spec, y, args, events)
 

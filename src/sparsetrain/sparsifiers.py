@@ -152,6 +152,7 @@ class DBTD:
             raise ValueError(f"DBTD: p must be in (0.5, 1), got {self.p}")
         if self.sigma not in ("consistent", "literal"):
             raise ValueError(f"DBTD: sigma must be one of 'consistent', 'literal', got {self.sigma!r}")
+        _normal_quantile(self.p)
 
 
 @dataclass(frozen=True)
@@ -635,10 +636,21 @@ def _nm_keep(x: Tensor, cfg: NM, thr: Tensor | None) -> Tensor | None:
 
 
 # --------------------------------------------------------------------------------------------- DBTD (Ye et al.)
+_QUANTILES: dict[float, float] = {}
+
+
+def _normal_quantile(p: float) -> float:
+    """``Phi^-1(p)``, cached per ``p`` (filled when a DBTD config is made, so compiled code only reads a float)."""
+    z = _QUANTILES.get(p)
+    if z is None:
+        z = _QUANTILES[p] = NormalDist().inv_cdf(p)
+    return z
+
+
 def dbtd_tau(g: Tensor, p: float, sigma: str = "consistent") -> Tensor:
     """``tau = sigma_hat * Phi^-1(p)`` with ``sigma_hat`` estimated from ``mean|g|`` in O(n), no sort."""
     factor = math.sqrt(math.pi / 2) if sigma == "consistent" else math.sqrt(2 / math.pi)
-    return g.detach().abs().float().mean() * (factor * NormalDist().inv_cdf(p))
+    return g.detach().abs().float().mean() * (factor * _normal_quantile(p))
 
 
 def stochastic_prune(g: Tensor, tau: Tensor, generator: torch.Generator | None = None) -> Tensor:
