@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
-import sparsetrain.train as train_mod
+import sparsetrain.training.config as train_config
+import sparsetrain.training.loop as train_mod
 from sparsetrain import runs
 from sparsetrain.cli import build_parser, main
 from sparsetrain.commands.train import resolve_config
-from sparsetrain.train import NonFiniteError, TrainConfig, train
+from sparsetrain.training import NonFiniteError, TrainConfig, train
 
 SMALL = ["--train-subset", "1536", "--test-subset", "500", "--batch-size", "128", "--deterministic",
          "--telemetry-every", "4", "--quiet"]
@@ -269,10 +270,10 @@ def test_short_run_records_what_it_used(short_run):
     steps = m["step"]  # 512 images / batch 64
     assert steps == 8
     # the telemetry interval was chosen from the run length: ~TELEMETRY_POINTS samples, not 1
-    assert config["telemetry_every"] == max(1, steps // train_mod.TELEMETRY_POINTS)
+    assert config["telemetry_every"] == max(1, steps // train_config.TELEMETRY_POINTS)
     assert len({r["step"] for r in runs.read_jsonl(runs.RunDir(short_run).telemetry_path)}) == steps
     # lr: the mean rate of the epoch's steps (the cosine schedule ends the epoch at 0)
-    sched = train_mod._lr_lambda(TrainConfig.from_dict({k: v for k, v in config.items() if k != "out"}), steps)
+    sched = train_config.lr_lambda(TrainConfig.from_dict({k: v for k, v in config.items() if k != "out"}), steps)
     assert m["lr"] == pytest.approx(sum(0.05 * sched(i) for i in range(steps)) / steps)
     assert m["lr_end"] == pytest.approx(0.0, abs=1e-12) and m["lr"] > 0.02
     # the intra-epoch curve: one point per step on this short run, ending at the epoch's step

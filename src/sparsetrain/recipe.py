@@ -25,7 +25,15 @@ import torch.nn as nn
 
 from sparsetrain import sparsifiers as sp
 from sparsetrain.layers import LayerSpec, counted_layer
-from sparsetrain.methods import PRESETS, Preset, check_choice, list_presets, merge_specs, register_preset
+from sparsetrain.methods import (
+    PRESETS,
+    GradientThreshold,
+    Preset,
+    check_choice,
+    list_presets,
+    merge_specs,
+    register_preset,
+)
 
 __all__ = [
     "Recipe",
@@ -98,6 +106,13 @@ class Recipe:
     @property
     def densify_init(self) -> str:
         return getattr(self.method, "densify_init", "zero")
+
+    def gradient_rule(self) -> GradientThreshold | None:
+        """The rule the training loop applies to the optimizer's gradients each step (TensorQuant's gradient study
+        in its paper's scope, ``all_after_decay``), or None."""
+        if self.gradient_threshold is None or self.gradient_threshold_scope != "all_after_decay":
+            return None
+        return GradientThreshold(self.gradient_threshold)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -116,7 +116,7 @@ class Experiment:
 
     def base_config(self, quick: bool = False, data_dir: str | None = None) -> dict[str, Any]:
         """The protocol as a full train-config dict (``quick`` applies the smoke-test overrides)."""
-        from sparsetrain.train import TrainConfig
+        from sparsetrain.training import TrainConfig
 
         cfg = {**TrainConfig().to_dict(), "recipe_overrides": {}, **copy.deepcopy(self.protocol)}
         if quick:
@@ -202,7 +202,7 @@ def _seeds(value: Any, source: str, where: str) -> tuple[int, ...]:
 def _check_config(cfg: dict[str, Any], source: str, where: str) -> None:
     """A point's full train config must be a valid TrainConfig with a loadable recipe."""
     from sparsetrain.recipe import Recipe
-    from sparsetrain.train import TrainConfig
+    from sparsetrain.training import TrainConfig
 
     try:
         tc = TrainConfig.from_dict(cfg)
@@ -217,7 +217,7 @@ def parse_experiment(data: Any, source: str = "<experiment>") -> Experiment:
     Raises:
         ExperimentError: the first problem found, with ``source`` and the key named.
     """
-    from sparsetrain.train import TrainConfig
+    from sparsetrain.training import TrainConfig
 
     if not isinstance(data, dict):
         raise _fail(source, f"an experiment file holds a mapping of {', '.join(_TOP_KEYS)}; got "

@@ -119,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # not a run directory, missing or damaged checkpoint
         print(f"sparsetrain measure: error: {e}", file=sys.stderr)
         return 2
-    from sparsetrain.train import check_device
+    from sparsetrain.training import check_device
 
     device = check_device(args.device)
     model = _inference_model(run, args.dense).to(device).eval()

@@ -95,7 +95,7 @@ def parse_params(items: list[str]) -> dict[str, list[Any]]:
 
 def _valid_keys() -> tuple[list[str], list[str]]:
     from sparsetrain.recipe import GLOBAL_KEYS
-    from sparsetrain.train import TrainConfig
+    from sparsetrain.training import TrainConfig
 
     recipe_keys = [k for k in GLOBAL_KEYS if k not in ("preset", "layers", "stack")]
     train_keys = [k for k in TrainConfig.fields() if k not in _RESERVED and k not in recipe_keys]
@@ -136,7 +136,7 @@ def check_same_config(run, cfg: dict[str, Any]) -> None:
         UsageError: the run directory holds a run whose config differs from ``cfg`` (the message names the key).
     """
     from sparsetrain.commands._errors import UsageError
-    from sparsetrain.train import TrainConfig
+    from sparsetrain.training import TrainConfig
 
     try:
         saved = TrainConfig.from_dict(run.read_config()).to_dict()
@@ -261,7 +261,7 @@ def run_jobs(jobs: list[tuple[Any, dict[str, Any]]], command: str = "sweep") -> 
         ``(interrupted, diverged)``: True when Ctrl-C stopped the jobs (the message saying how to continue is
         printed), and the names of the run directories that stopped on NaN/Inf.
     """
-    from sparsetrain.train import NonFiniteError, TrainConfig, TrainingInterrupted, train
+    from sparsetrain.training import NonFiniteError, TrainConfig, TrainingInterrupted, train
 
     diverged: list[str] = []
     for i, (run, cfg) in enumerate(jobs, 1):
@@ -301,7 +301,7 @@ def main(args: argparse.Namespace) -> int:
     from sparsetrain.commands.train import resolve_config
     from sparsetrain.recipe import Recipe
     from sparsetrain.runs import RunDir
-    from sparsetrain.train import TrainConfig
+    from sparsetrain.training import TrainConfig
 
     if args.resume:
         raise UsageError("sweep has no --resume: rerun the same sweep command (same --out) and it resumes "
