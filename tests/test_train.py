@@ -64,7 +64,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:
         # After epoch 0's checkpoint exists (metrics are written just before it), kill during epoch 1.
-        if (tmp_path / "victim" / runs.CHECKPOINT).exists() and len(runs.read_jsonl(metrics)) >= 1:
+        if (tmp_path / "victim" / runs.RunDir.CHECKPOINT).exists() and len(runs.read_jsonl(metrics)) >= 1:
             time.sleep(0.3)  # well into the second epoch
             break
         time.sleep(0.05)
@@ -92,8 +92,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
 def test_corrupted_checkpoint_gives_clear_error_and_previous_is_kept(tmp_path, caplog):
     run = tmp_path / "run"
     assert main(["train", *SMALL, "--epochs", "2", "--out", str(run)]) == 0
-    ckpt = run / runs.CHECKPOINT
-    prev = run / runs.PREV_CHECKPOINT
+    ckpt = run / runs.RunDir.CHECKPOINT
+    prev = run / runs.RunDir.PREV_CHECKPOINT
     assert runs.load_checkpoint(prev)["epoch"] == 0 and runs.load_checkpoint(ckpt)["epoch"] == 1
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 3])  # truncated
@@ -108,17 +108,17 @@ def test_corrupted_checkpoint_gives_clear_error_and_previous_is_kept(tmp_path, c
 def test_existing_run_is_never_overwritten(tmp_path, caplog):
     run = tmp_path / "run"
     assert main(["train", *SMALL, "--epochs", "1", "--out", str(run)]) == 0
-    before = (run / runs.CHECKPOINT).read_bytes()
+    before = (run / runs.RunDir.CHECKPOINT).read_bytes()
     assert main(["train", *SMALL, "--epochs", "1", "--out", str(run)]) == 2
     assert "already holds a run; continue it with --resume" in caplog.text
-    assert (run / runs.CHECKPOINT).read_bytes() == before
+    assert (run / runs.RunDir.CHECKPOINT).read_bytes() == before
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=1, train_subset=512, test_subset=200, batch_size=128, telemetry_every=0, quiet=True,
                       out=str(tmp_path / "run"))
     train(cfg)
-    good = (tmp_path / "run" / runs.CHECKPOINT).read_bytes()
+    good = (tmp_path / "run" / runs.RunDir.CHECKPOINT).read_bytes()
     real = train_mod.F.cross_entropy
 
     def poisoned(out, y, **kw):
@@ -127,7 +127,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)
     with pytest.raises(NonFiniteError, match=r"non-finite loss at epoch 1 step 4 .* last good checkpoint is kept"):
         train(TrainConfig(quiet=True), resume=tmp_path / "run", epochs=2)
-    assert (tmp_path / "run" / runs.CHECKPOINT).read_bytes() == good
+    assert (tmp_path / "run" / runs.RunDir.CHECKPOINT).read_bytes() == good
     assert runs.load_checkpoint(tmp_path / "run")["epoch"] == 0
 
 
@@ -150,7 +150,7 @@ def test_run_directory_contents(tmp_path):
     mem = flops["memory"]  # one training step at the run's batch size, dense vs sparse storage
     assert mem["batch_size"] == 128 and mem["sparse_total_bytes"] < mem["dense_total_bytes"]
     assert mem["param_bytes"] == mem["grad_bytes"] == mem["optimizer_bytes"]  # SGD with momentum: one buffer
-    ckpt = torch.load(run / runs.CHECKPOINT, weights_only=True)  # safe to load
+    ckpt = torch.load(run / runs.RunDir.CHECKPOINT, weights_only=True)  # safe to load
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "sparsity", "epoch", "step", "rng", "config"}
     loaded = runs.load_run(run)
     assert not any(type(m).__name__.startswith("Sparse") for m in loaded.model.modules())

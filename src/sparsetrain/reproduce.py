@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -32,7 +31,6 @@ from typing import Any
 __all__ = [
     "EXPERIMENT_VERSION",
     "RESULTS_FORMAT",
-    "RESULTS_FILE",
     "ExperimentError",
     "Experiment",
     "ExperimentPoint",
@@ -55,7 +53,6 @@ EXPERIMENT_VERSION = 1
 #: Version of the results record (``reproduce.json``).
 RESULTS_FORMAT = 1
 #: The results record's file name in a results folder.
-RESULTS_FILE = "reproduce.json"
 
 _TOP_KEYS = ("version", "paper", "title", "reference", "protocol", "quick", "seeds", "points", "analyses", "published",
              "notes")
@@ -393,10 +390,10 @@ def point_jobs(exp: Experiment, out: Path, base: dict[str, Any], widths: dict[st
     """One job ``(point, seed, RunDir, train config)`` per point and seed, validated, in the file's order.
 
     Raises:
-        UsageError: a run directory below ``out`` holds a run with a different config (choose another --out).
+        ValueError: a run directory below ``out`` holds a run with a different config (choose another --out).
     """
-    from sparsetrain.commands.sweep import check_same_config
     from sparsetrain.runs import RunDir
+    from sparsetrain.training.config import check_same_config
 
     # Seed-major order: every point's first seed before any second seed, so a block stopped early (or completed over
     # several sittings) has the whole grid once before it has any repeat.
@@ -528,15 +525,16 @@ def measure_run(run, settings: dict[str, Any], data_dir: str | None = None) -> d
     Returns:
         ``{"natural": report, "weight": {"search", "report"}, "activation": {...}}`` as plain data.
     """
-    from sparsetrain.analysis import make_evaluator, search_thresholds
-    from sparsetrain.commands.measure import _inference_model, _test_loader
+    from sparsetrain.analysis import inference_model, make_evaluator, search_thresholds
+    from sparsetrain.data import make_test_loader
     from sparsetrain.runs import load_run
     from sparsetrain.telemetry.tables import measure_sparsity
 
     loaded = load_run(run.path)
-    model = _inference_model(loaded, dense=False).eval()
+    model = inference_model(loaded).eval()
     subset = settings.get("test_subset", loaded.config.get("test_subset"))
-    loader = _test_loader(loaded, data_dir, int(settings.get("batch_size", 500)), "cpu", subset)
+    loader = make_test_loader(loaded.config["dataset"], data_dir or loaded.config.get("data_dir"),
+                              int(settings.get("batch_size", 500)), subset=subset, device="cpu")
     evaluate = make_evaluator(loader)
     margin = float(settings.get("margin", 1.0))
     out: dict[str, Any] = {"margin": margin, "num_samples": loader.num_samples,
@@ -577,11 +575,3 @@ def collect_results(exp: Experiment, jobs: list[tuple[ExperimentPoint, int, Any,
         "analyses": analyses or {},
         "published": exp.published,
     }
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON (atomically: a reader never sees half a file)."""
-    from sparsetrain.runs import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")

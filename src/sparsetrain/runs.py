@@ -56,8 +56,6 @@ __all__ = [
     "FORMAT_VERSION",
     "FORMAT_VERSION_KEY",
     "SUMMARY_FLOPS_KEYS",
-    "CHECKPOINT",
-    "PREV_CHECKPOINT",
     "RunDir",
     "RunDirectoryError",
     "RunLock",
@@ -786,8 +784,3 @@ def load_run(path: str | os.PathLike, *, weights: bool = True) -> Run:
         model.load_state_dict(ckpt["model"])
     model.eval()
     return Run(run_dir.path, config, model, info, ckpt)
-
-
-#: The checkpoint file names, for callers that predate :class:`RunDir`.
-CHECKPOINT = RunDir.CHECKPOINT
-PREV_CHECKPOINT = RunDir.PREV_CHECKPOINT

@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     analyses: dict[str, dict] = {}
     measure = exp.analyses.get("measure")
     if measure:
-        from sparsetrain.reproduce import write_json
+        from sparsetrain.reporting.reproduce import write_json
 
         cache = out / "_analysis"
         for p, seed, run, _ in jobs:

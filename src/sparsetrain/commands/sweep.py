@@ -129,28 +129,6 @@ def run_name(values: dict[str, Any], seed: int) -> str:
     return "_".join([f"{k}-{_fmt(v)}" for k, v in values.items()] + [f"seed-{seed}"])
 
 
-def check_same_config(run, cfg: dict[str, Any]) -> None:
-    """A run directory reused by a rerun must hold the same job, else the table would mix two sweeps.
-
-    Raises:
-        UsageError: the run directory holds a run whose config differs from ``cfg`` (the message names the key).
-    """
-    from sparsetrain.commands._errors import UsageError
-    from sparsetrain.training import TrainConfig
-
-    try:
-        saved = TrainConfig.from_dict(run.read_config()).to_dict()
-    except Exception:  # noqa: BLE001 - an unreadable config: the run itself will say so when resumed
-        return
-    wanted = TrainConfig.from_dict(cfg).to_dict()
-    ignore = {"out", "quiet", "data_dir", "device", "log_every", "telemetry_every", "tensorboard"}
-    diff = sorted(k for k in wanted if k not in ignore and saved.get(k) != wanted.get(k))
-    if diff:
-        k = diff[0]
-        raise UsageError(f"{run.path} holds a run with a different config ({k}: {saved.get(k)!r} there, "
-                         f"{wanted.get(k)!r} now): choose another --out for this sweep")
-
-
 def summarize_points(points: list[Point]) -> list[dict[str, Any]]:
     """One row per point: values, seeds finished, accuracy mean/SD, mean weight density and FLOPs reduction."""
     from sparsetrain.reporting.tables import mean_sd
@@ -302,6 +280,7 @@ def main(args: argparse.Namespace) -> int:
     from sparsetrain.recipe import Recipe
     from sparsetrain.runs import RunDir
     from sparsetrain.training import TrainConfig
+    from sparsetrain.training.config import check_same_config
 
     if args.resume:
         raise UsageError("sweep has no --resume: rerun the same sweep command (same --out) and it resumes "

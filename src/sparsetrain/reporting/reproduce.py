@@ -28,7 +28,7 @@ from typing import Any
 from sparsetrain.reporting.tables import format_mean_sd, mean_sd
 
 __all__ = ["RESULTS_FILE", "TABLES_FILE", "Table", "Rendered", "Written", "is_results_folder", "render",
-           "write_results", "regenerate", "point_stats"]
+           "write_results", "write_json", "regenerate", "point_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -592,10 +592,16 @@ def is_results_folder(path: str | Path) -> bool:
     return (Path(path) / RESULTS_FILE).is_file()
 
 
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON (atomically: a reader never sees half a file)."""
+    from sparsetrain.runs import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
 def write_results(rec: dict[str, Any], folder: str | Path, plots: bool = True) -> Written:
     """Write the record, ``tables.md``, one CSV per table and the plots into ``folder``."""
-    from sparsetrain.reproduce import write_json
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / RESULTS_FILE, rec)

@@ -24,7 +24,6 @@ from sparsetrain.telemetry.sinks import (
     Sink,
     TensorBoardSink,
     read_csv,
-    read_jsonl,
 )
 from sparsetrain.telemetry.tables import (
     SparsityReport,
@@ -52,7 +51,6 @@ __all__ = [
     "TensorBoardSink",
     "ListSink",
     "RECORD_FIELDS",
-    "read_jsonl",
     "read_csv",
     "measure_sparsity",
     "apply_thresholds",

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["TrainConfig", "TELEMETRY_POINTS", "check_device", "check_names", "make_optimizer", "lr_lambda",
-           "autocast", "seed_everything", "resolved_data_dir", "telemetry_every", "require_tensorboard",
+           "autocast", "seed_everything", "resolved_data_dir", "telemetry_every", "check_same_config", "require_tensorboard",
            "TENSORBOARD_HINT"]
 
 #: Telemetry samples per run when ``telemetry_every`` is not given: enough for a curve on a 1-epoch run.
@@ -249,6 +249,25 @@ def telemetry_every(cfg: TrainConfig, steps_per_epoch: int) -> int:
     if cfg.telemetry_every is not None:
         return cfg.telemetry_every
     return max(1, (cfg.epochs * steps_per_epoch) // TELEMETRY_POINTS)
+
+
+def check_same_config(run, cfg: dict[str, Any]) -> None:
+    """A run directory reused by a rerun must hold the same job, else the table would mix two sweeps.
+
+    Raises:
+        ValueError: the run directory holds a run whose config differs from ``cfg`` (the message names the key).
+    """
+    try:
+        saved = TrainConfig.from_dict(run.read_config()).to_dict()
+    except Exception:  # noqa: BLE001 - an unreadable config: the run itself will say so when resumed
+        return
+    wanted = TrainConfig.from_dict(cfg).to_dict()
+    ignore = {"out", "quiet", "data_dir", "device", "log_every", "telemetry_every", "tensorboard"}
+    diff = sorted(k for k in wanted if k not in ignore and saved.get(k) != wanted.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(f"{run.path} holds a run with a different config ({k}: {saved.get(k)!r} there, "
+                         f"{wanted.get(k)!r} now): choose another --out for this sweep")
 
 
 TENSORBOARD_HINT = "pip install 'sparsetrain[tensorboard]'"
