@@ -1,4 +1,4 @@
-"""Tests for the inference sparsity tables (sparsetrain.telemetry.tables) and `sparsetrain measure`."""
+"""Tests for the inference sparsity tables (sparsetrain.telemetry.inference) and `sparsetrain measure`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import sparsetrain
 from sparsetrain.analysis import make_evaluator
-from sparsetrain.telemetry.tables import measure_sparsity, resolve_thresholds
+from sparsetrain.telemetry.inference import measure_sparsity, resolve_thresholds
 
 
 class _Small(nn.Module):

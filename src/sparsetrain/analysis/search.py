@@ -7,7 +7,7 @@ stays dense. Then every found threshold is applied at once and the combined accu
 result turns into a recipe that ``sparsetrain.sparsify_`` loads.
 
 Thresholds are enforced through ``sparsetrain.sparsify_`` with ``threshold`` sparsifiers on a deep copy of the
-model (:func:`sparsetrain.telemetry.tables.apply_thresholds`), so the searched model is never modified. Operands:
+model (:func:`sparsetrain.telemetry.inference.apply_thresholds`), so the searched model is never modified. Operands:
 
 * ``"weight"``: the weight as used in forward (TensorQuant's weight sparsity).
 * ``"input"``: the activation a layer *consumes* (after the previous ReLU / pooling). TensorQuant thresholds a
@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 
 from sparsetrain.layers import OPERANDS
+from sparsetrain.telemetry.inference import apply_thresholds, ensure_dense, threshold_layers
 from sparsetrain.telemetry.monitor import evaluate_with_monitor, monitored_layers
-from sparsetrain.telemetry.tables import apply_thresholds, ensure_dense
 
 if TYPE_CHECKING:
     from sparsetrain.handle import SparsityHandle
@@ -90,10 +90,8 @@ def threshold_recipe(thresholds: Mapping[str, float | None], operand: str = "wei
         {'layers': {'conv1': {'weight': {'type': 'threshold', 'threshold': 0.0625}}, 'fc': None}}
     """
     _check_operand(operand)
-    layers: dict[str, Any] = {}
-    for name, thr in thresholds.items():
-        layers[name] = None if thr is None else {operand: {"type": "threshold", "threshold": float(thr)}}
-    return {"layers": layers}
+    built = threshold_layers(**{operand: {n: t for n, t in thresholds.items() if t is not None}})
+    return {"layers": {name: built.get(name) for name in thresholds}}
 
 
 def _reads_activations(spec: Any) -> bool:

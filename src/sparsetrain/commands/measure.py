@@ -76,7 +76,7 @@ def _test_loader(run, data_dir, batch_size, device, subset: int | None = None):
 def main(args: argparse.Namespace) -> int:
     from sparsetrain.analysis import inference_model, make_evaluator, search_thresholds
     from sparsetrain.commands._errors import UsageError
-    from sparsetrain.telemetry.tables import measure_sparsity
+    from sparsetrain.telemetry.inference import measure_sparsity
 
     if args.batches is not None and args.batches < 1:
         raise UsageError(f"--batches must be >= 1, got {args.batches}")

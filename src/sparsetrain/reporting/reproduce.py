@@ -1,6 +1,6 @@
 """Tables and plots of ``sparsetrain reproduce``, rendered from a results record (``reproduce.json``) alone.
 
-The record (:func:`sparsetrain.reproduce.collect_results`) holds every per-seed number; this module aggregates them
+The record (:func:`sparsetrain.papers.collect_results`) holds every per-seed number; this module aggregates them
 (mean ± sample SD over seeds) into each paper's table layout, prints the published numbers beside them and draws the
 plots. :func:`write_results` writes ``reproduce.json``, ``tables.md``, one CSV per table and the PNGs into a results
 folder; :func:`regenerate` rewrites the tables and plots of an existing results folder from its ``reproduce.json``

@@ -1,4 +1,5 @@
-"""Reproduce the four papers' core experiments at CPU scale: experiment files, their runs, and the results record.
+"""The four papers' core experiments at CPU scale (`sparsetrain reproduce`): experiment files, their runs, and the
+results record.
 
 An *experiment* is a versioned YAML file shipped in ``sparsetrain/experiments/`` (one per paper): the protocol (the
 train config every point shares), a ``quick`` variant of it, the grid of points (each a set of train-config
@@ -528,7 +529,7 @@ def measure_run(run, settings: dict[str, Any], data_dir: str | None = None) -> d
     from sparsetrain.analysis import inference_model, make_evaluator, search_thresholds
     from sparsetrain.data import make_test_loader
     from sparsetrain.runs import load_run
-    from sparsetrain.telemetry.tables import measure_sparsity
+    from sparsetrain.telemetry.inference import measure_sparsity
 
     loaded = load_run(run.path)
     model = inference_model(loaded).eval()

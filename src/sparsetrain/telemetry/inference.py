@@ -1,4 +1,4 @@
-"""Inference sparsity tables (TensorQuant Tables 1-5): per layer and per block, with and without enforcement.
+"""Inference sparsity (TensorQuant Tables 1-5): per layer and per block, with and without enforcement.
 
 :func:`measure_sparsity` evaluates a dense model twice with a :class:`~sparsetrain.telemetry.Monitor` attached:
 as it is (exact zeros), and with magnitude thresholds enforced through ``sparsetrain.sparsify_``
@@ -37,6 +37,7 @@ __all__ = [
     "format_table",
     "apply_thresholds",
     "ensure_dense",
+    "threshold_layers",
 ]
 
 
@@ -180,8 +181,11 @@ def ensure_dense(model: nn.Module) -> None:
                          "call handle.remove(bake=True) first (or sparsetrain.analysis.bake_sparse_weights)")
 
 
-def _threshold_layers(weight: Mapping[str, float] | None, act: Mapping[str, float] | None) -> dict[str, Any]:
-    """The ``layers`` section of a recipe with a ``threshold`` sparsifier per named layer and operand."""
+def threshold_layers(weight: Mapping[str, float] | None = None, input: Mapping[str, float] | None = None
+                     ) -> dict[str, Any]:
+    """The ``layers`` section of a recipe with a ``threshold`` sparsifier per named layer and operand (the one
+    builder of threshold recipes; :func:`sparsetrain.analysis.threshold_recipe` adds explicit dense layers)."""
+    act = input
     layers: dict[str, Any] = {}
     for operand, thr in (("weight", weight or {}), ("input", act or {})):
         for name, t in thr.items():
@@ -211,7 +215,7 @@ def apply_thresholds(
 
     ensure_dense(model)
     clone = copy.deepcopy(model)
-    layers = _threshold_layers(weight, input)
+    layers = threshold_layers(weight, input)
     if layers:
         sparsify_(clone, {"layers": layers})
     return clone
