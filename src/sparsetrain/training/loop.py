@@ -188,7 +188,7 @@ def train_one_epoch(s: Session, epoch: int) -> dict[str, Any]:
             out, loss = _forward_backward(s, x, y, global_n)
         totals.add(s.step, out, y, loss, _grad_norm(s))
         if s.monitor is not None:
-            s.monitor.step(epoch=epoch)  # records dW before the update consumes it
+            s.monitor.step(epoch=epoch)  # dW as the update will consume it (thresholded, averaged)
         _optimizer_step(s)
         s.step += 1
         if cfg.check_consistency and s.step % cfg.check_consistency == 0:
@@ -234,10 +234,6 @@ def _forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor,
         s.scaler.unscale_(s.optimizer)  # true gradients for the telemetry; scaler.step skips non-finite ones
     if s.grad_rule is not None:
         s.grad_rule(s.optimizer)
-    if s.monitor is not None and (s.grad_rule is not None or s.env.distributed):
-        # The telemetry's dW is the gradient the update really gets: changed here, or averaged by DDP after the
-        # monitor's accumulate hooks ran.
-        s.monitor.recount_weight_grads()
     return out, logged
 
 
