@@ -206,6 +206,45 @@ def test_bad_names_fail_before_anything_is_written(tmp_path, caplog, argv, messa
     assert not out.exists()
 
 
+def _bad_pattern_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("preset: swat-u\ndensity: 0.1\nlayers:\n  conv9: null\n")
+    return str(path)
+
+
+def test_a_recipe_pattern_matching_nothing_fails_before_data_and_leaves_no_trace(tmp_path, caplog):
+    out = tmp_path / "runs" / "run"
+    assert main(["train", "--recipe", _bad_pattern_recipe(tmp_path), "--out", str(out), "--quiet"]) == 2
+    assert "['conv9'] match no Conv2d/Linear layer; layers are: conv1, conv2" in caplog.text
+    assert "loaded " not in caplog.text  # refused before the dataset was read
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_locked_run_directory_fails_before_data_and_keeps_only_the_holders_lock(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    with runs.RunDir(out).lock():  # another run holds it (this process: the lock is not reentrant)
+        assert main(["train", "--out", str(out), "--train-subset", "256", "--test-subset", "100"]) == 2
+        assert "is in use by this process" in caplog.text
+        assert "loaded " not in caplog.text
+        assert [p.name for p in out.iterdir()] == [runs.RunDir.LOCK]
+
+
+def test_a_run_refused_after_taking_its_lock_removes_its_folder(tmp_path, monkeypatch):
+    import sparsetrain.data
+
+    def no_data(*a, **k):
+        raise FileNotFoundError("no dataset here")
+
+    monkeypatch.setattr(sparsetrain.data, "make_loaders", no_data)
+    out = tmp_path / "new" / "run"
+    with pytest.raises(FileNotFoundError):
+        train(TrainConfig(out=str(out), quiet=True))
+    assert not (tmp_path / "new").exists()
+
+
 # ------------------------------------------------------------------------------- a short real run, as a user makes it
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
@@ -215,6 +254,7 @@ def short_run(tmp_path_factory):
                            "--test-subset", "256", "--quiet", "--out", str(out)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
+    (out.parent / "stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -301,3 +341,39 @@ def test_tensorboard_writes_event_files(tmp_path):
                  "--tensorboard", "--quiet", "--out", str(out)]) == 0
     events = list(runs.RunDir(out).tensorboard_dir.glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
+
+
+def test_summary_states_optimizer_amp_and_the_dense_first_layer(short_run):
+    printed = (short_run.parent / "stdout.txt").read_text()
+    summary = runs.RunDir(short_run).read_summary()
+    assert "  optimizer                sgd (momentum 0.9), lr 0.05 cosine, weight decay 0.0005; amp none" in printed
+    assert summary["dense_layers"] == ["conv1"]  # SWAT-U leaves the first layer dense
+    # The activation density over the sparse layers, recomputed from the per-layer files: element-weighted over the
+    # activations saved for dW.
+    flops = json.loads(runs.RunDir(short_run).flops_path.read_text())
+    dens = runs.RunDir(short_run).read_metrics()[-1]["densities"]
+    rows = [r for r in flops["layers"] if r["name"] != "conv1"]
+    want = sum(dens[r["name"]]["input_for_grad_weight"] * r["saved_activation_elements"] for r in rows) / sum(
+        r["saved_activation_elements"] for r in rows)
+    assert summary["activation_density_sparse_layers"] == pytest.approx(want)
+    assert (f"{100 * summary['activation_density']:.1f}% of saved activations; conv1 is dense, {100 * want:.1f}% "
+            "over the sparse layers") in printed
+    near = summary["final_test_acc"] < 2.5 / 10
+    assert ("note                     near chance (10.00% with 10 classes)" in printed) == near
+
+
+@pytest.mark.parametrize("acc, noted", [(0.099, True), (0.234, True), (0.887, False)])
+def test_near_chance_accuracy_is_said_in_one_line_without_hiding_the_number(acc, noted):
+    from sparsetrain.training import format_summary
+
+    s = {"run_dir": "r", "model": "lenet5", "dataset": "fashion_mnist_small", "recipe": "swat-u", "density": 0.1,
+         "final_test_acc": acc, "best_test_acc": acc, "weight_density": 0.1, "activation_density": 0.1,
+         "num_classes": 10, "steps": 40, "optimizer": "sgd", "amp": "none",
+         "flops": {"training_flops_reduction_pct": 1.0, "inference_flops_reduction_pct": 1.0,
+                   "act_memory_reduction_pct": 1.0, "model_compression_x": 1.0}}
+    text = format_summary(s)
+    assert f"test accuracy            {100 * acc:.2f}%" in text
+    notes = [ln for ln in text.splitlines() if "near chance" in ln]
+    assert len(notes) == (1 if noted else 0)
+    if noted:
+        assert "too few steps (40 at density 0.1) or the learning rate; try more --epochs or another --lr" in notes[0]

@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import random
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import numpy as np
@@ -24,7 +27,8 @@ from sparsetrain.training import parallel
 from sparsetrain.training.config import TrainConfig, check_device, check_names, seed_everything
 from sparsetrain.training.meters import Totals
 
-__all__ = ["Session", "TrainingInterrupted", "open_run", "save_checkpoint", "restore", "rng_state", "set_rng_state"]
+__all__ = ["Session", "TrainingInterrupted", "open_run", "new_folders", "remove_new_run", "save_checkpoint", "restore",
+           "rng_state", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,10 @@ def open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig,
         if run_dir.has_checkpoint():
             raise FileExistsError(f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} "
                                   "or choose another --out")
+        top = next(p for p in (run_dir.path, *run_dir.path.parents) if p.exists())
+        if not (top.is_dir() and os.access(top, os.W_OK | os.X_OK)):
+            raise PermissionError(f"--out {run_dir.path}: cannot create it, {top} is not a writable folder; choose "
+                                  "another --out")
         return cfg, run_dir, None
     # A resumed run takes its saved config: only more epochs may be asked for.
     run_dir = RunDir.containing(resume)
@@ -123,6 +131,24 @@ def open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig,
     saved = TrainConfig.from_dict(run_dir.read_config())
     check_device(saved.device)
     return dataclasses.replace(saved, epochs=epochs or saved.epochs, quiet=cfg.quiet), run_dir, ckpt
+
+
+def new_folders(path: Path) -> list[Path]:
+    """The folders of ``path`` (itself and its parents) that do not exist yet, deepest first."""
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_new_run(run_dir: RunDir, created: list[Path]) -> None:
+    """Remove a refused run's traces: the run folder and the parents it created, while its lock is still held (so no
+    other process can have started in it), if it holds no checkpoint. Parents are removed only when empty."""
+    if not created or run_dir.has_checkpoint():
+        return
+    shutil.rmtree(run_dir.path, ignore_errors=True)
+    for folder in created[1:]:
+        try:
+            folder.rmdir()
+        except OSError:  # another run's folder appeared in it meanwhile: keep it
+            break
 
 
 def save_checkpoint(s: Session, epoch: int, in_epoch: dict[str, Any] | None = None) -> None:
@@ -190,5 +216,5 @@ def restore(s: Session, ckpt: dict[str, Any]) -> None:
             s.partial = Totals.merge(parts) if env.rank == 0 else None
     if env.is_main:
         s.run_dir.truncate_after(epoch=s.start_epoch, step=s.step)
-    where = f"epoch {s.start_epoch}" + (f" batch {s.start_batch}" if s.start_batch else "")
+    where = f"epoch {s.start_epoch + 1}" + (f" batch {s.start_batch + 1}" if s.start_batch else "")  # 1-based
     log.info("resuming %s from %s (step %d)", s.run_dir.path, where, s.step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import os
 import random
@@ -22,8 +23,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["TrainConfig", "TELEMETRY_POINTS", "check_device", "check_names", "make_optimizer", "lr_lambda",
-           "autocast", "seed_everything", "resolved_data_dir", "telemetry_every", "check_same_config", "require_tensorboard",
-           "TENSORBOARD_HINT"]
+           "autocast", "seed_everything", "resolved_data_dir", "telemetry_every", "check_same_config",
+           "require_tensorboard", "TENSORBOARD_HINT"]
 
 #: Telemetry samples per run when ``telemetry_every`` is not given: enough for a curve on a 1-epoch run.
 TELEMETRY_POINTS = 20
@@ -161,15 +162,26 @@ def check_device(name: str) -> torch.device:
 
 
 def check_names(cfg: TrainConfig) -> None:
-    """ValueError/KeyError for a model, dataset, recipe or device this machine does not know (nothing is read)."""
+    """ValueError/KeyError for a model, dataset, recipe or device this machine does not know, or a recipe whose layer
+    patterns match nothing in the model (nothing is read: the model is built on the meta device)."""
     from sparsetrain.data import dataset_info
-    from sparsetrain.models import model_entrypoint
-    from sparsetrain.recipe import Recipe
+    from sparsetrain.models import create_model, model_entrypoint
+    from sparsetrain.recipe import Recipe, resolve_layers
 
     model_entrypoint(cfg.model)
-    dataset_info(cfg.dataset)
-    Recipe.load(cfg.recipe, **(cfg.recipe_overrides or {}))
+    info = dataset_info(cfg.dataset)
+    recipe = Recipe.load(cfg.recipe, **(cfg.recipe_overrides or {}))
     check_device(cfg.device)
+    quiet = logging.getLogger("sparsetrain")
+    level = quiet.level
+    quiet.setLevel(max(quiet.getEffectiveLevel(), logging.ERROR))  # the real build below warns, once
+    try:
+        with torch.device("meta"):
+            model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels,
+                                 width_mult=cfg.width_mult)
+        resolve_layers(model, recipe)
+    finally:
+        quiet.setLevel(level)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -26,10 +26,17 @@ import torch.nn.functional as F
 from sparsetrain.handle import sparsify_
 from sparsetrain.runs import RunDir, load_checkpoint
 from sparsetrain.training import config as C
-from sparsetrain.training import parallel
-from sparsetrain.training.checkpoint import Session, TrainingInterrupted, open_run, restore, save_checkpoint
+from sparsetrain.training import meters, parallel
+from sparsetrain.training.checkpoint import (
+    Session,
+    TrainingInterrupted,
+    new_folders,
+    open_run,
+    remove_new_run,
+    restore,
+    save_checkpoint,
+)
 from sparsetrain.training.config import TrainConfig
-from sparsetrain.training.meters import CURVE_POINTS, Curve, Totals, check_finite, progress
 from sparsetrain.training.summary import overall_densities, tensorboard_epoch, write_summary
 
 __all__ = ["train", "setup", "train_one_epoch", "evaluate", "record_epoch", "finalize"]
@@ -78,26 +85,29 @@ def setup(cfg: TrainConfig, resume=None, epochs: int | None = None) -> Session:
     ``resume`` if given. The session's ``exits`` releases the lock (and leaves the group) when closed."""
     from sparsetrain.data import make_loaders
 
-    cfg, run_dir, ckpt = open_run(cfg, resume, epochs)
+    cfg, run_dir, ckpt = open_run(cfg, resume, epochs)  # every name checked: nothing read or written yet
     if cfg.tensorboard:
-        C.require_tensorboard()  # before anything is written
-    exits = contextlib.ExitStack()
+        C.require_tensorboard()
+    exits, created, locked = contextlib.ExitStack(), new_folders(run_dir.path), False
     try:
         env, device = parallel.join(cfg, exits)
-        C.seed_everything(cfg.seed, cfg.deterministic)
-        # Data: whole uint8 tensors in memory; the batch order depends only on (seed, epoch), on every rank. Read
-        # before the lock: a missing dataset must fail with nothing written, not even the lock's folder.
-        loaders = make_loaders(
-            cfg.dataset, cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-            seed=cfg.seed, augment=cfg.augment, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-            channels_last=cfg.channels_last)
-        parallel.shard(loaders[:2], env)
-        parallel.lock_run(run_dir, env, exits, fresh=resume is None)
+        parallel.lock_run(run_dir, env, exits, fresh=resume is None)  # before the data: a busy run fails at once
+        locked = env.is_main
         if resume is not None:
             # Read again under the lock: the run we waited on may have checkpointed after our first read.
             ckpt = load_checkpoint(resume)
+        C.seed_everything(cfg.seed, cfg.deterministic)
+        # Data: whole uint8 tensors in memory; the batch order depends only on (seed, epoch), on every rank.
+        with meters.quiet_logger("sparsetrain.data", cfg.quiet):
+            loaders = make_loaders(
+                cfg.dataset, cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+                seed=cfg.seed, augment=cfg.augment, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+                channels_last=cfg.channels_last)
+        parallel.shard(loaders[:2], env)
         return _build(cfg, run_dir, ckpt, env, device, exits, loaders)
     except BaseException:
+        if locked:  # a refused run leaves no trace: not even the lock's folder
+            remove_new_run(run_dir, created)
         exits.close()
         raise
 
@@ -170,19 +180,20 @@ def train_one_epoch(s: Session, epoch: int) -> dict[str, Any]:
     loader.set_epoch(epoch, start)
     s.handle.set_epoch(epoch)
     s.net.train()
-    totals, curve, lr_sum = Totals(), Curve(max(1, (cfg.epochs * len(loader)) // CURVE_POINTS)), 0.0
+    totals, lr_sum = meters.Totals(), 0.0
+    curve = meters.Curve(max(1, (cfg.epochs * len(loader)) // meters.CURVE_POINTS))
     if partial is not None:
         totals.restore(partial)
         curve.restore(partial["curve"])
         lr_sum = partial["lr_sum"]
     last = len(loader) - 1
-    bar = progress(loader, epoch, cfg, s.env.is_main, start)
+    bar = meters.progress(loader, epoch, cfg, s.env.is_main, start)
     comm_before = s.comm.bytes_sent if s.comm is not None else 0
-    t0 = time.perf_counter()
+    t0, trained = time.perf_counter(), 0  # the samples this process trained on (not those of a resumed part)
     for i, (x, y) in enumerate(bar, start):
         lr_sum += s.optimizer.param_groups[0]["lr"]  # the rate this step uses (a host float: no sync)
         global_n = min(loader.batch_size, loader.num_samples - i * loader.batch_size)
-        x, y = x.to(s.device), y.to(s.device)
+        x, y, trained = x.to(s.device), y.to(s.device), trained + len(y)
         # Densities are measured on the last step only: the epoch's metrics report them, counting costs a pass.
         with s.handle.measuring() if i == last else contextlib.nullcontext():
             out, loss = _forward_backward(s, x, y, global_n)
@@ -196,19 +207,18 @@ def train_one_epoch(s: Session, epoch: int) -> dict[str, Any]:
         checkpoint = cfg.checkpoint_every is not None and s.step % cfg.checkpoint_every == 0 and i != last
         if (i + 1) % cfg.log_every == 0 or i == last or checkpoint:
             rows = totals.read()  # the only host sync of the loop
-            check_finite(rows, epoch, s.run_dir)
+            meters.check_finite(rows, epoch, s.run_dir)
             curve.add(rows)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{totals.loss_sum / totals.seen:.3f}",
-                                acc=f"{totals.correct / totals.seen:.3f}", refresh=False)
+            meters.show_progress(bar, totals, epoch, cfg.epochs, i, last)
         if checkpoint:
             save_checkpoint(s, epoch - 1, in_epoch={"epoch": epoch, "batches": i + 1, **totals.state(),
                                                     "lr_sum": lr_sum, "curve": curve.state()})
     train_time = time.perf_counter() - t0
-    loss_sum, correct, seen = parallel.all_reduce_sum([totals.loss_sum, totals.correct, totals.seen], s.env,
-                                                      s.device)
-    stats = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seen": seen, "time_s": train_time,
-             "lr_mean": lr_sum / max(1, last + 1), "curve": curve.points()}
+    loss_sum, correct, seen, trained = parallel.all_reduce_sum([totals.loss_sum, totals.correct, totals.seen, trained],
+                                                               s.env, s.device)
+    stats = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seen": seen, "trained": trained,
+             "time_s": train_time, "lr_mean": lr_sum / max(1, last + 1), "curve": curve.points(),
+             "batches": (start, len(loader))}
     if s.comm is not None:
         stats["comm"] = parallel.comm_stats(s.comm, comm_before, len(loader) - start, s.model)
     return stats
@@ -265,7 +275,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none",
     """
     model.eval()
     autocast = C.autocast(amp, torch.device(device))
-    totals = Totals(loss_is_mean=False)
+    totals = meters.Totals(loss_is_mean=False)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         with autocast():
@@ -291,7 +301,7 @@ def record_epoch(s: Session, epoch: int, stats: dict[str, Any], densities: dict[
         "epoch": epoch, "step": s.step, "lr": stats["lr_mean"], "lr_end": s.optimizer.param_groups[0]["lr"],
         "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
         "test_loss": test_loss, "test_acc": test_acc, "time_s": stats["time_s"],
-        "samples_per_s": stats["seen"] / stats["time_s"], "weight_density": w_density,
+        "samples_per_s": stats["trained"] / stats["time_s"], "weight_density": w_density,
         "activation_density": a_density, "training_flops_reduction_pct": report.training_flops_reduction_pct,
         "densities": densities, "curve": stats["curve"],
         **({"world_size": s.env.world_size} if s.env.distributed else {}),
@@ -302,9 +312,11 @@ def record_epoch(s: Session, epoch: int, stats: dict[str, Any], densities: dict[
         if s.tb_writer is not None:
             tensorboard_epoch(s.tb_writer, metrics, stats, s.step)
     save_checkpoint(s, epoch)
+    first, n = stats["batches"]
+    partial = f" (batches {first + 1}-{n} of {n}: resumed mid-epoch)" if first else ""
     log.info("epoch %d/%d  loss %.4f  train %.2f%%  test %.2f%%  W density %.3f  act density %.3f  "
-             "%.0f samples/s", epoch + 1, s.cfg.epochs, metrics["train_loss"], 100 * metrics["train_acc"],
-             100 * test_acc, w_density, a_density, metrics["samples_per_s"])
+             "%.0f samples/s%s", epoch + 1, s.cfg.epochs, metrics["train_loss"], 100 * metrics["train_acc"],
+             100 * test_acc, w_density, a_density, metrics["samples_per_s"], partial)
     return metrics
 
 

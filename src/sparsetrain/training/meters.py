@@ -3,12 +3,17 @@ intra-epoch training curve, and the NaN/Inf check."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from typing import Any
 
 import torch
 
-__all__ = ["Totals", "Curve", "NonFiniteError", "check_finite", "progress", "CURVE_POINTS"]
+__all__ = ["Totals", "Curve", "NonFiniteError", "check_finite", "progress", "show_progress", "quiet_logger",
+           "CURVE_POINTS"]
+
+log = logging.getLogger(__name__)
 
 #: Points of the intra-epoch training curve per run (the metrics' ``curve``), whatever the run length.
 CURVE_POINTS = 40
@@ -139,3 +144,29 @@ def progress(loader, epoch: int, cfg: Any, is_main: bool = True, initial: int = 
     # disable=None: no bar when stderr is not a terminal (logs, CI), only the per-epoch log line.
     return tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch", dynamic_ncols=True,
                 disable=None, initial=initial, total=len(loader))
+
+
+def show_progress(bar, totals: Totals, epoch: int, epochs: int, i: int, last: int) -> None:
+    """At a log interval: the bar's loss and accuracy on a terminal; a log line instead when the bar is off because
+    the output is not a terminal (logs, CI). Nothing when quiet or not rank 0 (``bar`` is then the loader)."""
+    if not hasattr(bar, "set_postfix"):
+        return
+    loss, acc = totals.loss_sum / totals.seen, totals.correct / totals.seen
+    if not bar.disable:
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
+    elif i != last:  # the epoch's own line follows its last step
+        log.info("epoch %d/%d  step %d/%d  loss %.4f  train %.2f%%", epoch + 1, epochs, i + 1, last + 1, loss,
+                 100 * acc)
+
+
+@contextlib.contextmanager
+def quiet_logger(logger: str, quiet: bool):
+    """``--quiet``: the named logger's info lines (e.g. the data loading) are not shown."""
+    target = logging.getLogger(logger)
+    level = target.level
+    if quiet:
+        target.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
