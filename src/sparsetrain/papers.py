@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from sparsetrain.formatting import finite_float
 
 __all__ = [
     "EXPERIMENT_VERSION",
@@ -414,12 +415,6 @@ def point_jobs(exp: Experiment, out: Path, base: dict[str, Any], widths: dict[st
 
 
 # ---------------------------------------------------------------------------------------------- collection
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
 def _thin(steps: list[int], vals: list[float], n: int) -> tuple[list[int], list[float]]:
     if len(steps) <= n:
         return steps, vals
@@ -473,17 +468,17 @@ def run_record(run, *, all_ops: bool = True) -> dict[str, Any] | None:
         "run": run.path.name,
         "seed": summary.get("seed"),
         "epochs": summary.get("epochs"),
-        "final_test_acc": _num(summary.get("final_test_acc")),
-        "best_test_acc": _num(summary.get("best_test_acc")),
-        "weight_density": _num(summary.get("weight_density")),
-        "activation_density": _num(summary.get("activation_density")),
-        "flops": {k: _num(v) for k, v in (summary.get("flops") or {}).items()},
+        "final_test_acc": finite_float(summary.get("final_test_acc")),
+        "best_test_acc": finite_float(summary.get("best_test_acc")),
+        "weight_density": finite_float(summary.get("weight_density")),
+        "activation_density": finite_float(summary.get("activation_density")),
+        "flops": {k: finite_float(v) for k, v in (summary.get("flops") or {}).items()},
         "dense_totals": flops.get("dense_totals"),
         "sparse_totals": flops.get("sparse_totals"),
         "train_time_s": sum(m.get("time_s", 0.0) for m in metrics if isinstance(m.get("time_s"), (int, float))),
         "densities": last.get("densities") or {},
         "conv_layers": [r["name"] for r in flops.get("layers", []) if "conv" in str(r.get("type", "")).lower()],
-        "test_acc_curve": [_num(m.get("test_acc")) for m in metrics],
+        "test_acc_curve": [finite_float(m.get("test_acc")) for m in metrics],
         "telemetry": _telemetry(run),
     }
     if all_ops:
@@ -506,8 +501,8 @@ def _all_ops(run, densities: dict[str, Any]) -> dict[str, float | None]:
         sparsify_(net, cfg.get("recipe"), **(cfg.get("recipe_overrides") or {}))
         rep = count_flops(net, shape, densities or None, batch_size=int(cfg.get("batch_size") or 1),
                           non_gemm=True)
-        return {"training_flops_reduction_pct_all_ops": _num(rep.training_flops_reduction_pct_all_ops),
-                "inference_flops_reduction_pct_all_ops": _num(rep.inference_flops_reduction_pct_all_ops)}
+        return {"training_flops_reduction_pct_all_ops": finite_float(rep.training_flops_reduction_pct_all_ops),
+                "inference_flops_reduction_pct_all_ops": finite_float(rep.inference_flops_reduction_pct_all_ops)}
     except (TypeError, AttributeError) as e:  # an accounting without non-GEMM counting: the column stays empty
         log.warning("reproduce: no non-GEMM FLOP count for %s (%s)", run.path.name, e)
         return {}

@@ -423,7 +423,9 @@ def _config_density(config: Mapping[str, Any]) -> float | None:
     if overrides.get("density") is not None:
         return overrides["density"]
     if overrides.get("sparsity") is not None:
-        return round(1.0 - float(overrides["sparsity"]), 12)
+        from sparsetrain.sparsifiers import density_from
+
+        return density_from(None, overrides["sparsity"], "recipe_overrides")
     return config.get("density")
 
 

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsetrain.formatting import format_pct
 from sparsetrain.reporting.tables import format_mean_sd, mean_sd
 
 __all__ = ["RESULTS_FILE", "TABLES_FILE", "Table", "Rendered", "Written", "is_results_folder", "render",
@@ -117,8 +119,7 @@ def point_stats(point: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _pct(v: float | None, digits: int = 1) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
+_pct = functools.partial(format_pct, digits=1, fraction=False)  # the figures here are percentages already
 
 
 def _minutes(seconds: float) -> str:
