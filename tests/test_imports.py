@@ -9,7 +9,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "sparsetrain"
 CORE = ("layers", "sparsifiers", "methods", "recipe", "handle", "packing", "distributions", "graph")
 PERIPHERY = ("models", "export", "accounting", "telemetry", "reporting", "runs", "data", "training", "analysis",
-             "papers", "commands", "cli", "distributed", "comm")
+             "papers", "commands", "cli", "distributed", "comm", "formatting")
 
 
 def _module(path: Path) -> str:

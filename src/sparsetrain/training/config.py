@@ -106,7 +106,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be an integer >= 1 (steps; null: at epoch ends only), got "
                              f"{self.checkpoint_every!r}")
         if not isinstance(self.check_consistency, int) or self.check_consistency < 0:
-            raise ValueError(f"check_consistency must be an integer >= 0 (steps; 0: off), got {self.check_consistency!r}")
+            raise ValueError(f"check_consistency must be an integer >= 0 (steps; 0: off), got "
+                             f"{self.check_consistency!r}")
         if self.grad_compression is not None and not (isinstance(self.grad_compression, (int, float))
                                                       and 0 < self.grad_compression <= 1):
             raise ValueError(f"grad_compression must be a density in (0, 1] (the fraction of each gradient bucket "

@@ -1,5 +1,6 @@
 """The training loop, read top to bottom: :func:`train` -> :func:`setup` -> per epoch :func:`train_one_epoch`
-(one :func:`_step` per batch), :func:`evaluate`, :func:`record_epoch` -> :func:`finalize`.
+(per batch :func:`_forward_backward`, then :func:`_optimizer_step`), :func:`evaluate`, :func:`record_epoch` ->
+:func:`finalize`.
 
 Everything a run produces goes into its run directory (:class:`sparsetrain.runs.RunDir`), which the run locks for
 its whole life; ``resume`` continues an interrupted run exactly (same batches, RNG streams, optimizer and sparsity
@@ -214,8 +215,8 @@ def train_one_epoch(s: Session, epoch: int) -> dict[str, Any]:
             save_checkpoint(s, epoch - 1, in_epoch={"epoch": epoch, "batches": i + 1, **totals.state(),
                                                     "lr_sum": lr_sum, "curve": curve.state()})
     train_time = time.perf_counter() - t0
-    loss_sum, correct, seen, trained = parallel.all_reduce_sum([totals.loss_sum, totals.correct, totals.seen, trained],
-                                                               s.env, s.device)
+    sums = [totals.loss_sum, totals.correct, totals.seen, trained]
+    loss_sum, correct, seen, trained = parallel.all_reduce_sum(sums, s.env, s.device)
     stats = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seen": seen, "trained": trained,
              "time_s": train_time, "lr_mean": lr_sum / max(1, last + 1), "curve": curve.points(),
              "batches": (start, len(loader))}
