@@ -283,20 +283,23 @@ def test_telemetry_records_the_thresholded_weight_gradient(tmp_path):
 def test_progress_quiet_and_resume_lines(tmp_path, monkeypatch, caplog):
     """Output not a terminal: a progress line every log_every steps; --quiet hides the data loading; the resume line
     counts epochs and batches from 1; samples/s of a resumed epoch covers the batches this process ran, and says so."""
+    import io
     import logging
+    import sys
 
     caplog.set_level(logging.INFO)
-    cfg = dict(TINY, epochs=2, quiet=False, log_every=2, checkpoint_every=3)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, even under pytest -s
+    cfg = dict(TINY, epochs=1, quiet=False, log_every=1, checkpoint_every=2)
     with monkeypatch.context() as m:
-        _kill_at_call(m, 7)  # epoch 2's third step; the checkpoint after step 6 holds epoch 2's first 2 batches
+        _kill_at_call(m, 4)  # the epoch's last step; the checkpoint after step 2 holds its first 2 batches
         with pytest.raises(_Killed):
             train(TrainConfig(**cfg, out=str(tmp_path / "run")))
     assert "loaded fashion_mnist_small/train" in caplog.text
-    assert "epoch 1/2  step 2/4  loss" in caplog.text and "epoch 1/2  step 4/4" not in caplog.text
+    assert "epoch 1/1  step 2/4  loss" in caplog.text and "step 4/4" not in caplog.text
     caplog.clear()
     train(TrainConfig(quiet=True), resume=tmp_path / "run")
-    assert "loaded " not in caplog.text and "step 2/4" not in caplog.text  # --quiet
-    assert f"resuming {tmp_path / 'run'} from epoch 2 batch 3 (step 6)" in caplog.text
+    assert "loaded " not in caplog.text and "step 3/4" not in caplog.text  # --quiet
+    assert f"resuming {tmp_path / 'run'} from epoch 1 batch 3 (step 2)" in caplog.text  # 0-based epoch 0
     assert "samples/s (batches 3-4 of 4: resumed mid-epoch)" in caplog.text
     last = RunDir(tmp_path / "run").read_metrics()[-1]
     assert last["samples_per_s"] * last["time_s"] == pytest.approx(2 * 128)  # the 2 batches run after the resume
