@@ -177,9 +177,12 @@ def check_names(cfg: TrainConfig) -> None:
     level = quiet.level
     quiet.setLevel(max(quiet.getEffectiveLevel(), logging.ERROR))  # the real build below warns, once
     try:
-        with torch.device("meta"):
-            model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels,
-                                 width_mult=cfg.width_mult)
+        try:
+            with torch.device("meta"):
+                model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels,
+                                     width_mult=cfg.width_mult)
+        except (RuntimeError, NotImplementedError):  # a model that reads its tensors while built: checked later
+            return
         resolve_layers(model, recipe)
     finally:
         quiet.setLevel(level)
