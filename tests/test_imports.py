@@ -77,3 +77,11 @@ def test_no_import_cycles():
     for m in sorted(graph):
         visit(m)
     assert not cycles
+
+
+def test_the_periphery_does_not_import_the_runners():
+    lower = ("runs", "reporting", "telemetry", "accounting", "models", "data", "export", "distributed", "comm",
+             "formatting")
+    bad = {m: sorted(d for d in deps if _top(d) in ("training", "papers", "analysis"))
+           for m, deps in IMPORTS.items() if _top(m) in lower}
+    assert not {m: d for m, d in bad.items() if d}
