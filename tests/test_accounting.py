@@ -14,11 +14,12 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsetrain
-from sparsetrain.accounting import FlopReport, count_flops, densities_from_metrics, format_table
+from sparsetrain.accounting import FlopReport, count_flops, format_table
 from sparsetrain.accounting.memory import measure_saved_tensors, memory_report, storage_bytes
 from sparsetrain.accounting.non_gemm import quickselect_comparisons_per_element
 from sparsetrain.layers import effective_weight
 from sparsetrain.models import get_model_cfg
+from sparsetrain.runs import RunDir
 
 GEMM_OPS = {"aten.convolution", "aten.addmm", "aten.mm", "aten.convolution_backward"}
 
@@ -214,7 +215,7 @@ def test_densities_from_run_metrics(tmp_path) -> None:
         {"epoch": 1, "densities": {"3": {"weight": 0.5, "input_for_grad_weight": 0.5}}},
     ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    dens = densities_from_metrics(tmp_path)
+    dens = RunDir(tmp_path).last_densities()
     assert dens == {"3": {"weight": 0.5, "input_for_grad_weight": 0.5}}
     assert count_flops(_two_layer(), (1, 6, 6), dens).layers[1].sparse_forward_macs == 48
 

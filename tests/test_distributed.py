@@ -93,7 +93,7 @@ def test_rank_seed_keeps_rank_zero_and_fits_numpy():
 # ------------------------------------------------------------------------------------------- two processes (gloo)
 _WORKER = textwrap.dedent("""
     import os, sys, torch
-    import sparsetrain.train as T
+    import sparsetrain.training.loop as T
     from sparsetrain.cli import main
 
     real = T.finalize

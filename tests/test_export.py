@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsetrain
-from sparsetrain.export import load_compressed, masked_state_dict
+from sparsetrain.export import export_sparse, load_compressed, masked_state_dict
 
 
 def _trained(preset, **kw):
@@ -35,7 +35,7 @@ def test_masked_state_dict_reproduces_the_sparse_model(preset, kw, tmp_path):
     x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = model(x)
-    out = h.export(tmp_path / "m.pt")
+    out = export_sparse(model, tmp_path / "m.pt")
     vanilla.load_state_dict(out["state_dict"])  # same keys as the dense model
     vanilla.eval()
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_masked_state_dict_reproduces_the_sparse_model(preset, kw, tmp_path):
 
 def test_compressed_swat_90_is_several_times_smaller(tmp_path):
     model, _, h = _trained("swat-u", density=0.1, first_layer_dense=False)
-    sizes = h.export(tmp_path / "c.pt")
+    sizes = export_sparse(model, tmp_path / "c.pt")
     assert sizes["dense_bytes"] / sizes["bytes"] > 4  # values + 1 bit per element at 10% density
 
 

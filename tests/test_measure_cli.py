@@ -1,4 +1,4 @@
-"""Tests for the inference sparsity tables (sparsetrain.telemetry.tables) and `sparsetrain measure`."""
+"""Tests for the inference sparsity tables (sparsetrain.telemetry.inference) and `sparsetrain measure`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import sparsetrain
 from sparsetrain.analysis import make_evaluator
-from sparsetrain.telemetry.tables import measure_sparsity, resolve_thresholds
+from sparsetrain.telemetry.inference import measure_sparsity, resolve_thresholds
 
 
 class _Small(nn.Module):
@@ -258,8 +258,7 @@ def test_cli_measures_a_sparse_run_as_trained(monkeypatch, capsys, fmnist_model)
 def test_cli_on_a_trained_run(tmp_path, capsys):
     """End to end: `sparsetrain train` writes a run (with telemetry), `sparsetrain measure` reads it."""
     from sparsetrain.cli import main
-    from sparsetrain.runs import load_run
-    from sparsetrain.telemetry import read_jsonl
+    from sparsetrain.runs import load_run, read_jsonl
 
     run_dir = tmp_path / "run"
     assert main(["train", "--model", "lenet5", "--dataset", "fashion_mnist_small", "--epochs", "1", "--recipe",

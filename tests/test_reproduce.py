@@ -12,14 +12,14 @@ import pytest
 import yaml
 
 from sparsetrain.cli import EXIT_USAGE, main
-from sparsetrain.reporting.reproduce import RESULTS_FILE, TABLES_FILE, regenerate, render
-from sparsetrain.reproduce import (
+from sparsetrain.papers import (
     ExperimentError,
     list_experiments,
     load_experiment,
     matched_width_mult,
     parse_experiment,
 )
+from sparsetrain.reporting.reproduce import RESULTS_FILE, TABLES_FILE, regenerate, render
 from sparsetrain.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_experiment_file_errors_through_the_cli(tmp_path, capsys):
 
 
 def test_matched_width_mult_matches_the_parameter_count():
-    from sparsetrain.reproduce import _build_model, _dense_params
+    from sparsetrain.papers import _build_model, _dense_params
 
     target = _dense_params("lenet5", "mnist", 0.5, {})
     w, params = matched_width_mult("lenet5", "mnist", target, width_steps=19)  # candidates 0.05, 0.10, ..., 1.0

@@ -230,12 +230,12 @@ def test_bake_and_apply_thresholds():
     assert float(model.fc1.weight.detach().abs().sum()) > 0  # original untouched
 
 
-def test_bake_without_a_handle_reports_activation_sparsity_as_lost():
+def test_bake_reports_activation_sparsity_as_lost():
     torch.manual_seed(0)
     model = sparsetrain.create_model("lenet5", num_classes=10, in_channels=1)
     recipe = {"layers": {"conv2": {"weight": {"type": "threshold", "threshold": 0.05},
                                    "input": {"type": "threshold", "threshold": 0.1}}}}
-    sparsetrain.sparsify_(model, recipe)
+    handle = sparsetrain.sparsify_(model, recipe)
     w = model.conv2.weight.detach().clone()
-    assert bake_sparse_weights(model) == ["conv2"]  # the input threshold is not part of a dense model
+    assert bake_sparse_weights(handle) == ["conv2"]  # the input threshold is not part of a dense model
     assert type(model.conv2) is nn.Conv2d and torch.equal(model.conv2.weight.detach(), w * (w.abs() > 0.05))

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import sparsetrain
 from sparsetrain.layers import effective_weight
+from sparsetrain.runs import read_jsonl
 from sparsetrain.telemetry import (
     TOTAL,
     Count,
@@ -23,7 +24,6 @@ from sparsetrain.telemetry import (
     auto_blocks,
     block_members,
     read_csv,
-    read_jsonl,
     resolve_blocks,
 )
 
@@ -446,7 +446,7 @@ def test_jsonl_and_csv_sinks_round_trip(tmp_path):
             mon.step(epoch=0)
     # Flushed per sample: readable while the monitor would still be running is checked by reading after each run;
     # here both files hold exactly the in-memory records, with the same types.
-    assert read_jsonl(jpath) == mem.records
+    assert read_jsonl(jpath, missing_ok=False) == mem.records
     assert read_csv(cpath) == mem.records
     assert {r["step"] for r in mem.records} == {0, 2}
     gw = [r for r in mem.records if r["tensor"] == "grad_weight"]
@@ -455,9 +455,9 @@ def test_jsonl_and_csv_sinks_round_trip(tmp_path):
     with Monitor(net, sinks=[JsonlSink(jpath), CsvSink(cpath)], start_step=10) as mon:
         net(torch.randn(2, 1, 6, 6))
         n_new = len(mon.step())
-    assert len(read_jsonl(jpath)) == len(mem.records) + n_new
+    assert len(read_jsonl(jpath, missing_ok=False)) == len(mem.records) + n_new
     assert len(read_csv(cpath)) == len(mem.records) + n_new
-    assert read_jsonl(jpath)[-1]["step"] == 10
+    assert read_jsonl(jpath, missing_ok=False)[-1]["step"] == 10
     # Record fields are exactly the schema of common.md.
     assert set(mem.records[0]) == {
         "step",
@@ -479,16 +479,16 @@ def test_jsonl_is_flushed_per_sample_and_truncated_line_skipped(tmp_path):
     mon = Monitor(net, sinks=[JsonlSink(path)])
     net(torch.randn(2, 4))
     mon.step()
-    n = len(read_jsonl(path))  # visible on disk before close (a killed run keeps it)
+    n = len(read_jsonl(path, missing_ok=False))  # visible on disk before close (a killed run keeps it)
     assert n > 0
     mon.close()
     with open(path, "a") as f:
         f.write(json.dumps({"step": 99})[:7])  # a write cut short by a kill
-    assert len(read_jsonl(path)) == n
+    assert len(read_jsonl(path, missing_ok=False)) == n
     with open(path, "a") as f:
         f.write("\n{bad}\n")
     with pytest.raises(ValueError, match="not valid JSON"):
-        read_jsonl(path)
+        read_jsonl(path, missing_ok=False)
 
 
 def test_tensorboard_sink_import_error_names_extra(monkeypatch):

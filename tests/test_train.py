@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
-import sparsetrain.train as train_mod
+import sparsetrain.training.config as train_config
+import sparsetrain.training.loop as train_mod
 from sparsetrain import runs
 from sparsetrain.cli import build_parser, main
 from sparsetrain.commands.train import resolve_config
-from sparsetrain.train import NonFiniteError, TrainConfig, train
+from sparsetrain.training import NonFiniteError, TrainConfig, train
 
 SMALL = ["--train-subset", "1536", "--test-subset", "500", "--batch-size", "128", "--deterministic",
          "--telemetry-every", "4", "--quiet"]
@@ -63,7 +64,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:
         # After epoch 0's checkpoint exists (metrics are written just before it), kill during epoch 1.
-        if (tmp_path / "victim" / runs.CHECKPOINT).exists() and len(runs.read_jsonl(metrics)) >= 1:
+        if (tmp_path / "victim" / runs.RunDir.CHECKPOINT).exists() and len(runs.read_jsonl(metrics)) >= 1:
             time.sleep(0.3)  # well into the second epoch
             break
         time.sleep(0.05)
@@ -91,8 +92,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
 def test_corrupted_checkpoint_gives_clear_error_and_previous_is_kept(tmp_path, caplog):
     run = tmp_path / "run"
     assert main(["train", *SMALL, "--epochs", "2", "--out", str(run)]) == 0
-    ckpt = run / runs.CHECKPOINT
-    prev = run / runs.PREV_CHECKPOINT
+    ckpt = run / runs.RunDir.CHECKPOINT
+    prev = run / runs.RunDir.PREV_CHECKPOINT
     assert runs.load_checkpoint(prev)["epoch"] == 0 and runs.load_checkpoint(ckpt)["epoch"] == 1
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 3])  # truncated
@@ -107,17 +108,17 @@ def test_corrupted_checkpoint_gives_clear_error_and_previous_is_kept(tmp_path, c
 def test_existing_run_is_never_overwritten(tmp_path, caplog):
     run = tmp_path / "run"
     assert main(["train", *SMALL, "--epochs", "1", "--out", str(run)]) == 0
-    before = (run / runs.CHECKPOINT).read_bytes()
+    before = (run / runs.RunDir.CHECKPOINT).read_bytes()
     assert main(["train", *SMALL, "--epochs", "1", "--out", str(run)]) == 2
     assert "already holds a run; continue it with --resume" in caplog.text
-    assert (run / runs.CHECKPOINT).read_bytes() == before
+    assert (run / runs.RunDir.CHECKPOINT).read_bytes() == before
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=1, train_subset=512, test_subset=200, batch_size=128, telemetry_every=0, quiet=True,
                       out=str(tmp_path / "run"))
     train(cfg)
-    good = (tmp_path / "run" / runs.CHECKPOINT).read_bytes()
+    good = (tmp_path / "run" / runs.RunDir.CHECKPOINT).read_bytes()
     real = train_mod.F.cross_entropy
 
     def poisoned(out, y, **kw):
@@ -126,7 +127,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)
     with pytest.raises(NonFiniteError, match=r"non-finite loss at epoch 1 step 4 .* last good checkpoint is kept"):
         train(TrainConfig(quiet=True), resume=tmp_path / "run", epochs=2)
-    assert (tmp_path / "run" / runs.CHECKPOINT).read_bytes() == good
+    assert (tmp_path / "run" / runs.RunDir.CHECKPOINT).read_bytes() == good
     assert runs.load_checkpoint(tmp_path / "run")["epoch"] == 0
 
 
@@ -149,7 +150,7 @@ def test_run_directory_contents(tmp_path):
     mem = flops["memory"]  # one training step at the run's batch size, dense vs sparse storage
     assert mem["batch_size"] == 128 and mem["sparse_total_bytes"] < mem["dense_total_bytes"]
     assert mem["param_bytes"] == mem["grad_bytes"] == mem["optimizer_bytes"]  # SGD with momentum: one buffer
-    ckpt = torch.load(run / runs.CHECKPOINT, weights_only=True)  # safe to load
+    ckpt = torch.load(run / runs.RunDir.CHECKPOINT, weights_only=True)  # safe to load
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "sparsity", "epoch", "step", "rng", "config"}
     loaded = runs.load_run(run)
     assert not any(type(m).__name__.startswith("Sparse") for m in loaded.model.modules())
@@ -205,6 +206,45 @@ def test_bad_names_fail_before_anything_is_written(tmp_path, caplog, argv, messa
     assert not out.exists()
 
 
+def _bad_pattern_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("preset: swat-u\ndensity: 0.1\nlayers:\n  conv9: null\n")
+    return str(path)
+
+
+def test_a_recipe_pattern_matching_nothing_fails_before_data_and_leaves_no_trace(tmp_path, caplog):
+    out = tmp_path / "runs" / "run"
+    assert main(["train", "--recipe", _bad_pattern_recipe(tmp_path), "--out", str(out), "--quiet"]) == 2
+    assert "['conv9'] match no Conv2d/Linear layer; layers are: conv1, conv2" in caplog.text
+    assert "loaded " not in caplog.text  # refused before the dataset was read
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_locked_run_directory_fails_before_data_and_keeps_only_the_holders_lock(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    with runs.RunDir(out).lock():  # another run holds it (this process: the lock is not reentrant)
+        assert main(["train", "--out", str(out), "--train-subset", "256", "--test-subset", "100"]) == 2
+        assert "is in use by this process" in caplog.text
+        assert "loaded " not in caplog.text
+        assert [p.name for p in out.iterdir()] == [runs.RunDir.LOCK]
+
+
+def test_a_run_refused_after_taking_its_lock_removes_its_folder(tmp_path, monkeypatch):
+    import sparsetrain.data
+
+    def no_data(*a, **k):
+        raise FileNotFoundError("no dataset here")
+
+    monkeypatch.setattr(sparsetrain.data, "make_loaders", no_data)
+    out = tmp_path / "new" / "run"
+    with pytest.raises(FileNotFoundError):
+        train(TrainConfig(out=str(out), quiet=True))
+    assert not (tmp_path / "new").exists()
+
+
 # ------------------------------------------------------------------------------- a short real run, as a user makes it
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
@@ -214,6 +254,7 @@ def short_run(tmp_path_factory):
                            "--test-subset", "256", "--quiet", "--out", str(out)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
+    (out.parent / "stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -269,10 +310,10 @@ def test_short_run_records_what_it_used(short_run):
     steps = m["step"]  # 512 images / batch 64
     assert steps == 8
     # the telemetry interval was chosen from the run length: ~TELEMETRY_POINTS samples, not 1
-    assert config["telemetry_every"] == max(1, steps // train_mod.TELEMETRY_POINTS)
+    assert config["telemetry_every"] == max(1, steps // train_config.TELEMETRY_POINTS)
     assert len({r["step"] for r in runs.read_jsonl(runs.RunDir(short_run).telemetry_path)}) == steps
     # lr: the mean rate of the epoch's steps (the cosine schedule ends the epoch at 0)
-    sched = train_mod._lr_lambda(TrainConfig.from_dict({k: v for k, v in config.items() if k != "out"}), steps)
+    sched = train_config.lr_lambda(TrainConfig.from_dict({k: v for k, v in config.items() if k != "out"}), steps)
     assert m["lr"] == pytest.approx(sum(0.05 * sched(i) for i in range(steps)) / steps)
     assert m["lr_end"] == pytest.approx(0.0, abs=1e-12) and m["lr"] > 0.02
     # the intra-epoch curve: one point per step on this short run, ending at the epoch's step
@@ -300,3 +341,39 @@ def test_tensorboard_writes_event_files(tmp_path):
                  "--tensorboard", "--quiet", "--out", str(out)]) == 0
     events = list(runs.RunDir(out).tensorboard_dir.glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
+
+
+def test_summary_states_optimizer_amp_and_the_dense_first_layer(short_run):
+    printed = (short_run.parent / "stdout.txt").read_text()
+    summary = runs.RunDir(short_run).read_summary()
+    assert "  optimizer                sgd (momentum 0.9), lr 0.05 cosine, weight decay 0.0005; amp none" in printed
+    assert summary["dense_layers"] == ["conv1"]  # SWAT-U leaves the first layer dense
+    # The activation density over the sparse layers, recomputed from the per-layer files: element-weighted over the
+    # activations saved for dW.
+    flops = json.loads(runs.RunDir(short_run).flops_path.read_text())
+    dens = runs.RunDir(short_run).read_metrics()[-1]["densities"]
+    rows = [r for r in flops["layers"] if r["name"] != "conv1"]
+    want = sum(dens[r["name"]]["input_for_grad_weight"] * r["saved_activation_elements"] for r in rows) / sum(
+        r["saved_activation_elements"] for r in rows)
+    assert summary["activation_density_sparse_layers"] == pytest.approx(want)
+    assert (f"{100 * summary['activation_density']:.1f}% of saved activations; conv1 is dense, {100 * want:.1f}% "
+            "over the sparse layers") in printed
+    near = summary["final_test_acc"] < 2.5 / 10
+    assert ("note                     near chance (10.00% with 10 classes)" in printed) == near
+
+
+@pytest.mark.parametrize("acc, noted", [(0.099, True), (0.234, True), (0.887, False)])
+def test_near_chance_accuracy_is_said_in_one_line_without_hiding_the_number(acc, noted):
+    from sparsetrain.training import format_summary
+
+    s = {"run_dir": "r", "model": "lenet5", "dataset": "fashion_mnist_small", "recipe": "swat-u", "density": 0.1,
+         "final_test_acc": acc, "best_test_acc": acc, "weight_density": 0.1, "activation_density": 0.1,
+         "num_classes": 10, "steps": 40, "optimizer": "sgd", "amp": "none",
+         "flops": {"training_flops_reduction_pct": 1.0, "inference_flops_reduction_pct": 1.0,
+                   "act_memory_reduction_pct": 1.0, "model_compression_x": 1.0}}
+    text = format_summary(s)
+    assert f"test accuracy            {100 * acc:.2f}%" in text
+    notes = [ln for ln in text.splitlines() if "near chance" in ln]
+    assert len(notes) == (1 if noted else 0)
+    if noted:
+        assert "too few steps (40 at density 0.1) or the learning rate; try more --epochs or another --lr" in notes[0]

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-import sparsetrain.train as train_mod
+import sparsetrain.training.loop as train_mod
 from sparsetrain import runs
 from sparsetrain.cli import main
 from sparsetrain.runs import RunDir
 from sparsetrain.sparsifiers import Threshold
-from sparsetrain.train import NonFiniteError, TrainConfig, train
+from sparsetrain.training import NonFiniteError, TrainConfig, train
 
 # 4 steps per epoch, 200 test images: a few seconds per run.
 TINY = dict(train_subset=512, test_subset=200, batch_size=128, telemetry_every=0, quiet=True)
@@ -143,7 +143,7 @@ def test_host_syncs_only_at_log_intervals(tmp_path, monkeypatch, recipe):
         def wrapper(self, *a, **kw):
             import sys
 
-            if sys._getframe(1).f_globals.get("__name__") == "sparsetrain.train":
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("sparsetrain.training"):
                 syncs.append(name)
             return real(self, *a, **kw)
 
@@ -164,7 +164,7 @@ WD = 0.05  # large, so thresholding before or after the L2 term gives different 
 def _one_step_by_hand_and_by_loop(tmp_path, scope):
     """The loop's first update, and the update computed here from the same batch with plain autograd."""
     from sparsetrain.models import create_model
-    from sparsetrain.train import setup, train_one_epoch
+    from sparsetrain.training import setup, train_one_epoch
 
     recipe = {"preset": "dense", "gradient_threshold": GT, "gradient_threshold_scope": scope}
     cfg = TrainConfig(**dict(TINY, train_subset=128), epochs=1, augment=False, recipe=recipe, recipe_overrides={},
@@ -229,7 +229,7 @@ def test_gradient_threshold_scope_recipe_key():
 
 
 def test_adamw_keeps_decoupled_decay_and_only_thresholds():
-    from sparsetrain.train import decay_into_gradients, threshold_gradients_
+    from sparsetrain.methods import decay_into_gradients, threshold_gradients_
 
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
     opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.01)
@@ -278,3 +278,28 @@ def test_telemetry_records_the_thresholded_weight_gradient(tmp_path):
     assert loose and loose.keys() == tight.keys()
     assert max(loose.values()) < 0.2
     assert min(tight.values()) > 0.5  # most |g| <= 1e-2 on LeNet-5 are zeroed before the update
+
+
+def test_progress_quiet_and_resume_lines(tmp_path, monkeypatch, caplog):
+    """Output not a terminal: a progress line every log_every steps; --quiet hides the data loading; the resume line
+    counts epochs and batches from 1; samples/s of a resumed epoch covers the batches this process ran, and says so."""
+    import io
+    import logging
+    import sys
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, even under pytest -s
+    cfg = dict(TINY, epochs=1, quiet=False, log_every=1, checkpoint_every=2)
+    with monkeypatch.context() as m:
+        _kill_at_call(m, 4)  # the epoch's last step; the checkpoint after step 2 holds its first 2 batches
+        with pytest.raises(_Killed):
+            train(TrainConfig(**cfg, out=str(tmp_path / "run")))
+    assert "loaded fashion_mnist_small/train" in caplog.text
+    assert "epoch 1/1  step 2/4  loss" in caplog.text and "step 4/4" not in caplog.text
+    caplog.clear()
+    train(TrainConfig(quiet=True), resume=tmp_path / "run")
+    assert "loaded " not in caplog.text and "step 3/4" not in caplog.text  # --quiet
+    assert f"resuming {tmp_path / 'run'} from epoch 1 batch 3 (step 2)" in caplog.text  # 0-based epoch 0
+    assert "samples/s (batches 3-4 of 4: resumed mid-epoch)" in caplog.text
+    last = RunDir(tmp_path / "run").read_metrics()[-1]
+    assert last["samples_per_s"] * last["time_s"] == pytest.approx(2 * 128)  # the 2 batches run after the resume

@@ -34,7 +34,7 @@ _EXPORTS: dict[str, str] = {
     "register_model": "sparsetrain.models",
 }
 _SUBMODULES = ("data", "sparsifiers", "layers", "handle", "recipe", "methods", "packing", "models", "telemetry",
-               "accounting", "analysis", "reporting", "runs", "train")
+               "accounting", "analysis", "reporting", "runs", "training")
 
 __all__ = ["__version__", *sorted(_EXPORTS), "data", "sparsifiers"]
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from sparsetrain import packing
 from sparsetrain.layers import effective_weight, is_sparse_layer
 
-__all__ = ["masked_state_dict", "save_compressed", "load_compressed", "FORMAT"]
+__all__ = ["export_sparse", "masked_state_dict", "save_compressed", "load_compressed", "FORMAT"]
 
 FORMAT = "sparsetrain-compressed-state-dict/1"
 # Pack a tensor when at most this fraction is non-zero: values + 1 bit per element beat dense below ~97%.
@@ -86,3 +86,13 @@ def load_compressed(path: str | os.PathLike, map_location: str | torch.device = 
                               int(e["numel"]))
         out[key] = packing.unpack(meta, tuple(e["tensors"])).contiguous()
     return out
+
+
+def export_sparse(model: nn.Module, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``model``'s state_dict with the forward's masks applied (loads into the vanilla model).
+
+    With ``path``, also writes it compressed (:func:`save_compressed`) and returns
+    ``{"state_dict": ..., "bytes": ..., "dense_bytes": ...}``; without, ``{"state_dict": ...}``.
+    """
+    sd = masked_state_dict(model)
+    return {"state_dict": sd, **(save_compressed(sd, path) if path is not None else {})}

@@ -421,16 +421,5 @@ class SparsityHandle:
         self.distributed = []
         return self.model
 
-    def export(self, path: str | None = None) -> dict[str, Any]:
-        """The model's ``state_dict`` with the forward's masks applied (loads into the vanilla model).
-
-        With ``path``, also writes it compressed (:func:`sparsetrain.export.save_compressed`) and returns
-        ``{"state_dict": ..., "bytes": ..., "dense_bytes": ...}``; without, ``{"state_dict": ...}``.
-        """
-        from sparsetrain.export import masked_state_dict, save_compressed
-
-        sd = masked_state_dict(self.model)
-        return {"state_dict": sd, **(save_compressed(sd, path) if path is not None else {})}
-
     def __repr__(self) -> str:
         return f"SparsityHandle(preset={self.recipe.preset!r}, layers={len(self.modules)}, step={self.step_count})"

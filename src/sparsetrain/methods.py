@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import torch
 import torch.nn as nn
 
 from sparsetrain import sparsifiers as sp
@@ -36,6 +37,9 @@ __all__ = [
     "list_presets",
     "merge_specs",
     "check_choice",
+    "GradientThreshold",
+    "decay_into_gradients",
+    "threshold_gradients_",
 ]
 
 log = logging.getLogger(__name__)
@@ -287,3 +291,69 @@ register_preset("random-channel", "Changpinyo et al.: fixed random channel conne
 register_preset("threshold", "TensorQuant: magnitude thresholds on weights / activations / weight gradients "
                 "(weight_threshold 0.01 when none is given)", ThresholdConfig,
                 density_hint="weight_threshold / activation_threshold / gradient_threshold")
+
+
+# ------------------------------------------------------------------------------------------------ loop rules
+# A method whose rule acts on the optimizer's gradients, not on a layer's operands, gives the training loop one
+# object with ``prepare(optimizer)`` (once, after the optimizer is built) and ``__call__(optimizer)`` (every step,
+# between backward and ``optimizer.step()``). ``Recipe.gradient_rule()`` returns it, or None.
+
+#: Param-group key holding the coupled L2 coefficient the loop adds to the gradient itself (the group's own
+#: ``weight_decay`` is then 0). Kept in the group so the optimizer's state_dict, and so a resume, carries it.
+GRAD_L2_KEY = "grad_l2"
+
+
+def _decoupled(opt: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    # AdamW decays the weights directly, not through the gradient (newer torch marks it in the group as well).
+    return isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+
+
+def decay_into_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Move each param group's coupled L2 weight decay out of the optimizer, for :func:`threshold_gradients_`.
+
+    TensorQuant's gradient-threshold study thresholds the gradient *after* the L2 term is added, so the term must be
+    in the gradient when it is thresholded: the group's ``weight_decay`` goes to the ``grad_l2`` key and is set to 0
+    (added once, by :func:`threshold_gradients_`). Decoupled decay (AdamW) stays in the optimizer. Idempotent.
+    """
+    for group in optimizer.param_groups:
+        if not _decoupled(optimizer, group) and group.get("weight_decay", 0.0) and GRAD_L2_KEY not in group:
+            group[GRAD_L2_KEY], group["weight_decay"] = group["weight_decay"], 0.0
+
+
+@torch.no_grad()
+def threshold_gradients_(optimizer: torch.optim.Optimizer, threshold: float) -> None:
+    """TensorQuant's gradient study, in place: ``g += grad_l2 * p``, then ``g = 0`` where ``|g| <= threshold``.
+
+    Acts on every parameter of ``optimizer`` that has a gradient (biases and BatchNorm included), between backward
+    (and AMP unscaling) and ``optimizer.step()``; the L2 coefficient is the one :func:`decay_into_gradients` moved
+    out of each group. Stays on the device (no host sync).
+    """
+    for group in optimizer.param_groups:
+        wd = group.get(GRAD_L2_KEY, 0.0)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if wd:
+                p.grad.add_(p, alpha=wd)
+            p.grad.masked_fill_(p.grad.abs() <= threshold, 0)  # |g| > T kept, as TensorQuant
+
+
+@dataclass(frozen=True)
+class GradientThreshold:
+    """TensorQuant's gradient study as a loop rule: one magnitude threshold on every gradient, after the L2 term.
+
+    Example:
+        >>> net = nn.Linear(2, 1); opt = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=0.0)
+        >>> rule = GradientThreshold(0.5); rule.prepare(opt)
+        >>> net(torch.ones(1, 2)).sum().backward(); rule(opt)
+        >>> net.weight.grad.tolist()
+        [[1.0, 1.0]]
+    """
+
+    threshold: float
+
+    def prepare(self, optimizer: torch.optim.Optimizer) -> None:
+        decay_into_gradients(optimizer)
+
+    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
+        threshold_gradients_(optimizer, self.threshold)

@@ -25,7 +25,15 @@ import torch.nn as nn
 
 from sparsetrain import sparsifiers as sp
 from sparsetrain.layers import LayerSpec, counted_layer
-from sparsetrain.methods import PRESETS, Preset, check_choice, list_presets, merge_specs, register_preset
+from sparsetrain.methods import (
+    PRESETS,
+    GradientThreshold,
+    Preset,
+    check_choice,
+    list_presets,
+    merge_specs,
+    register_preset,
+)
 
 __all__ = [
     "Recipe",
@@ -33,6 +41,10 @@ __all__ = [
     "register_preset",
     "resolve_layers",
     "first_and_last_layers",
+    "find_first_conv",
+    "find_classifier",
+    "infer_first_conv",
+    "infer_classifier",
     "PRESETS",
     "GLOBAL_KEYS",
     "GRADIENT_THRESHOLD_SCOPES",
@@ -98,6 +110,13 @@ class Recipe:
     @property
     def densify_init(self) -> str:
         return getattr(self.method, "densify_init", "zero")
+
+    def gradient_rule(self) -> GradientThreshold | None:
+        """The rule the training loop applies to the optimizer's gradients each step (TensorQuant's gradient study
+        in its paper's scope, ``all_after_decay``), or None."""
+        if self.gradient_threshold is None or self.gradient_threshold_scope != "all_after_decay":
+            return None
+        return GradientThreshold(self.gradient_threshold)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -336,14 +355,61 @@ def _eligible(mod: nn.Module, layer_types: str) -> bool:
     return True
 
 
+def infer_first_conv(model: nn.Module) -> str | None:
+    """Module-order guess of the layer that reads the input: the first ``nn.Conv2d`` or ``nn.Linear`` (or None).
+
+    ``isinstance`` matching, so subclasses (e.g. sparse layers) count.
+    """
+    return next((n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+
+
+def infer_classifier(model: nn.Module) -> str | None:
+    """Module-order guess of the classifier: the last ``nn.Linear`` (or None).
+
+    ``isinstance`` matching, so subclasses (e.g. sparse layers) count. Fully convolutional heads (e.g.
+    torchvision's SqueezeNet) have no Linear and get None: declare ``classifier`` for such a model.
+    """
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    return name
+
+
+def _declared(model: nn.Module, field: str) -> str | None:
+    """``model.default_cfg``'s ``field`` when it names a module of ``model`` (a user may have replaced the head).
+
+    The cfg may be a :class:`ModelCfg`, any object with that attribute, or a mapping (timm models carry a dict).
+    """
+    cfg = getattr(model, "default_cfg", None)
+    name = cfg.get(field) if isinstance(cfg, Mapping) else getattr(cfg, field, None)
+    if not isinstance(name, str):
+        return None
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return None
+    return name
+
+
+def find_first_conv(model: nn.Module) -> str | None:
+    """Name of the layer that reads the input: ``model.default_cfg.first_conv`` if set, else
+    :func:`infer_first_conv`."""
+    return _declared(model, "first_conv") or infer_first_conv(model)
+
+
+def find_classifier(model: nn.Module) -> str | None:
+    """Name of the classifier: ``model.default_cfg.classifier`` if set, else :func:`infer_classifier` (the last
+    ``nn.Linear`` in ``model.named_modules()`` order; None if none)."""
+    return _declared(model, "classifier") or infer_classifier(model)
+
+
 def first_and_last_layers(model: nn.Module) -> tuple[str, str]:
     """The model's first and last layer, the one definition the first/last-layer rules use.
 
     A registered model declares them (``model.default_cfg.first_conv`` / ``.classifier``, timm style); any other
     model uses its first and last Conv2d/Linear in registration order.
     """
-    from sparsetrain.models import find_classifier, find_first_conv  # the registry's one definition
-
     names = [n for n, m in model.named_modules() if counted_layer(m)]
     if not names:
         raise ValueError("recipe: the model has no nn.Conv2d or nn.Linear layers to sparsify")

@@ -56,8 +56,6 @@ __all__ = [
     "FORMAT_VERSION",
     "FORMAT_VERSION_KEY",
     "SUMMARY_FLOPS_KEYS",
-    "CHECKPOINT",
-    "PREV_CHECKPOINT",
     "RunDir",
     "RunDirectoryError",
     "RunLock",
@@ -425,7 +423,9 @@ def _config_density(config: Mapping[str, Any]) -> float | None:
     if overrides.get("density") is not None:
         return overrides["density"]
     if overrides.get("sparsity") is not None:
-        return round(1.0 - float(overrides["sparsity"]), 12)
+        from sparsetrain.sparsifiers import density_from
+
+        return density_from(None, overrides["sparsity"], "recipe_overrides")
     return config.get("density")
 
 
@@ -786,8 +786,3 @@ def load_run(path: str | os.PathLike, *, weights: bool = True) -> Run:
         model.load_state_dict(ckpt["model"])
     model.eval()
     return Run(run_dir.path, config, model, info, ckpt)
-
-
-#: The checkpoint file names, for callers that predate :class:`RunDir`.
-CHECKPOINT = RunDir.CHECKPOINT
-PREV_CHECKPOINT = RunDir.PREV_CHECKPOINT

@@ -43,7 +43,6 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,7 +69,6 @@ __all__ = [
     "format_non_gemm",
     "format_table",
     "layer_density",
-    "densities_from_metrics",
     "is_counted_layer",
 ]
 
@@ -509,7 +507,7 @@ def count_flops(
             )
         )
     other = sum(p.numel() for p in model.parameters() if id(p) not in counted_params)
-    from sparsetrain.models import find_classifier
+    from sparsetrain.recipe import find_classifier
 
     # The model's own classifier (declared by the registry, else its last nn.Linear), as the recipes' last-layer
     # rule sees it; a fully convolutional head has none, and then its last counted layer run is the classifier.
@@ -523,16 +521,6 @@ def count_flops(
         non_gemm=replace(recorded["counts"], options=options) if options else None,
     )
     return dense.with_densities(densities) if densities else dense
-
-
-def densities_from_metrics(path: str | Path) -> dict[str, dict[str, float]]:
-    """Measured densities of a run's last recorded epoch (``path``: the run directory or a file in it).
-
-    The run directory's format belongs to :class:`sparsetrain.runs.RunDir`; this is its ``last_densities()``.
-    """
-    from sparsetrain.runs import RunDir
-
-    return RunDir.containing(path).last_densities()
 
 
 def format_count(n: float) -> str:

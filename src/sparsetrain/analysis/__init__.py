@@ -1,7 +1,7 @@
 """Post-training analysis of a trained model: TensorQuant's per-layer threshold search and weight baking.
 
 Analysis sits on top of :mod:`sparsetrain.telemetry` (it evaluates models with a Monitor attached and enforces
-thresholds with :func:`sparsetrain.telemetry.tables.apply_thresholds`); nothing below it imports it.
+thresholds with :func:`sparsetrain.telemetry.inference.apply_thresholds`); nothing below it imports it.
 
 Example:
     >>> from sparsetrain.analysis import halving_search
@@ -17,6 +17,7 @@ from sparsetrain.analysis.search import (
     ThresholdSearchResult,
     bake_sparse_weights,
     halving_search,
+    inference_model,
     make_evaluator,
     search_thresholds,
     threshold_recipe,
@@ -30,6 +31,7 @@ __all__ = [
     "ThresholdSearchResult",
     "bake_sparse_weights",
     "halving_search",
+    "inference_model",
     "make_evaluator",
     "search_thresholds",
     "threshold_recipe",

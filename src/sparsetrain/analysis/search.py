@@ -7,7 +7,7 @@ stays dense. Then every found threshold is applied at once and the combined accu
 result turns into a recipe that ``sparsetrain.sparsify_`` loads.
 
 Thresholds are enforced through ``sparsetrain.sparsify_`` with ``threshold`` sparsifiers on a deep copy of the
-model (:func:`sparsetrain.telemetry.tables.apply_thresholds`), so the searched model is never modified. Operands:
+model (:func:`sparsetrain.telemetry.inference.apply_thresholds`), so the searched model is never modified. Operands:
 
 * ``"weight"``: the weight as used in forward (TensorQuant's weight sparsity).
 * ``"input"``: the activation a layer *consumes* (after the previous ReLU / pooling). TensorQuant thresholds a
@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 
 from sparsetrain.layers import OPERANDS
+from sparsetrain.telemetry.inference import apply_thresholds, ensure_dense, threshold_layers
 from sparsetrain.telemetry.monitor import evaluate_with_monitor, monitored_layers
-from sparsetrain.telemetry.tables import apply_thresholds, ensure_dense
 
 if TYPE_CHECKING:
     from sparsetrain.handle import SparsityHandle
@@ -55,6 +55,7 @@ __all__ = [
     "ThresholdSearchResult",
     "threshold_recipe",
     "bake_sparse_weights",
+    "inference_model",
     "Evaluator",
     "make_evaluator",
     "halving_search",
@@ -89,10 +90,8 @@ def threshold_recipe(thresholds: Mapping[str, float | None], operand: str = "wei
         {'layers': {'conv1': {'weight': {'type': 'threshold', 'threshold': 0.0625}}, 'fc': None}}
     """
     _check_operand(operand)
-    layers: dict[str, Any] = {}
-    for name, thr in thresholds.items():
-        layers[name] = None if thr is None else {operand: {"type": "threshold", "threshold": float(thr)}}
-    return {"layers": layers}
+    built = threshold_layers(**{operand: {n: t for n, t in thresholds.items() if t is not None}})
+    return {"layers": {name: built.get(name) for name in thresholds}}
 
 
 def _reads_activations(spec: Any) -> bool:
@@ -100,40 +99,32 @@ def _reads_activations(spec: Any) -> bool:
     return spec.input is not None or spec.output is not None
 
 
-def bake_sparse_weights(target: SparsityHandle | nn.Module) -> list[str]:
-    """Turn a sparsified model into a dense one computing the same forward weights: in place.
-
-    Every sparse layer's weight is overwritten by its effective weight (the weight as the forward uses it:
-    SWAT's top-K, a random channel mask) and the plain ``nn.Conv2d``/``nn.Linear`` is put back. This is how a
+def bake_sparse_weights(handle: SparsityHandle) -> list[str]:
+    """Turn a sparsified model into a dense one computing the same forward weights, in place:
+    ``handle.remove(bake=True)`` (every sparse layer's weight overwritten by the weight its forward uses -- SWAT's
+    top-K, a random channel mask -- and the plain ``nn.Conv2d``/``nn.Linear`` put back). This is how a
     sparse-trained run is measured "as trained" and thresholds enforced on top.
-
-    Args:
-        target: the :class:`~sparsetrain.handle.SparsityHandle` of the model (preferred: baking is then
-            ``handle.remove(bake=True)``), or the model itself when its handle is gone.
 
     Returns:
         The layers whose forward also sparsified activations (``input``/``output`` operands): that part of the
         inference function is not kept by baking.
     """
-    from sparsetrain.handle import SparsityHandle
-    from sparsetrain.layers import effective_weight, is_sparse_layer
-
-    if isinstance(target, SparsityHandle):
-        lost = [name for name, spec in target.layers.items() if _reads_activations(spec)]
-        target.remove(bake=True)
-        return lost
-    lost = []
-    with torch.no_grad():
-        for name, m in list(target.named_modules()):
-            if not is_sparse_layer(m):
-                continue
-            if not name:
-                raise ValueError("bake_sparse_weights needs a container module, got a bare sparse layer")
-            if _reads_activations(m.spec):
-                lost.append(name)
-            m.weight.copy_(effective_weight(m))
-            target.set_submodule(name, m.to_dense())
+    lost = [name for name, spec in handle.layers.items() if _reads_activations(spec)]
+    handle.remove(bake=True)
     return lost
+
+
+def inference_model(run: Any, dense: bool = False) -> nn.Module:
+    """A loaded run's model (:func:`sparsetrain.runs.load_run`) as trained, as a dense module: the recipe's forward
+    weights baked in (``dense=True`` or a dense recipe: the stored weights as they are)."""
+    model = run.model
+    if dense or run.config.get("recipe") in (None, "dense"):
+        return model
+    lost = bake_sparse_weights(run.sparsify())
+    if lost:
+        logger.warning("the run's recipe also sparsifies forward activations of %s; measured without that "
+                       "(only its forward weights are kept)", ", ".join(lost))
+    return model
 
 
 class Evaluator:

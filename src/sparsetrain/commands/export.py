@@ -62,7 +62,7 @@ def export_run(run: str | Path, out: str | Path | None = None, compressed_out: s
     """
     import torch
 
-    from sparsetrain.export import save_compressed
+    from sparsetrain.export import masked_state_dict, save_compressed
     from sparsetrain.runs import RunDir, atomic_write_bytes, load_run
 
     run_dir = RunDir(run)
@@ -84,7 +84,7 @@ def export_run(run: str | Path, out: str | Path | None = None, compressed_out: s
     if lost:
         logger.warning("the run's recipe also sparsifies forward activations of %s: not a weight, so not in the "
                        "exported state_dict", ", ".join(lost))
-    exported = handle.export()["state_dict"]
+    exported = masked_state_dict(handle.model)
     buf = io.BytesIO()
     torch.save(exported, buf)
     atomic_write_bytes(out_path, buf.getvalue())

@@ -157,13 +157,14 @@ def _nominal_densities(model: Any, recipe: str | None, density: float | None = N
             raise ValueError("--density/--sparsity/--first-layer-dense need --recipe")
         return None
     import sparsetrain
+    from sparsetrain.sparsifiers import density_from
 
     overrides: dict[str, Any] = {}
     if density is not None:
         overrides["density"] = density
     if sparsity is not None:
         # As density: a preset's default density would otherwise clash with an explicit sparsity.
-        overrides["density"] = round(1.0 - sparsity, 12)
+        overrides["density"] = density_from(None, sparsity, "--sparsity")
     if first_layer_dense is not None:
         overrides["first_layer_dense"] = first_layer_dense
     handle = sparsetrain.sparsify_(model, recipe, **overrides)

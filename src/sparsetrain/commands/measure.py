@@ -53,21 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def _inference_model(run, dense: bool):
-    """The run's model as trained, as a dense module (sparse forward weights baked in)."""
-    from sparsetrain.analysis import bake_sparse_weights
-
-    model = run.model
-    recipe = run.config.get("recipe")
-    if dense or recipe in (None, "dense"):
-        return model
-    lost = bake_sparse_weights(run.sparsify())  # handle.remove(bake=True): plain modules, forward weights kept
-    if lost:
-        logger.warning("the run's recipe also sparsifies forward activations of %s; measured without that "
-                       "(only its forward weights are kept)", ", ".join(lost))
-    return model
-
-
 def _test_subset(run, args: argparse.Namespace) -> int | None:
     """The test images to evaluate: ``--test-subset``, else all with ``--full-test-set``, else the run's setting."""
     if args.full_test_set:
@@ -80,29 +65,18 @@ def _test_subset(run, args: argparse.Namespace) -> int | None:
 
 
 def _test_loader(run, data_dir, batch_size, device, subset: int | None = None):
-    from sparsetrain.data import BatchLoader, dataset_info, load_arrays, make_loaders, subset_indices
+    from sparsetrain.data import make_test_loader
 
-    cfg = run.config
-    name = cfg.get("dataset")
+    name = run.config.get("dataset")
     if not name:
         raise ValueError(f"{run.run_dir.config_path}: the run's config has no 'dataset'")
-    data_dir = data_dir or cfg.get("data_dir")
-    info = dataset_info(name)
-    if not info.in_memory:  # image folders: only the full loader factory knows how to read them
-        return make_loaders(name, data_dir=data_dir, batch_size=batch_size, augment=False, device=device,
-                            test_subset=subset)[1]
-    # Only the test split: no need to read (and hold) the training set.
-    x, y = load_arrays(name, "test", data_dir)
-    if subset is not None:
-        idx = subset_indices(y, subset)  # the first N, as training evaluated them
-        x, y = x[idx], y[idx]
-    return BatchLoader(x, y, batch_size, mean=info.mean, std=info.std, device=device)
+    return make_test_loader(name, data_dir or run.config.get("data_dir"), batch_size, subset=subset, device=device)
 
 
 def main(args: argparse.Namespace) -> int:
-    from sparsetrain.analysis import make_evaluator, search_thresholds
+    from sparsetrain.analysis import inference_model, make_evaluator, search_thresholds
     from sparsetrain.commands._errors import UsageError
-    from sparsetrain.telemetry.tables import measure_sparsity
+    from sparsetrain.telemetry.inference import measure_sparsity
 
     if args.batches is not None and args.batches < 1:
         raise UsageError(f"--batches must be >= 1, got {args.batches}")
@@ -119,10 +93,10 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # not a run directory, missing or damaged checkpoint
         print(f"sparsetrain measure: error: {e}", file=sys.stderr)
         return 2
-    from sparsetrain.train import check_device
+    from sparsetrain.training import check_device
 
     device = check_device(args.device)
-    model = _inference_model(run, args.dense).to(device).eval()
+    model = inference_model(run, args.dense).to(device).eval()
     subset = _test_subset(run, args)
     loader = _test_loader(run, args.data_dir, args.batch_size, device, subset)
     if subset is not None:

@@ -54,8 +54,7 @@ def main(args: argparse.Namespace) -> int:
     from sparsetrain.cli import EXIT_INTERRUPTED, EXIT_NONFINITE
     from sparsetrain.commands._errors import UsageError
     from sparsetrain.commands.sweep import run_jobs
-    from sparsetrain.reporting.reproduce import write_results
-    from sparsetrain.reproduce import (
+    from sparsetrain.papers import (
         ExperimentError,
         collect_results,
         list_experiments,
@@ -64,6 +63,7 @@ def main(args: argparse.Namespace) -> int:
         point_jobs,
         resolve_widths,
     )
+    from sparsetrain.reporting.reproduce import write_results
     from sparsetrain.runs import RunDir
 
     if args.list:
@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     analyses: dict[str, dict] = {}
     measure = exp.analyses.get("measure")
     if measure:
-        from sparsetrain.reproduce import write_json
+        from sparsetrain.reporting.reproduce import write_json
 
         cache = out / "_analysis"
         for p, seed, run, _ in jobs:

@@ -95,7 +95,7 @@ def parse_params(items: list[str]) -> dict[str, list[Any]]:
 
 def _valid_keys() -> tuple[list[str], list[str]]:
     from sparsetrain.recipe import GLOBAL_KEYS
-    from sparsetrain.train import TrainConfig
+    from sparsetrain.training import TrainConfig
 
     recipe_keys = [k for k in GLOBAL_KEYS if k not in ("preset", "layers", "stack")]
     train_keys = [k for k in TrainConfig.fields() if k not in _RESERVED and k not in recipe_keys]
@@ -127,28 +127,6 @@ def _fmt(value: Any) -> str:
 def run_name(values: dict[str, Any], seed: int) -> str:
     """The run directory's name of a point and seed, e.g. ``density-0.5_seed-0``."""
     return "_".join([f"{k}-{_fmt(v)}" for k, v in values.items()] + [f"seed-{seed}"])
-
-
-def check_same_config(run, cfg: dict[str, Any]) -> None:
-    """A run directory reused by a rerun must hold the same job, else the table would mix two sweeps.
-
-    Raises:
-        UsageError: the run directory holds a run whose config differs from ``cfg`` (the message names the key).
-    """
-    from sparsetrain.commands._errors import UsageError
-    from sparsetrain.train import TrainConfig
-
-    try:
-        saved = TrainConfig.from_dict(run.read_config()).to_dict()
-    except Exception:  # noqa: BLE001 - an unreadable config: the run itself will say so when resumed
-        return
-    wanted = TrainConfig.from_dict(cfg).to_dict()
-    ignore = {"out", "quiet", "data_dir", "device", "log_every", "telemetry_every", "tensorboard"}
-    diff = sorted(k for k in wanted if k not in ignore and saved.get(k) != wanted.get(k))
-    if diff:
-        k = diff[0]
-        raise UsageError(f"{run.path} holds a run with a different config ({k}: {saved.get(k)!r} there, "
-                         f"{wanted.get(k)!r} now): choose another --out for this sweep")
 
 
 def summarize_points(points: list[Point]) -> list[dict[str, Any]]:
@@ -261,7 +239,7 @@ def run_jobs(jobs: list[tuple[Any, dict[str, Any]]], command: str = "sweep") -> 
         ``(interrupted, diverged)``: True when Ctrl-C stopped the jobs (the message saying how to continue is
         printed), and the names of the run directories that stopped on NaN/Inf.
     """
-    from sparsetrain.train import NonFiniteError, TrainConfig, TrainingInterrupted, train
+    from sparsetrain.training import NonFiniteError, TrainConfig, TrainingInterrupted, train
 
     diverged: list[str] = []
     for i, (run, cfg) in enumerate(jobs, 1):
@@ -301,7 +279,8 @@ def main(args: argparse.Namespace) -> int:
     from sparsetrain.commands.train import resolve_config
     from sparsetrain.recipe import Recipe
     from sparsetrain.runs import RunDir
-    from sparsetrain.train import TrainConfig
+    from sparsetrain.training import TrainConfig
+    from sparsetrain.training.config import check_same_config
 
     if args.resume:
         raise UsageError("sweep has no --resume: rerun the same sweep command (same --out) and it resumes "

@@ -115,7 +115,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """defaults <- --config file <- explicit flags <- --set; returns the config dict (validated by TrainConfig)."""
     from sparsetrain.commands._errors import UsageError, load_yaml_file
     from sparsetrain.runs import FORMAT_VERSION_KEY
-    from sparsetrain.train import TrainConfig
+    from sparsetrain.training import TrainConfig
 
     cfg = TrainConfig().to_dict()
     if args.config:
@@ -156,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
     from sparsetrain.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE
     from sparsetrain.commands._errors import USER_ERRORS, describe
     from sparsetrain.distributed import ConsistencyError
-    from sparsetrain.train import NonFiniteError, TrainConfig, TrainingInterrupted, format_summary, train
+    from sparsetrain.training import NonFiniteError, TrainConfig, TrainingInterrupted, format_summary, train
 
     log = logging.getLogger("sparsetrain")
     try:

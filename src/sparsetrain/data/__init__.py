@@ -20,12 +20,11 @@ from sparsetrain.data.datasets import (
     read_cifar_pickle,
     read_idx,
 )
+from sparsetrain.data.factory import make_loader, make_loaders, make_test_loader
 from sparsetrain.data.loader import (
     BatchLoader,
     crop_flip,
     epoch_seed,
-    make_loader,
-    make_loaders,
     normalize_to_float,
     random_crop_flip,
     subset_indices,
@@ -47,6 +46,7 @@ __all__ = [
     "load_arrays",
     "make_loader",
     "make_loaders",
+    "make_test_loader",
     "normalize_to_float",
     "random_crop_flip",
     "read_cifar_pickle",

@@ -17,10 +17,13 @@ import dataclasses
 import fnmatch
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, overload
+from typing import Any, Callable, overload
 
 import torch
 import torch.nn as nn
+
+# The one definition of a model's first and last layer lives with the recipes that use it (the core).
+from sparsetrain.recipe import find_classifier, find_first_conv, infer_classifier, infer_first_conv
 
 __all__ = [
     "ModelCfg",
@@ -257,52 +260,3 @@ def _built_cfg(base: ModelCfg, model: nn.Module, kwargs: dict[str, Any]) -> Mode
         num_classes = kwargs.get("num_classes", base.num_classes)
     return dataclasses.replace(base, first_conv=first_conv, classifier=classifier, input_size=input_size,
                                num_classes=num_classes)
-
-
-def infer_first_conv(model: nn.Module) -> str | None:
-    """Module-order guess of the layer that reads the input: the first ``nn.Conv2d`` or ``nn.Linear`` (or None).
-
-    ``isinstance`` matching, so subclasses (e.g. sparse layers) count.
-    """
-    return next((n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
-
-
-def infer_classifier(model: nn.Module) -> str | None:
-    """Module-order guess of the classifier: the last ``nn.Linear`` (or None).
-
-    ``isinstance`` matching, so subclasses (e.g. sparse layers) count. Fully convolutional heads (e.g.
-    torchvision's SqueezeNet) have no Linear and get None: declare ``classifier`` for such a model.
-    """
-    name = None
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            name = n
-    return name
-
-
-def _declared(model: nn.Module, field: str) -> str | None:
-    """``model.default_cfg``'s ``field`` when it names a module of ``model`` (a user may have replaced the head).
-
-    The cfg may be a :class:`ModelCfg`, any object with that attribute, or a mapping (timm models carry a dict).
-    """
-    cfg = getattr(model, "default_cfg", None)
-    name = cfg.get(field) if isinstance(cfg, Mapping) else getattr(cfg, field, None)
-    if not isinstance(name, str):
-        return None
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return None
-    return name
-
-
-def find_first_conv(model: nn.Module) -> str | None:
-    """Name of the layer that reads the input: ``model.default_cfg.first_conv`` if set, else
-    :func:`infer_first_conv`."""
-    return _declared(model, "first_conv") or infer_first_conv(model)
-
-
-def find_classifier(model: nn.Module) -> str | None:
-    """Name of the classifier: ``model.default_cfg.classifier`` if set, else :func:`infer_classifier` (the last
-    ``nn.Linear`` in ``model.named_modules()`` order; None if none)."""
-    return _declared(model, "classifier") or infer_classifier(model)

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from sparsetrain.formatting import finite_float as _num
 from sparsetrain.layers import OPERANDS
 from sparsetrain.reporting.document import (
     Block,
@@ -104,12 +105,6 @@ def _version() -> str:
 
 def _now() -> str:
     return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
 
 
 def _pct_cell(value: Any, digits: int = 2) -> str:

@@ -1,6 +1,6 @@
 """Tables and plots of ``sparsetrain reproduce``, rendered from a results record (``reproduce.json``) alone.
 
-The record (:func:`sparsetrain.reproduce.collect_results`) holds every per-seed number; this module aggregates them
+The record (:func:`sparsetrain.papers.collect_results`) holds every per-seed number; this module aggregates them
 (mean ± sample SD over seeds) into each paper's table layout, prints the published numbers beside them and draws the
 plots. :func:`write_results` writes ``reproduce.json``, ``tables.md``, one CSV per table and the PNGs into a results
 folder; :func:`regenerate` rewrites the tables and plots of an existing results folder from its ``reproduce.json``
@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -25,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsetrain.formatting import format_pct
 from sparsetrain.reporting.tables import format_mean_sd, mean_sd
 
 __all__ = ["RESULTS_FILE", "TABLES_FILE", "Table", "Rendered", "Written", "is_results_folder", "render",
-           "write_results", "regenerate", "point_stats"]
+           "write_results", "write_json", "regenerate", "point_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +119,7 @@ def point_stats(point: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _pct(v: float | None, digits: int = 1) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
+_pct = functools.partial(format_pct, digits=1, fraction=False)  # the figures here are percentages already
 
 
 def _minutes(seconds: float) -> str:
@@ -592,10 +593,16 @@ def is_results_folder(path: str | Path) -> bool:
     return (Path(path) / RESULTS_FILE).is_file()
 
 
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON (atomically: a reader never sees half a file)."""
+    from sparsetrain.runs import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
 def write_results(rec: dict[str, Any], folder: str | Path, plots: bool = True) -> Written:
     """Write the record, ``tables.md``, one CSV per table and the plots into ``folder``."""
-    from sparsetrain.reproduce import write_json
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / RESULTS_FILE, rec)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsetrain.formatting import finite_float
 from sparsetrain.runs import SUMMARY_FLOPS_KEYS, RunDir, RunDirectoryError
 
 __all__ = [
@@ -112,17 +112,7 @@ class RunFiles:
         """The four run-level figures of :data:`FLOPS_KEYS` from the summary, falling back to the FLOP file."""
         from_summary = self.summary.get("flops") or {}
         from_file = self.flops or {}
-        return {k: _as_float(from_summary.get(k, from_file.get(k))) for k in FLOPS_KEYS}
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
+        return {k: finite_float(from_summary.get(k, from_file.get(k))) for k in FLOPS_KEYS}
 
 
 def recipe_label(recipe: Any) -> str:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparsetrain.formatting import finite_float as _num
+from sparsetrain.formatting import format_pct
 from sparsetrain.reporting.runfiles import FLOPS_KEYS, RunFiles, recipe_label
 
 __all__ = [
@@ -68,11 +70,6 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def format_pct(fraction: float | None, digits: int = 2) -> str:
-    """A fraction in [0, 1] as a percentage without the sign, ``None`` as a dash."""
-    return "—" if fraction is None else f"{100.0 * fraction:.{digits}f}"
-
-
 def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and *sample* standard deviation (n - 1); the SD is None for a single value.
 
@@ -109,12 +106,6 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[full] = value
     return out
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -15,6 +15,13 @@ Example:
 """
 
 from sparsetrain.telemetry.blocks import TOTAL, Count, aggregate, auto_blocks, block_members, resolve_blocks
+from sparsetrain.telemetry.inference import (
+    SparsityReport,
+    SparsityRow,
+    apply_thresholds,
+    ensure_dense,
+    measure_sparsity,
+)
 from sparsetrain.telemetry.monitor import TENSORS, Monitor, counts_from_records, evaluate_with_monitor, monitored_layers
 from sparsetrain.telemetry.sinks import (
     RECORD_FIELDS,
@@ -24,14 +31,6 @@ from sparsetrain.telemetry.sinks import (
     Sink,
     TensorBoardSink,
     read_csv,
-    read_jsonl,
-)
-from sparsetrain.telemetry.tables import (
-    SparsityReport,
-    SparsityRow,
-    apply_thresholds,
-    ensure_dense,
-    measure_sparsity,
 )
 
 __all__ = [
@@ -52,7 +51,6 @@ __all__ = [
     "TensorBoardSink",
     "ListSink",
     "RECORD_FIELDS",
-    "read_jsonl",
     "read_csv",
     "measure_sparsity",
     "apply_thresholds",

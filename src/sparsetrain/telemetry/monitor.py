@@ -4,20 +4,24 @@ For each ``nn.Conv2d`` / ``nn.Linear`` (sparse layers subclass these) the :class
 ``every``-th step, the fraction of exact zeros (and optionally of near-zeros, ``|v| <= threshold``) of
 
 ============== =====================================================================================
-``weight``      the weight as used in forward: ``sparsetrain.layers.effective_weight(m)`` (``m.weight`` if dense)
-``input``       the activation the layer receives (``x``, at the module boundary)
-``output``      the activation the layer returns (``y``)
-``grad_output`` ``dy``, the gradient w.r.t. the layer's output, as the layer receives it
+``weight``      the weight as the forward uses it (``sparsetrain.layers.effective_weight(m)``; ``m.weight`` if dense)
+``input``       the activation the layer receives (``x``, before the layer's own input sparsifier)
+``output``      the activation the layer returns (``y``, after its output sparsifier)
+``grad_output`` ``dy``, the gradient w.r.t. the layer's output, as the layer receives it (before its own
+                grad-output sparsifier; an ``output`` sparsifier's mask is already applied, as in the kernel)
 ``grad_input``  ``dx``, the gradient the layer sends to its input (its own contribution only)
-``grad_weight`` ``dW``, the accumulated ``weight.grad`` the optimizer will consume
+``grad_weight`` ``dW``, the accumulated ``weight.grad`` the optimizer consumes, read at :meth:`Monitor.step`
 ============== =====================================================================================
 
-Activations and activation gradients are measured at the module boundary. ``output`` and ``grad_input`` are what
-a sparse layer emits, so its output / grad-input sparsifiers show; ``input`` and ``grad_output`` are what it is
-given, *before* its own input / grad-output sparsifier (SWAT's top-K on x, Ye et al.'s pruning of dy). For the
-operand as a sparse layer's GEMM uses it, read ``SparsityHandle.densities()`` after a ``with handle.measuring():``
-block, or, for a threshold sparsifier, set the same ``near_zero_threshold``: ``|v| <= thr`` counts exactly the values
-the threshold zeroes.
+One seam: a sparse layer is observed through :func:`sparsetrain.layers.add_observer` -- each row above is the
+kernel's :class:`~sparsetrain.layers.OperandEvent` of that operand, on the side of its sparsifier the table names
+(``before`` for ``input`` and ``grad_output``, ``after`` for the others); ``SparsityHandle.densities()`` reads the
+same events, always ``after`` (the operand as the GEMM used it, ``input_for_grad_weight`` included). The Monitor
+registers its observer only for sampling steps, so the kernel builds no events on the others. Plain modules (a
+dense first layer, a model never sparsified, a sparse layer whose spec has become fully dense) are observed by
+module and tensor hooks at the same places. ``grad_weight`` is read from ``weight.grad`` when :meth:`Monitor.step`
+runs, so a loop that changes the gradients between ``backward()`` and the update (TensorQuant's in-loop threshold,
+DDP's averaging) is recorded as the optimizer sees it: call ``mon.step()`` after that change.
 
 Usage (one ``mon.step()`` per optimizer step, anywhere after ``backward()``)::
 
@@ -32,10 +36,10 @@ Usage (one ``mon.step()`` per optimizer step, anywhere after ``backward()``)::
                 mon.step()             # write the sample (if this was a sampling step) and advance
 
 How a step is sampled: whether the current step is a sampling step is decided when the previous ``mon.step()``
-returns (``mon.sampling``), so the forward and backward hooks of that iteration know it from the start. The
-weight gradient is counted by a post-accumulate-grad hook on ``weight`` during ``backward()``, i.e. exactly the
-``weight.grad`` the optimizer consumes (after any gradient sparsifier of a sparse layer), whether ``mon.step()``
-is called before or after ``optimizer.step()``. Gradient accumulation over several backward passes: activations
+returns (``mon.sampling``), so the observer and the hooks of that iteration know it from the start. The weight
+gradient of every layer that received one in the step is counted when ``mon.step()`` runs: the ``weight.grad``
+the optimizer consumes (after any gradient sparsifier of a sparse layer, before or after ``optimizer.step()``,
+which leaves it unchanged). Gradient accumulation over several backward passes: activations
 and activation gradients are summed over all passes of the step (element-weighted), ``grad_weight`` is the
 accumulated gradient after the last pass, ``weight`` is counted at the first forward of the step.
 
@@ -60,7 +64,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from sparsetrain.layers import OPERANDS, counted_layer, effective_weight
+from sparsetrain.layers import OPERANDS, OperandEvent, add_observer, counted_layer, effective_weight, is_sparse_layer
 from sparsetrain.telemetry.blocks import (
     ELEMENT_WEIGHTED,
     TOTAL,
@@ -257,9 +261,16 @@ class Monitor:
         self._wgrad_params: dict[str, Tensor] = {}  # weights whose gradient this sampling step counted
         self._handles: list[Any] = []  # module and parameter hooks, removed on close
         self._step_handles: list[Any] = []  # tensor hooks of the current sampling step
+        self._graph_built = False  # a sparse layer's forward built an autograd graph in this sampling step
         self._latest: list[dict[str, Any]] = []
         self._warned_late = False
         self._closed = False
+        # Sparse layers are observed through the seam (their operands as the kernel sees them); plain modules, and
+        # a sparse layer whose spec has become fully dense (it then computes as the plain module and the kernel is
+        # not called), through module hooks.
+        self._names = {id(m): name for name, m in self._layers.items()}
+        self._observer: Any = None  # registered for sampling steps only: an observer makes the kernel build events
+        self._observe(self._sampling)
         for name, m in self._layers.items():
             self._handles.append(m.register_forward_pre_hook(functools.partial(self._pre_hook, name)))
             self._handles.append(m.register_forward_hook(functools.partial(self._fwd_hook, name)))
@@ -283,6 +294,37 @@ class Monitor:
     def _active(self, module: nn.Module) -> bool:
         return self._sampling and (module.training or self.include_eval)
 
+    def _observe(self, on: bool) -> None:
+        if on and self._observer is None:
+            self._observer = add_observer(self._on_event)
+        elif not on and self._observer is not None:
+            self._observer.remove()
+            self._observer = None
+
+    def _hooked(self, module: nn.Module) -> bool:
+        """Whether the module hooks count ``module`` (the seam reports a sparse layer whose kernel runs)."""
+        return self._active(module) and not (is_sparse_layer(module) and not module.spec.is_dense)
+
+    # The seam's operand -> (the Monitor's tensor, the side of the sparsifier it is counted on): activations at the
+    # layer's boundary (what it receives, what it returns), the weight as the forward uses it.
+    _SEAM = {"weight": ("weight", "after"), "input": ("input", "before"), "output": ("output", "after"),
+             "grad_output": ("grad_output", "before"), "grad_input": ("grad_input", "after")}
+
+    def _on_event(self, ev: OperandEvent) -> None:
+        name = self._names.get(id(ev.module))
+        if name is None or not self._active(ev.module):
+            return
+        if ev.operand == "grad_weight":
+            # Counted at step(): the accumulated gradient as the optimizer sees it (after any change the loop makes
+            # between backward and the update: a gradient threshold, DDP's averaging).
+            self._wgrad_params[name] = ev.module.weight
+        elif ev.operand in ("weight_for_grad_input", "input_for_grad_weight"):
+            self._graph_built = True  # saved for backward: a gradient should arrive before step()
+        else:
+            tensor, side = self._SEAM[ev.operand]
+            if tensor != "weight" or (name, "weight") not in self._acc:
+                self._count(name, tensor, getattr(ev, side))
+
     def _count(self, name: str, tensor: str, t: Tensor, replace: bool = False) -> None:
         t = t.detach()
         acc = self._acc.get((name, tensor))
@@ -295,7 +337,7 @@ class Monitor:
             acc.near.append(torch.count_nonzero(t.abs() <= thr))
 
     def _pre_hook(self, name: str, module: nn.Module, args: tuple) -> tuple | None:
-        if not self._active(module) or not args or not isinstance(args[0], Tensor):
+        if not self._hooked(module) or not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
         self._count(name, "input", x)
@@ -308,7 +350,7 @@ class Monitor:
         return None
 
     def _fwd_hook(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self._active(module):
+        if not self._hooked(module):
             return
         if (name, "weight") not in self._acc:
             self._count(name, "weight", effective_weight(module))
@@ -332,20 +374,8 @@ class Monitor:
         self._count(name, tensor, grad)
 
     def _wgrad_hook(self, name: str, param: Tensor) -> None:
-        if not self._sampling or param.grad is None:
-            return
-        # replace=True: with gradient accumulation the last call sees the full accumulated gradient.
-        self._count(name, "grad_weight", param.grad, replace=True)
-        self._wgrad_params[name] = param
-
-    def recount_weight_grads(self) -> None:
-        """Count ``grad_weight`` again from each weight's current ``.grad``, for a loop that changes the gradients
-        after ``backward()`` and before the update: a gradient threshold applied in the loop (TensorQuant's study),
-        or DDP, whose all-reduce writes the averaged gradient back after the accumulate hooks ran. Call it between
-        that change and ``optimizer.step()``; a no-op on a non-sampling step."""
-        for name, param in self._wgrad_params.items():
-            if param.grad is not None:
-                self._count(name, "grad_weight", param.grad, replace=True)
+        if self._sampling and param.grad is not None:
+            self._wgrad_params[name] = param  # counted at step(), as the optimizer sees it
 
     # ------------------------------------------------------------------ sampling
     def step(self, epoch: int | None = None) -> list[dict[str, Any]] | None:
@@ -363,14 +393,20 @@ class Monitor:
             raise RuntimeError("Monitor.step() called after the monitor was closed")
         if epoch is not None:
             self.epoch = epoch
-        records = self._flush() if self._acc else None
+        records = self._flush() if self._acc or self._wgrad_params else None
         self._step += 1
         self._sampling = self._step % self.every == 0
+        self._observe(self._sampling)
         return records
 
     def _flush(self) -> list[dict[str, Any]]:
+        for name, param in self._wgrad_params.items():
+            if param.grad is not None:
+                self._count(name, "grad_weight", param.grad, replace=True)
         acc, self._acc = self._acc, {}
-        if self._step_handles and not any(t in ("grad_output", "grad_input") for _, t in acc) and not self._warned_late:
+        graph = self._step_handles or self._graph_built
+        self._graph_built = False
+        if graph and not any(t in ("grad_output", "grad_input") for _, t in acc) and not self._warned_late:
             logger.warning("telemetry: step %d built an autograd graph but no gradient arrived before mon.step(); "
                            "call mon.step() after loss.backward() to record gradients", self._step)
             self._warned_late = True
@@ -468,13 +504,14 @@ class Monitor:
         if self._closed:
             return
         try:
-            if flush and self._acc:
+            if flush and (self._acc or self._wgrad_params):
                 self._flush()
         finally:
             for h in self._step_handles + self._handles:
                 h.remove()
             self._step_handles, self._handles = [], []
-            self._acc = {}
+            self._observe(False)
+            self._acc, self._wgrad_params, self._names = {}, {}, {}
             self._layers = {}
             self._closed = True
             if self.close_sinks:

@@ -3,7 +3,7 @@
 A sink is anything with ``write(records: list[dict])`` and ``close()``. The :class:`~sparsetrain.telemetry.Monitor`
 calls ``write`` once per sample with all records of that sample. File sinks append and flush after every sample,
 so a run that is killed keeps everything written so far (at worst a truncated last line, which
-:func:`read_jsonl` skips).
+:func:`sparsetrain.runs.read_jsonl` skips).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Sink", "JsonlSink", "CsvSink", "TensorBoardSink", "ListSink", "RECORD_FIELDS", "read_jsonl", "read_csv"]
+__all__ = ["Sink", "JsonlSink", "CsvSink", "TensorBoardSink", "ListSink", "RECORD_FIELDS", "read_csv"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +137,6 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self._writer.close()
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a telemetry JSON-lines file (a truncated last line, from a killed run, is skipped with a warning)."""
-    from sparsetrain.runs import read_jsonl as _read
-
-    return _read(path, missing_ok=False)
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:

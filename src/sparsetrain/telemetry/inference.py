@@ -1,4 +1,4 @@
-"""Inference sparsity tables (TensorQuant Tables 1-5): per layer and per block, with and without enforcement.
+"""Inference sparsity (TensorQuant Tables 1-5): per layer and per block, with and without enforcement.
 
 :func:`measure_sparsity` evaluates a dense model twice with a :class:`~sparsetrain.telemetry.Monitor` attached:
 as it is (exact zeros), and with magnitude thresholds enforced through ``sparsetrain.sparsify_``
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from sparsetrain.formatting import format_pct
 from sparsetrain.layers import is_sparse_layer
 from sparsetrain.telemetry.blocks import TOTAL
 from sparsetrain.telemetry.monitor import evaluate_with_monitor, monitored_layers
@@ -37,6 +38,7 @@ __all__ = [
     "format_table",
     "apply_thresholds",
     "ensure_dense",
+    "threshold_layers",
 ]
 
 
@@ -103,8 +105,8 @@ class SparsityReport:
         return "\n".join(parts)
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+def _pct_cell(v: float | None) -> str:
+    return format_pct(v, 1, missing="-", sign="%")
 
 
 def _thr(v: float | None) -> str:
@@ -124,14 +126,14 @@ def format_table(rows: Sequence[SparsityRow], title: str = "Layer", enforced: bo
     table = [head]
     for r in rows:
         act = "-" if r.act_numel is None else f"{r.act_numel:.0f}"
-        line = [r.name, r.type, str(r.weight_numel), _pct(r.weight_sparsity)]
+        line = [r.name, r.type, str(r.weight_numel), _pct_cell(r.weight_sparsity)]
         if enforced:
-            line += [_thr(r.weight_threshold), _pct(r.weight_enforced)]
-        line += [act, _pct(r.input_sparsity)]
+            line += [_thr(r.weight_threshold), _pct_cell(r.weight_enforced)]
+        line += [act, _pct_cell(r.input_sparsity)]
         if enforced:
-            line += [_thr(r.act_threshold), _pct(r.input_enforced), _pct(r.output_enforced)]
+            line += [_thr(r.act_threshold), _pct_cell(r.input_enforced), _pct_cell(r.output_enforced)]
         else:
-            line += [_pct(r.output_sparsity)]
+            line += [_pct_cell(r.output_sparsity)]
         table.append(line)
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = []
@@ -180,8 +182,11 @@ def ensure_dense(model: nn.Module) -> None:
                          "call handle.remove(bake=True) first (or sparsetrain.analysis.bake_sparse_weights)")
 
 
-def _threshold_layers(weight: Mapping[str, float] | None, act: Mapping[str, float] | None) -> dict[str, Any]:
-    """The ``layers`` section of a recipe with a ``threshold`` sparsifier per named layer and operand."""
+def threshold_layers(weight: Mapping[str, float] | None = None, input: Mapping[str, float] | None = None
+                     ) -> dict[str, Any]:
+    """The ``layers`` section of a recipe with a ``threshold`` sparsifier per named layer and operand (the one
+    builder of threshold recipes; :func:`sparsetrain.analysis.threshold_recipe` adds explicit dense layers)."""
+    act = input
     layers: dict[str, Any] = {}
     for operand, thr in (("weight", weight or {}), ("input", act or {})):
         for name, t in thr.items():
@@ -211,7 +216,7 @@ def apply_thresholds(
 
     ensure_dense(model)
     clone = copy.deepcopy(model)
-    layers = _threshold_layers(weight, input)
+    layers = threshold_layers(weight, input)
     if layers:
         sparsify_(clone, {"layers": layers})
     return clone

@@ -1,4 +1,5 @@
-"""Reproduce the four papers' core experiments at CPU scale: experiment files, their runs, and the results record.
+"""The four papers' core experiments at CPU scale (`sparsetrain reproduce`): experiment files, their runs, and the
+results record.
 
 An *experiment* is a versioned YAML file shipped in ``sparsetrain/experiments/`` (one per paper): the protocol (the
 train config every point shares), a ``quick`` variant of it, the grid of points (each a set of train-config
@@ -20,19 +21,18 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sparsetrain.formatting import finite_float
+
 __all__ = [
     "EXPERIMENT_VERSION",
     "RESULTS_FORMAT",
-    "RESULTS_FILE",
     "ExperimentError",
     "Experiment",
     "ExperimentPoint",
@@ -55,7 +55,6 @@ EXPERIMENT_VERSION = 1
 #: Version of the results record (``reproduce.json``).
 RESULTS_FORMAT = 1
 #: The results record's file name in a results folder.
-RESULTS_FILE = "reproduce.json"
 
 _TOP_KEYS = ("version", "paper", "title", "reference", "protocol", "quick", "seeds", "points", "analyses", "published",
              "notes")
@@ -116,7 +115,7 @@ class Experiment:
 
     def base_config(self, quick: bool = False, data_dir: str | None = None) -> dict[str, Any]:
         """The protocol as a full train-config dict (``quick`` applies the smoke-test overrides)."""
-        from sparsetrain.train import TrainConfig
+        from sparsetrain.training import TrainConfig
 
         cfg = {**TrainConfig().to_dict(), "recipe_overrides": {}, **copy.deepcopy(self.protocol)}
         if quick:
@@ -202,7 +201,7 @@ def _seeds(value: Any, source: str, where: str) -> tuple[int, ...]:
 def _check_config(cfg: dict[str, Any], source: str, where: str) -> None:
     """A point's full train config must be a valid TrainConfig with a loadable recipe."""
     from sparsetrain.recipe import Recipe
-    from sparsetrain.train import TrainConfig
+    from sparsetrain.training import TrainConfig
 
     try:
         tc = TrainConfig.from_dict(cfg)
@@ -217,7 +216,7 @@ def parse_experiment(data: Any, source: str = "<experiment>") -> Experiment:
     Raises:
         ExperimentError: the first problem found, with ``source`` and the key named.
     """
-    from sparsetrain.train import TrainConfig
+    from sparsetrain.training import TrainConfig
 
     if not isinstance(data, dict):
         raise _fail(source, f"an experiment file holds a mapping of {', '.join(_TOP_KEYS)}; got "
@@ -393,10 +392,10 @@ def point_jobs(exp: Experiment, out: Path, base: dict[str, Any], widths: dict[st
     """One job ``(point, seed, RunDir, train config)`` per point and seed, validated, in the file's order.
 
     Raises:
-        UsageError: a run directory below ``out`` holds a run with a different config (choose another --out).
+        ValueError: a run directory below ``out`` holds a run with a different config (choose another --out).
     """
-    from sparsetrain.commands.sweep import check_same_config
     from sparsetrain.runs import RunDir
+    from sparsetrain.training.config import check_same_config
 
     # Seed-major order: every point's first seed before any second seed, so a block stopped early (or completed over
     # several sittings) has the whole grid once before it has any repeat.
@@ -416,12 +415,6 @@ def point_jobs(exp: Experiment, out: Path, base: dict[str, Any], widths: dict[st
 
 
 # ---------------------------------------------------------------------------------------------- collection
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
 def _thin(steps: list[int], vals: list[float], n: int) -> tuple[list[int], list[float]]:
     if len(steps) <= n:
         return steps, vals
@@ -475,17 +468,17 @@ def run_record(run, *, all_ops: bool = True) -> dict[str, Any] | None:
         "run": run.path.name,
         "seed": summary.get("seed"),
         "epochs": summary.get("epochs"),
-        "final_test_acc": _num(summary.get("final_test_acc")),
-        "best_test_acc": _num(summary.get("best_test_acc")),
-        "weight_density": _num(summary.get("weight_density")),
-        "activation_density": _num(summary.get("activation_density")),
-        "flops": {k: _num(v) for k, v in (summary.get("flops") or {}).items()},
+        "final_test_acc": finite_float(summary.get("final_test_acc")),
+        "best_test_acc": finite_float(summary.get("best_test_acc")),
+        "weight_density": finite_float(summary.get("weight_density")),
+        "activation_density": finite_float(summary.get("activation_density")),
+        "flops": {k: finite_float(v) for k, v in (summary.get("flops") or {}).items()},
         "dense_totals": flops.get("dense_totals"),
         "sparse_totals": flops.get("sparse_totals"),
         "train_time_s": sum(m.get("time_s", 0.0) for m in metrics if isinstance(m.get("time_s"), (int, float))),
         "densities": last.get("densities") or {},
         "conv_layers": [r["name"] for r in flops.get("layers", []) if "conv" in str(r.get("type", "")).lower()],
-        "test_acc_curve": [_num(m.get("test_acc")) for m in metrics],
+        "test_acc_curve": [finite_float(m.get("test_acc")) for m in metrics],
         "telemetry": _telemetry(run),
     }
     if all_ops:
@@ -508,8 +501,8 @@ def _all_ops(run, densities: dict[str, Any]) -> dict[str, float | None]:
         sparsify_(net, cfg.get("recipe"), **(cfg.get("recipe_overrides") or {}))
         rep = count_flops(net, shape, densities or None, batch_size=int(cfg.get("batch_size") or 1),
                           non_gemm=True)
-        return {"training_flops_reduction_pct_all_ops": _num(rep.training_flops_reduction_pct_all_ops),
-                "inference_flops_reduction_pct_all_ops": _num(rep.inference_flops_reduction_pct_all_ops)}
+        return {"training_flops_reduction_pct_all_ops": finite_float(rep.training_flops_reduction_pct_all_ops),
+                "inference_flops_reduction_pct_all_ops": finite_float(rep.inference_flops_reduction_pct_all_ops)}
     except (TypeError, AttributeError) as e:  # an accounting without non-GEMM counting: the column stays empty
         log.warning("reproduce: no non-GEMM FLOP count for %s (%s)", run.path.name, e)
         return {}
@@ -528,15 +521,16 @@ def measure_run(run, settings: dict[str, Any], data_dir: str | None = None) -> d
     Returns:
         ``{"natural": report, "weight": {"search", "report"}, "activation": {...}}`` as plain data.
     """
-    from sparsetrain.analysis import make_evaluator, search_thresholds
-    from sparsetrain.commands.measure import _inference_model, _test_loader
+    from sparsetrain.analysis import inference_model, make_evaluator, search_thresholds
+    from sparsetrain.data import make_test_loader
     from sparsetrain.runs import load_run
-    from sparsetrain.telemetry.tables import measure_sparsity
+    from sparsetrain.telemetry.inference import measure_sparsity
 
     loaded = load_run(run.path)
-    model = _inference_model(loaded, dense=False).eval()
+    model = inference_model(loaded).eval()
     subset = settings.get("test_subset", loaded.config.get("test_subset"))
-    loader = _test_loader(loaded, data_dir, int(settings.get("batch_size", 500)), "cpu", subset)
+    loader = make_test_loader(loaded.config["dataset"], data_dir or loaded.config.get("data_dir"),
+                              int(settings.get("batch_size", 500)), subset=subset, device="cpu")
     evaluate = make_evaluator(loader)
     margin = float(settings.get("margin", 1.0))
     out: dict[str, Any] = {"margin": margin, "num_samples": loader.num_samples,
@@ -577,11 +571,3 @@ def collect_results(exp: Experiment, jobs: list[tuple[ExperimentPoint, int, Any,
         "analyses": analyses or {},
         "published": exp.published,
     }
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON (atomically: a reader never sees half a file)."""
-    from sparsetrain.runs import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
