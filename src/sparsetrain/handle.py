@@ -78,7 +78,7 @@ def _flat_cache(st: LayerState) -> dict[str, Tensor | None]:
     """A layer's cache in the checkpoint format: ``{op: thr, "op/mask": mask}`` (stable across versions)."""
     out: dict[str, Tensor | None] = {}
     for op, c in st.cache.items():
-        if c.computed_at is None:
+        if st.computed_step(op) is None:
             continue
         out[op] = c.thr
         if c.mask is not None:
@@ -86,10 +86,12 @@ def _flat_cache(st: LayerState) -> dict[str, Tensor | None]:
     return out
 
 
-def _cache_from(thresholds: Mapping[str, Any], computed_at: Mapping[str, Any]) -> dict[str, OperandCache]:
+def _cache_from(thresholds: Mapping[str, Any], computed_at: Mapping[str, Any],
+                fixed: Mapping[str, bool]) -> dict[str, OperandCache]:
     cache = {}
     for op, at in computed_at.items():
-        cache[op] = OperandCache(thr=thresholds.get(op), mask=thresholds.get(f"{op}/mask"), computed_at=int(at))
+        cache[op] = OperandCache(thr=thresholds.get(op), mask=thresholds.get(f"{op}/mask"), computed_at=int(at),
+                                 due=not fixed.get(op, False), fixed=fixed.get(op, False))
     return cache
 
 
@@ -124,7 +126,7 @@ class SparsityHandle:
                                pack_saved=recipe.pack_saved, track_active=momentum and name in self.distributed)
             if spec.weight is not None and sp.entry(spec.weight).fixed:
                 # A fixed topology is drawn now, so what it really keeps is known before the first step.
-                state.record("weight", sp.threshold(dense.weight.detach(), spec.weight, key=name))
+                state.record("weight", sp.threshold(dense.weight.detach(), spec.weight, key=name), fixed=True)
             if _stochastic(spec):
                 # Created now, on the layer's device: a compiled forward must not create objects.
                 state.rng(dense.weight.device)
@@ -257,7 +259,7 @@ class SparsityHandle:
                 m.spec = dataclasses.replace(m.spec, weight=None, mask_inactive_grads=False)
             else:
                 m.spec = dataclasses.replace(m.spec, weight=sp.with_density(cfg, kept))
-            st.record("weight", new_mask)
+            st.record("weight", new_mask, fixed=True)
             if self.recipe.densify_init == "zero":
                 grown = (new_mask & ~old).reshape(new_mask.shape + (1,) * (m.weight.dim() - 2))
                 m.weight.masked_fill_(grown.expand_as(m.weight), 0.0)
@@ -370,7 +372,7 @@ class SparsityHandle:
             layers[name] = {
                 "spec": m.spec.to_dict(),
                 "thresholds": _flat_cache(st),
-                "computed_at": {op: c.computed_at for op, c in st.cache.items() if c.computed_at is not None},
+                "computed_at": {op: st.computed_step(op) for op in st.cache if st.computed_step(op) is not None},
                 "frozen": dict(st.frozen),
                 "generator": None if st.generator is None else st.generator.get_state(),
             }
@@ -391,7 +393,10 @@ class SparsityHandle:
             m = self.modules[name]
             m.spec = LayerSpec.from_dict(s["spec"], where=f"state[{name}]")
             st = self.states[name]
-            st.cache = _cache_from(s["thresholds"], s["computed_at"])
+            fixed = {op: sp.entry(cfg).fixed for op in s["computed_at"]
+                     if (cfg := m.spec.resolved(op) if op in OPERANDS else None) is not None}
+            st.cache = _cache_from(s["thresholds"], s["computed_at"], fixed)
+            st.prepare(m.spec)
             st.advance(self.step_count)
             st.frozen = dict(s["frozen"])
             if s["generator"] is not None:

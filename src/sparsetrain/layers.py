@@ -138,6 +138,9 @@ class LayerSpec:
         return cls(**kw)
 
 
+PENDING = -1  # OperandCache.computed_at of a value computed in this step (dated by LayerState.advance)
+
+
 @dataclass
 class OperandCache:
     """The reusable part of one forward operand's sparsifier, kept between steps (typed; one per operand).
@@ -152,6 +155,7 @@ class OperandCache:
     mask: Tensor | None = None
     computed_at: int | None = None
     due: bool = True
+    fixed: bool = False  # drawn once, never due again (a fixed topology)
 
 
 @dataclass
@@ -180,11 +184,14 @@ class LayerState:
     owner: Any = None  # weakref to the module, only to name it in observer events
 
     def advance(self, step: int) -> None:
-        """Move to handle step ``step``: flag the cached thresholds whose period has ended."""
+        """Move to handle step ``step``: date what the last forwards computed, flag what is due next."""
+        for c in self.cache.values():
+            if c.computed_at == PENDING:
+                c.computed_at = self.step
         self.step = step
         if self.period > 1:
             for c in self.cache.values():
-                if c.computed_at is not None:
+                if c.computed_at is not None and not c.fixed:
                     c.due = step - c.computed_at >= self.period
 
     def rng(self, device: torch.device) -> torch.Generator:
@@ -193,12 +200,30 @@ class LayerState:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
 
-    def record(self, op: str, thr: Tensor | None, mask: Tensor | None = None) -> None:
-        c = self.cache.setdefault(op, OperandCache())
-        c.thr, c.mask, c.computed_at, c.due = thr, mask, self.step, self.period <= 1
+    def prepare(self, spec: "LayerSpec") -> None:
+        """Create the cache entry of every forward operand ``spec`` sparsifies (so a compiled forward creates none)."""
+        for op in FORWARD_OPERANDS:
+            if getattr(spec, op) not in (None, INHERIT) and op not in self.cache:
+                self.cache[op] = OperandCache()
+
+    def record(self, op: str, thr: Tensor | None, mask: Tensor | None = None, fixed: bool = False) -> None:
+        c = self.cache.get(op)
+        if c is None:
+            c = self.cache[op] = OperandCache()
+        # Dated by the next advance(), outside the forward: a compiled forward that read the step counter would be
+        # specialised to it and recompiled on every step.
+        c.thr, c.mask, c.computed_at, c.due, c.fixed = thr, mask, PENDING, self.period <= 1 and not fixed, fixed
+
+    def computed_step(self, op: str) -> int | None:
+        """The step the cached ``op`` was computed at (None if never)."""
+        c = self.cache.get(op)
+        if c is None or c.computed_at is None:
+            return None
+        return self.step if c.computed_at == PENDING else c.computed_at
 
 
 _WEIGHT_OPERANDS = ("weight", "weight_for_grad_input")
+FORWARD_OPERANDS = ("weight", "input", "output", "weight_for_grad_input", "input_for_grad_weight")
 
 
 class Sparsified(NamedTuple):
@@ -239,7 +264,7 @@ def sparsify_operand(state: LayerState, op: str, t: Tensor, cfg: sp.SparsifierCo
     weight_op = op in _WEIGHT_OPERANDS and state.period > 1 and not e.fixed
     # period 1 = exact: recomputed on every call (a second forward in the same step sees another batch); a fixed
     # mask is drawn once.
-    due = c is None or c.computed_at is None or (not e.fixed and (state.period <= 1 or c.due))
+    due = c is None or c.due  # a bool the handle sets: the forward never reads a step counter
     if due and type(cfg) is sp.TopK and cfg.density < 1.0:
         thr, pos, values = sp.topk_select(t, cfg.density)
         keep = _keep_from(t, pos) if (need_keep or weight_op) else None
@@ -251,7 +276,7 @@ def sparsify_operand(state: LayerState, op: str, t: Tensor, cfg: sp.SparsifierCo
         return Sparsified(dense, keep, (pos, values), thr)
     if due:
         thr = e.threshold(t, cfg, key=state.name)
-        state.record(op, thr)
+        state.record(op, thr, fixed=e.fixed)
         c = state.cache[op]
     thr = c.thr
     if e.keep is not None:
@@ -747,6 +772,7 @@ class _SparseMixin:
         new.__dict__.update(mod.__dict__)
         new.spec = spec
         new.sparse_state = state or LayerState(name="")
+        new.sparse_state.prepare(spec)
         new.sparse_state.owner = weakref.ref(new)
         new._dense_cls = type(mod)  # to_dense gives back a Conv2d subclass as itself
         return new

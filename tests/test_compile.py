@@ -1,0 +1,138 @@
+"""torch.compile takes the sparse kernel whole (in the style of torchao's test/float8/test_compile.py).
+
+Every preset: the compiled model (``fullgraph=True``: no graph break anywhere) gives the eager model's forward and
+backward, bit for bit under ``aot_eager`` (the same ATen ops, traced). The test nets have no ties at the top-K
+thresholds: with ties, compiled code keeps exactly k values (the static-shape tie rule) where eager CPU code keeps
+every tie (see ``sparsifiers.topk_select``). A ResNet stack trains several steps without recompiling, and Inductor
+(C++ code generation) compiles a SWAT-U stack to the same numbers within float tolerance.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsetrain
+from sparsetrain import sparsifiers as sp
+from sparsetrain.layers import LayerSpec, LayerState, SparseConv2d, SparseLinear
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+    )
+
+
+def _pair(preset: str, **kw):
+    eager, compiled = _net(), _net()
+    handles = [sparsetrain.sparsify_(m, preset, first_layer_dense=False, **kw) for m in (eager, compiled)]
+    return eager, compiled, handles
+
+
+@pytest.mark.parametrize("preset", [p for p in sparsetrain.list_presets() if p != "grad-prune"])
+def test_compiled_forward_backward_equal_eager_for_every_preset(preset):
+    torch._dynamo.reset()
+    eager, compiled, _ = _pair(preset)
+    fn = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 8, 8)
+    y_e, y_c = eager(x), fn(x)
+    assert torch.equal(y_e, y_c)
+    g = torch.randn_like(y_e)
+    y_e.backward(g)
+    y_c.backward(g)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_compiled_stochastic_gradient_pruning_is_one_graph_and_prunes():
+    """Ye et al.'s pruning compiles whole; compiled code draws its noise from torch's global (seeded) RNG."""
+    torch._dynamo.reset()
+    eager, compiled, _ = _pair("grad-prune", p=0.9)
+    fn = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 8, 8)
+    y_e, y_c = eager(x), fn(x)
+    assert torch.equal(y_e, y_c)  # the forward is untouched
+    dense = _net()
+    dense(x).sum().backward()
+    y_c.sum().backward()
+    y_e.sum().backward()
+    # conv '2' prunes its grad_output: its weight gradient is an unbiased but noisy estimate of the dense one, in
+    # both modes (different noise streams, same distribution).
+    for mode in (eager, compiled):
+        g, ref = mode[2].weight.grad, dense[2].weight.grad
+        assert torch.isfinite(g).all() and not torch.equal(g, ref)
+        assert (g - ref).norm() < ref.norm()
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_fullgraph_sparse_layer_with_every_forward_operand(kind):
+    """One layer with weight, input, output and both per-GEMM operands sparse: one graph, eager's numbers."""
+    torch._dynamo.reset()
+    spec = LayerSpec(weight=sp.TopK(0.5), input=sp.Threshold(0.2), output=sp.TopK(0.7),
+                     weight_for_grad_input=sp.TopK(0.3), input_for_grad_weight=sp.TopK(0.4), mask_inactive_grads=True)
+    torch.manual_seed(0)
+    dense = nn.Conv2d(4, 6, 3, padding=1) if kind == "conv" else nn.Linear(32, 6)
+    cls = SparseConv2d if kind == "conv" else SparseLinear
+    a = cls.from_dense(copy.deepcopy(dense), spec, LayerState(name="a"))
+    b = cls.from_dense(copy.deepcopy(dense), spec, LayerState(name="b"))
+    x = torch.randn(3, 4, 6, 6) if kind == "conv" else torch.randn(5, 32)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fn = torch.compile(b, fullgraph=True, backend="aot_eager")
+    ya, yb = a(xa), fn(xb)
+    assert torch.equal(ya, yb)
+    ya.sum().backward()
+    yb.sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(a.weight.grad, b.weight.grad)
+
+
+def test_resnet_trains_compiled_without_graph_breaks_or_recompiles():
+    """After the first step nothing recompiles: the forward reads no step counter (the handle sets due flags)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = sparsetrain.create_model("resnet20", num_classes=10, width_mult=0.25)
+    handle = sparsetrain.sparsify_(model, "swat-u", density=0.2, threshold_period=2)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    try:
+        for i in range(5):
+            if i == 3:  # warm-up: the first step, and the first step that reuses the periodic threshold
+                torch._dynamo.config.error_on_recompile = True
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(fn(x), y)
+            loss.backward()
+            opt.step()
+            handle.step(opt)
+            losses.append(float(loss))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert handle.state_dict()["layers"]["layer1.0.conv1"]["computed_at"]["weight"] == 4  # periods still advance
+
+
+@pytest.mark.slow
+def test_inductor_compiles_a_swat_stack_to_eager_numbers():
+    """Inductor's generated C++ (OpenMP) code: same forward and gradients within float32 tolerance."""
+    torch._dynamo.reset()
+    eager, compiled, _ = _pair("swat-u", density=0.3)
+    fn = torch.compile(compiled, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    y_e, y_c = eager(x), fn(x)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    y_e.sum().backward()
+    y_c.sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
