@@ -32,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "create_model": "sparsetrain.models",
     "list_models": "sparsetrain.models",
     "register_model": "sparsetrain.models",
+    "lean_allocator": "sparsetrain.allocator",
+    "release_scratch": "sparsetrain._scratch",
 }
 _SUBMODULES = ("data", "sparsifiers", "layers", "handle", "recipe", "methods", "packing", "models", "telemetry",
                "accounting", "analysis", "reporting", "runs", "training")

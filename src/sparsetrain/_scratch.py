@@ -8,10 +8,19 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-__all__ = ["scratch", "release_scratch"]
+__all__ = ["scratch", "release_scratch", "set_scratch"]
 
 _SCRATCH: OrderedDict[tuple, Tensor] = OrderedDict()
 _SCRATCH_MAX = 64
+_ENABLED = [True]
+
+
+def set_scratch(enabled: bool) -> None:
+    """Turn buffer reuse on or off (off frees them): with :func:`sparsetrain.lean_allocator` the allocator already
+    returns large transients to the system, and keeping them would only add their size to the peak."""
+    _ENABLED[0] = bool(enabled)
+    if not enabled:
+        release_scratch()
 
 
 def scratch(tag: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -25,7 +34,7 @@ def scratch(tag: str, numel: int, dtype: torch.dtype, device: torch.device) -> T
     returned to the caller or saved. Compiled code allocates normally (the compiler plans its own buffers).
     :func:`release_scratch` frees them all.
     """
-    if torch.compiler.is_compiling():
+    if not _ENABLED[0] or torch.compiler.is_compiling():
         return torch.empty(numel, dtype=dtype, device=device)
     key = (tag, numel, dtype, torch.device(device), threading.get_ident())
     buf = _SCRATCH.get(key)

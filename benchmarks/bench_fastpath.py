@@ -1,0 +1,377 @@
+"""Every figure of the fast-path issue in one run: same-run ratios against dense, the load average beside each.
+
+    python benchmarks/bench_fastpath.py                 # all figures (~10-15 min on 2 idle cores)
+    python benchmarks/bench_fastpath.py --quick         # smaller/fewer repeats (~3 min), a smoke run
+    python benchmarks/bench_fastpath.py --only step rss --json out.json
+    python benchmarks/bench_fastpath.py --baseline-src /path/to/old/src   # the previous commit, same run
+
+Figures (each a ratio to the dense model measured in the same process, or in the same run for RSS):
+
+* ``step``: eager training step (zero_grad, forward, cross-entropy, backward, SGD momentum step, ``handle.step``)
+  of SWAT-U(0.1) and of the naive ``torch.nn.utils.prune`` peer (L1 90 % re-selected from the dense weights every
+  step, weights only), ResNet-18 and ResNet-20 CIFAR, batch 64; modes interleaved step by step, median of the
+  per-round ratios. With ``--baseline-src`` the same SWAT-U step of that source tree runs in a child process
+  (same batch, same round count) so the previous commit is measured in the same run.
+* ``rss``: peak RSS growth over 3 steps (``ru_maxrss`` after 3 steps minus after a 2-image warm-up forward), a
+  fresh process per mode, the default allocator (no ``MALLOC_*`` variables), ResNet-18 batch 128 -- what a user's
+  process shows; and the same with :func:`sparsetrain.lean_allocator` called first (the CLI's setting).
+* ``topk``: the exact top-K threshold of an 8.4M-element post-ReLU activation (``relu(randn(128, 64, 32, 32))``,
+  d = 0.1) vs ``kthvalue``; the values must be identical.
+* ``compile``: ``torch.compile(fullgraph=True)`` of a SWAT-U conv stack (forward and backward equal eager), then
+  ResNet-20 SWAT-U(0.1) vs dense, both compiled with Inductor: graph breaks, recompiles after warm-up, step ratio.
+* ``epoch``: a real-loader epoch of ResNet-20 on CIFAR-10 (``BatchLoader``, crop + flip, 5120 images, batch 128),
+  samples/s of SWAT-U at d = 0.1 and 0.2 against dense (synthetic images of the same shape when CIFAR-10 is absent).
+
+Timing needs an idle machine: the 1-minute load average is printed next to every figure, and the run warns (and
+with ``--strict`` stops) when it is above 1. Threads: 2 (``--threads``), the setting users have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.prune as prune
+
+import sparsetrain
+
+RESULTS: dict = {}
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def check_load(args, what: str) -> float:
+    la = load()
+    if la > 1.0:
+        msg = f"[load {la:.2f} > 1 before {what}: the figure is noise; stop other work and rerun]"
+        if args.strict:
+            sys.exit(msg)
+        print(msg, flush=True)
+    return la
+
+
+# ----------------------------------------------------------------------------------------------- step
+def naive_prune_(model: nn.Module, amount: float = 0.9):
+    """What a user writes with torch.nn.utils.prune: L1 masks on every conv/linear weight, re-selected each step."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for m in layers:
+        prune.l1_unstructured(m, "weight", amount=amount)
+    method = prune.L1Unstructured(amount)
+
+    def reselect():
+        with torch.no_grad():
+            for m in layers:  # from the dense weights, every step
+                m.weight_mask.copy_(method.compute_mask(m.weight_orig, torch.ones_like(m.weight_mask)))
+    return reselect
+
+
+def make_step(model_name: str, mode: str, x, y):
+    torch.manual_seed(0)
+    m = sparsetrain.create_model(model_name, num_classes=10)
+    h = sparsetrain.sparsify_(m, "swat-u", density=0.1) if mode == "swat" else None
+    reselect = naive_prune_(m) if mode == "prune" else None
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        if reselect is not None:
+            reselect()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+        if h is not None:
+            h.step(opt)
+    return step
+
+
+STEP_CHILD = r'''
+import sys, time, json, torch, torch.nn.functional as F
+sys.path.insert(0, sys.argv[1])
+import sparsetrain
+torch.set_num_threads(int(sys.argv[3])); torch.manual_seed(0)
+x = torch.randn(int(sys.argv[4]), 3, 32, 32); y = torch.randint(0, 10, (int(sys.argv[4]),))
+def make(sparse):
+    torch.manual_seed(0)
+    m = sparsetrain.create_model(sys.argv[2], num_classes=10)
+    h = sparsetrain.sparsify_(m, "swat-u", density=0.1) if sparse else None
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    def step():
+        opt.zero_grad(set_to_none=True); F.cross_entropy(m(x), y).backward(); opt.step()
+        if h is not None: h.step(opt)
+    return step
+s = {"dense": make(False), "swat": make(True)}
+for f in s.values(): f(); f()
+r = []
+for _ in range(int(sys.argv[5])):
+    t = {}
+    for k, f in s.items():
+        t0 = time.perf_counter(); f(); t[k] = time.perf_counter() - t0
+    r.append(t["swat"] / t["dense"])
+print(json.dumps({"ratio": sorted(r)[len(r) // 2], "src": sparsetrain.__file__}))
+'''
+
+
+def bench_step(args) -> None:
+    print("\n## Eager training step / dense (same process, interleaved, median of per-round ratios)", flush=True)
+    print("| model | batch | SWAT-U(0.1) / dense | naive prune peer / dense | load |")
+    print("|---|---:|---:|---:|---:|")
+    out = {}
+    for model_name in args.models:
+        la = check_load(args, f"step {model_name}")
+        x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+        steps = {k: make_step(model_name, k, x, y) for k in ("dense", "swat", "prune")}
+        for s in steps.values():
+            s()
+            s()
+        ratios: dict[str, list[float]] = {"swat": [], "prune": []}
+        for _ in range(args.rounds):
+            t = {}
+            for k, s in steps.items():
+                t0 = time.perf_counter()
+                s()
+                t[k] = time.perf_counter() - t0
+            ratios["swat"].append(t["swat"] / t["dense"])
+            ratios["prune"].append(t["prune"] / t["dense"])
+        med = {k: statistics.median(v) for k, v in ratios.items()}
+        la = max(la, load())
+        print(f"| {model_name} | {args.batch} | {med['swat']:.3f} | {med['prune']:.3f} | {la:.2f} |", flush=True)
+        out[model_name] = {**med, "load": la}
+        if args.baseline_src:
+            r = subprocess.run([sys.executable, "-c", STEP_CHILD, args.baseline_src, model_name, str(args.threads),
+                                str(args.batch), str(args.rounds)], capture_output=True, text=True)
+            if r.returncode == 0:
+                base = json.loads(r.stdout.strip().splitlines()[-1])
+                print(f"|   baseline `{args.baseline_src}` | {args.batch} | {base['ratio']:.3f} | | {load():.2f} |")
+                out[model_name]["baseline"] = base["ratio"]
+            else:
+                print(f"    baseline failed: {r.stderr.strip().splitlines()[-1:]}")
+    RESULTS["step"] = out
+
+
+# ----------------------------------------------------------------------------------------------- rss
+RSS_CHILD = r'''
+import resource, sys, torch, torch.nn.functional as F, sparsetrain as st
+if sys.argv[5] == "lean":
+    st.lean_allocator()
+torch.manual_seed(0); torch.set_num_threads(int(sys.argv[4]))
+m = st.create_model(sys.argv[1], num_classes=10)
+h = None if sys.argv[2] == "dense" else st.sparsify_(m, "swat-u", density=0.1)
+opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+b = int(sys.argv[3]); x = torch.randn(b, 3, 32, 32); y = torch.randint(0, 10, (b,))
+with torch.no_grad(): m(x[:2])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(3):
+    opt.zero_grad(set_to_none=True); F.cross_entropy(m(x), y).backward(); opt.step()
+    if h is not None: h.step(opt)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+'''
+
+
+def bench_rss(args) -> None:
+    print("\n## Peak RSS growth over 3 steps, ResNet-18 batch 128 (fresh process per mode, no MALLOC_* variables)")
+    print("| allocator | dense MiB | SWAT-U(0.1) MiB | SWAT-U / dense | load |")
+    print("|---|---:|---:|---:|---:|")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = {}
+    for alloc in ("default", "lean"):
+        la = check_load(args, f"rss {alloc}")
+        mem = {}
+        for mode in ("dense", "swat"):
+            vals = []
+            for _ in range(args.rss_repeats):
+                r = subprocess.run([sys.executable, "-c", RSS_CHILD, "resnet18", mode, "128", str(args.threads), alloc],
+                                   capture_output=True, text=True, env=env)
+                if r.returncode:
+                    raise SystemExit(f"rss child failed: {r.stderr[-500:]}")
+                vals.append(int(r.stdout.split()[-1]) / 1024)
+            mem[mode] = statistics.median(vals)
+        ratio = mem["swat"] / mem["dense"]
+        name = "default (glibc, as a user's process)" if alloc == "default" else "`sparsetrain.lean_allocator()`"
+        print(f"| {name} | {mem['dense']:.0f} | {mem['swat']:.0f} | {ratio:.3f} | {max(la, load()):.2f} |",
+              flush=True)
+        out[alloc] = {"dense_mib": mem["dense"], "swat_mib": mem["swat"], "ratio": ratio}
+    RESULTS["rss"] = out
+
+
+# ----------------------------------------------------------------------------------------------- topk
+def bench_topk(args) -> None:
+    from sparsetrain.sparsifiers import topk_threshold
+
+    print("\n## Exact top-K threshold, 8.4M-element post-ReLU activation, d = 0.1")
+    la = check_load(args, "topk")
+    torch.manual_seed(0)
+    x = torch.randn(128, 64, 32, 32).relu_()
+    n = x.numel()
+    k = -(-n // 10)
+    ours, ref = topk_threshold(x, 0.1), x.reshape(-1).kthvalue(n - k + 1).values
+    assert torch.equal(ours, ref), (ours, ref)
+    t = {"ours": [], "kthvalue": []}
+    for _ in range(args.topk_repeats):
+        t0 = time.perf_counter()
+        topk_threshold(x, 0.1)
+        t["ours"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        x.reshape(-1).kthvalue(n - k + 1)
+        t["kthvalue"].append(time.perf_counter() - t0)
+    med = {k_: statistics.median(v) * 1e3 for k_, v in t.items()}
+    speed = med["kthvalue"] / med["ours"]
+    print(f"topk_threshold {med['ours']:.1f} ms, kthvalue {med['kthvalue']:.1f} ms: **{speed:.2f}x**, "
+          f"identical values (load {max(la, load()):.2f})", flush=True)
+    RESULTS["topk"] = {**med, "speedup": speed}
+
+
+# ----------------------------------------------------------------------------------------------- compile
+def bench_compile(args) -> None:
+    import copy
+
+    print("\n## torch.compile", flush=True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    stack = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16 * 16, 10))
+    sparsetrain.sparsify_(stack, "swat-u", density=0.1, first_layer_dense=False)
+    ref = copy.deepcopy(stack)
+    x = torch.randn(8, 3, 16, 16)
+    fn = torch.compile(stack, fullgraph=True)
+    y, yr = fn(x), ref(x)
+    y.sum().backward()
+    yr.sum().backward()
+    fwd = (y - yr).abs().max().item()
+    bwd = max((p.grad - q.grad).abs().max().item() for p, q in zip(stack.parameters(), ref.parameters()))
+    print(f"fullgraph=True SWAT-U conv stack (Inductor): compiles; max |compiled - eager| forward {fwd:.1e}, "
+          f"gradients {bwd:.1e}", flush=True)
+    out = {"stack_forward_diff": fwd, "stack_grad_diff": bwd}
+
+    x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    steps, info = {}, {}
+    for mode in ("dense", "swat"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = sparsetrain.create_model("resnet20", num_classes=10)
+        h = sparsetrain.sparsify_(m, "swat-u", density=0.1) if mode == "swat" else None
+        ex = torch._dynamo.explain(m)(x[:2])
+        info[mode] = {"graphs": ex.graph_count, "breaks": ex.graph_break_count}
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        cm = torch.compile(m)
+
+        def step(cm=cm, opt=opt, h=h):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(cm(x), y).backward()
+            opt.step()
+            if h is not None:
+                h.step(opt)
+        t0 = time.perf_counter()
+        step()
+        step()
+        info[mode]["compile_s"] = time.perf_counter() - t0
+        steps[mode] = step
+    la = check_load(args, "compiled steps")
+    torch._dynamo.config.error_on_recompile = True
+    ratios = []
+    try:
+        for _ in range(args.rounds):
+            t = {}
+            for k, s in steps.items():
+                t0 = time.perf_counter()
+                s()
+                t[k] = time.perf_counter() - t0
+            ratios.append(t["swat"] / t["dense"])
+        recompiled = False
+    except torch._dynamo.exc.RecompileError:
+        recompiled = True
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    r = statistics.median(ratios) if ratios else float("nan")
+    print(f"ResNet-20 b{args.batch} SWAT-U(0.1), Inductor: {info['swat']['graphs']} graph, "
+          f"{info['swat']['breaks']} graph breaks, recompiles after warm-up: {'yes' if recompiled else 'none'}; "
+          f"compiled SWAT / compiled dense step **{r:.3f}** (warm-up incl. compile {info['swat']['compile_s']:.0f} s "
+          f"vs {info['dense']['compile_s']:.0f} s; load {max(la, load()):.2f})", flush=True)
+    out.update({"resnet20": info, "ratio": r, "recompiled": recompiled})
+    RESULTS["compile"] = out
+
+
+# ----------------------------------------------------------------------------------------------- epoch
+def bench_epoch(args) -> None:
+    from sparsetrain.data import BatchLoader, dataset_info, load_arrays
+
+    print("\n## Real-loader epoch, ResNet-20 CIFAR-10 (5120 images, batch 128, crop + flip), samples/s", flush=True)
+    data_dir = args.data_dir or os.environ.get("SPARSETRAIN_DATA") or str(Path(__file__).resolve().parents[2]
+                                                                          / "shared" / "data")
+    try:
+        xs, ys = load_arrays("cifar10", "train", data_dir=data_dir)
+        source = "CIFAR-10"
+    except (FileNotFoundError, OSError, ValueError):
+        g = torch.Generator().manual_seed(0)
+        xs = torch.randint(0, 256, (args.images, 32, 32, 3), dtype=torch.uint8, generator=g)
+        ys = torch.randint(0, 10, (args.images,), generator=g)
+        source = "synthetic uint8 images (CIFAR-10 not found)"
+    xs, ys = xs[:args.images], ys[:args.images]
+    info = dataset_info("cifar10")
+    rates = {}
+    la = check_load(args, "epoch")
+    for mode in ("dense", "swat-0.1", "swat-0.2"):
+        torch.manual_seed(0)
+        m = sparsetrain.create_model("resnet20", num_classes=10)
+        h = None if mode == "dense" else sparsetrain.sparsify_(m, "swat-u", density=float(mode.split("-")[1]))
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        loader = BatchLoader(xs, ys, batch_size=128, mean=info.mean, std=info.std, shuffle=True, seed=0,
+                             crop_padding=info.crop_padding, hflip=info.hflip)
+        t0, seen = None, 0
+        for i, (xb, yb) in enumerate(loader):
+            if i == 2:
+                t0, seen = time.perf_counter(), 0  # after two warm-up steps
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(xb), yb).backward()
+            opt.step()
+            if h is not None:
+                h.step(opt)
+            seen += len(yb)
+        rates[mode] = seen / (time.perf_counter() - t0)
+    la = max(la, load())
+    print(f"source: {source}; dense {rates['dense']:.0f}/s; SWAT-U 0.1: {rates['swat-0.1']:.0f}/s "
+          f"(**{rates['swat-0.1'] / rates['dense']:.3f}x**); SWAT-U 0.2: {rates['swat-0.2']:.0f}/s "
+          f"(**{rates['swat-0.2'] / rates['dense']:.3f}x**) (load {la:.2f})", flush=True)
+    RESULTS["epoch"] = {**rates, "source": source}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=["step", "rss", "topk", "compile", "epoch"])
+    p.add_argument("--models", nargs="+", default=["resnet18", "resnet20"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--rss-repeats", type=int, default=3)
+    p.add_argument("--topk-repeats", type=int, default=11)
+    p.add_argument("--images", type=int, default=5120)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-dir")
+    p.add_argument("--baseline-src", help="a previous commit's src/ folder, timed in the same run")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--strict", action="store_true", help="stop when the load average is above 1")
+    p.add_argument("--json", metavar="OUT")
+    args = p.parse_args()
+    if args.quick:
+        args.models, args.rounds, args.rss_repeats, args.topk_repeats, args.images = ["resnet20"], 3, 1, 3, 1280
+    torch.set_num_threads(args.threads)
+    print(f"bench_fastpath: sparsetrain {Path(sparsetrain.__file__).parent}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {load():.2f}", flush=True)
+    for name in args.only or ["step", "rss", "topk", "compile", "epoch"]:
+        globals()[f"bench_{name}"](args)
+    RESULTS["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        Path(args.json).write_text(json.dumps(RESULTS, indent=2))
+
+
+if __name__ == "__main__":
+    main()
