@@ -496,7 +496,8 @@ def _open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig
         if run_dir.has_checkpoint():
             raise FileExistsError(f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} "
                                   "or choose another --out")
-        return cfg, run_dir, None
+        # Record a recipe file's content, not its path: resume must not depend on the working directory.
+        return dataclasses.replace(cfg, recipe=runs.self_contained_recipe(cfg.recipe)), run_dir, None
     # A resumed run takes its saved config: only more epochs may be asked for.
     run_dir = RunDir.containing(resume)
     ckpt = runs.load_checkpoint(resume)

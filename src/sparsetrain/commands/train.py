@@ -148,6 +148,28 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
             target = target[part]
         target[parts[-1]] = _parse_value(text, key)
     _check_recipe_file(cfg.get("recipe"))
+    return _self_contained(cfg)
+
+
+def _self_contained(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config as the run directory records it: nothing in it names a path relative to this working directory.
+
+    A recipe file is recorded by its content (``runs.self_contained_recipe``; the run directory's default name
+    keeps the file's name), the data folder as an absolute path. ``--resume``, ``export``, ``measure`` and
+    ``report`` then work from any folder, even after the recipe file moved or changed.
+    """
+    from pathlib import Path
+
+    from sparsetrain.runs import RunDir, self_contained_recipe
+
+    recipe = cfg.get("recipe")
+    inlined = self_contained_recipe(recipe)
+    if inlined is not recipe:
+        if cfg.get("out") is None:  # name the run after the file, as for a recipe given by name
+            cfg["out"] = str(RunDir.default(str(cfg.get("model")), str(recipe)).path)
+        cfg["recipe"] = inlined
+    if isinstance(cfg.get("data_dir"), str):
+        cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
     return cfg
 
 
