@@ -850,3 +850,23 @@ def test_comparison_of_real_runs(real_runs, tmp_path):
     swat = next(r for r in rows if r[0] == "swat-u")
     assert swat[1] == "0.1" and swat[4] == format_mean_sd(mean, sd, scale=100) and swat[5] == "2"
     assert swat[-1] == "0, 1"
+
+
+def test_density_section_names_the_dense_layers_and_the_sparse_only_figure(tmp_path):
+    """Issue 20, item 5: 37.5 % activation density at --density 0.1 comes from the dense first layer; say so."""
+    run = make_run(tmp_path, "r", layers=("conv1", "conv2", "fc"), density=0.1)
+    saved = {"conv1": 784, "conv2": 1176, "fc": 604}  # LeNet-5-like: the dense first layer's input is 30.6 %
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for rec in records:  # as `sparsetrain train` writes them: only the sparse layers have densities
+        del rec["densities"]["conv1"]
+        rec["activation_density"] = (784 + 0.1 * 1780) / 2564
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    flops = json.loads((run / "flops.json").read_text())
+    for row in flops["layers"]:
+        row["saved_activation_elements"] = saved[row["name"]]
+    (run / "flops.json").write_text(json.dumps(flops))
+    md = " ".join(write_report([run], plots=False).markdown.read_text().split())
+    assert "activation density 37.52 %" in md
+    assert ("The dense layers (`conv1`) count as 100 %; they hold 30.6 % of the saved activation elements. Over the "
+            "sparse layers alone the activation density is 10.00 %.") in md
+    assert "zeros that were already there (ReLU outputs) both count as removed" in md

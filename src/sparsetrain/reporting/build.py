@@ -239,6 +239,45 @@ def _layer_densities(run: RunFiles) -> tuple[dict[str, dict[str, float]], str, s
     return None
 
 
+#: The one definition of an operand's density, as the README's Conventions and docs/report.md state it.
+DENSITY_DEFINITION = (
+    "*Density* is the kept fraction of an operand: the fraction of its elements that are non-zero in the tensor its "
+    "GEMM receives, after the layer's sparsifier. Values the sparsifier drops and zeros that were already there "
+    "(ReLU outputs) both count as removed. An operand no sparsifier acts on (a dense layer, a dense operand) has "
+    "density 100 % by definition, whatever zeros it holds. The telemetry's *sparsity* is another measure: the "
+    "fraction of exact zeros of a tensor, whether a sparsifier or the data made them."
+)
+
+
+def _overall_density_text(run: RunFiles, kept: dict[str, dict[str, float]] | None) -> str:
+    """The run's weight and activation density, with the dense layers named and, when they change the activation
+    figure, the activation density over the sparse layers alone (from ``flops.json``'s saved elements)."""
+    last = run.last_metrics
+    text = (f"Over all conv/linear layers, element-weighted (weights by their elements, activations by the elements "
+            f"each layer saves for its weight gradient): weight density {_pct_cell(last.get('weight_density'))} %, "
+            f"activation density {_pct_cell(last.get('activation_density'))} %.")
+    layers = [r for r in (run.flops or {}).get("layers") or [] if isinstance(r, dict) and "name" in r]
+    if kept is None or not layers:
+        return text + " Layers the recipe leaves dense count as 100 %."
+    dense = [r for r in layers if r["name"] not in kept]
+    if not dense:
+        return text + " Every conv/linear layer is sparse."
+    names = ", ".join(f"`{r['name']}`" for r in dense)
+    total = sum(_num(r.get("saved_activation_elements")) or 0.0 for r in layers)
+    dense_share = sum(_num(r.get("saved_activation_elements")) or 0.0 for r in dense)
+    text += f" The dense layers ({names}) count as 100 %"
+    sparse = [r for r in layers if r["name"] in kept]
+    n_sparse = sum(_num(r.get("saved_activation_elements")) or 0.0 for r in sparse)
+    if total > 0 and n_sparse > 0:
+        alone = sum(kept[r["name"]].get("input_for_grad_weight", 1.0) * (_num(r.get("saved_activation_elements")) or 0)
+                    for r in sparse) / n_sparse
+        text += (f"; they hold {100 * dense_share / total:.1f} % of the saved activation elements. Over the sparse "
+                 f"layers alone the activation density is {100 * alone:.2f} %.")
+    else:
+        text += "."
+    return text
+
+
 def _density_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path]) -> list[Block]:
     blocks: list[Block] = [Heading("Per-layer densities")]
     found = _layer_densities(run)
@@ -253,20 +292,11 @@ def _density_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Pat
     present = [op for op in OPERANDS if any(op in d for d in table.values())]
     # Weights and activations are the headline; other operands only when some layer actually sparsifies them.
     shown = [op for op in present if op in ("weight", "input") or any(d.get(op, 1.0) < 0.999 for d in table.values())]
-    blocks.append(Paragraph(
-        "*Density* is the kept fraction of the operand the GEMM uses: the share of elements the sparsifiers let "
-        "through. Zeros the data produce (ReLU outputs, natural zeros) are not removed by anyone and count as kept, "
-        "so a dense run has density 100 % although its activations hold many zeros; the *non-zero fraction* "
-        "(1 − sparsity in the telemetry) counts them as removed."))
+    blocks.append(Paragraph(DENSITY_DEFINITION))
     blocks.append(Paragraph(f"Source: {source}. Layers absent from the table are dense."))
     last = run.last_metrics
     if _num(last.get("weight_density")) is not None or _num(last.get("activation_density")) is not None:
-        blocks.append(
-            Paragraph(
-                f"Element-weighted over the sparse layers: weight density {_pct_cell(last.get('weight_density'))} %, "
-                f"activation density {_pct_cell(last.get('activation_density'))} % (kept fractions)."
-            )
-        )
+        blocks.append(Paragraph(_overall_density_text(run, table if measure == "kept" else None)))
     if plots:
         title = "Per-layer density (kept fraction)" if measure == "kept" else "Per-layer non-zero fraction"
         png = plot_layer_densities(table, shown, out_dir / _DENSITY_PNG, title=title, measure=measure)
