@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_fit_sparsifies_steps_and_logs_densities(tmp_path):
     assert set(module.state_dict()) == set(Tiny().state_dict())
 
 
-def test_ckpt_path_resumes_exactly(tmp_path):
+def test_ckpt_path_resumes_exactly(tmp_path, caplog):
     full, _, _ = _fit(tmp_path / "full", 4)
     _, first, _ = _fit(tmp_path / "a", 2, checkpoint_dir=tmp_path / "ckpt")
     last = tmp_path / "ckpt" / "last.ckpt"
@@ -114,7 +115,9 @@ def test_ckpt_path_resumes_exactly(tmp_path):
     # Without the callback's state the cached thresholds are lost and the run drifts: the state is what makes it exact.
     del saved["callbacks"]
     torch.save(saved, tmp_path / "stripped.ckpt")
-    drifted, _, _ = _fit(tmp_path / "c", 4, ckpt_path=tmp_path / "stripped.ckpt")
+    with caplog.at_level(logging.WARNING, logger="sparsetrain.integrations.lightning"):
+        drifted, _, _ = _fit(tmp_path / "c", 4, ckpt_path=tmp_path / "stripped.ckpt")
+    assert "resuming at optimizer step 8 but the sparsity state is at step 0" in caplog.text
     assert not all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), drifted.state_dict().values()))
 
 

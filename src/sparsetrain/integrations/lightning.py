@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch.nn as nn
@@ -48,6 +49,8 @@ from sparsetrain.handle import SparsityHandle, sparsify_
 from sparsetrain.layers import counted_layer
 
 __all__ = ["SparsityCallback"]
+
+log = logging.getLogger(__name__)
 
 
 class SparsityCallback(pl.Callback):
@@ -81,7 +84,7 @@ class SparsityCallback(pl.Callback):
         self.last_densities: dict[str, float] = {}
         self._target: nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
-        self._steps_seen = 0  # trainer.global_step when the handle was last stepped
+        self._steps_seen = 0  # optimizer steps the handle has been stepped for (trainer.global_step after each)
         self._measuring: contextlib.ExitStack | None = None  # open while a step is measured
         self._measured_step = -1  # the optimizer step measured last
         self._input_numel: dict[str, int] = {}
@@ -130,7 +133,12 @@ class SparsityCallback(pl.Callback):
         return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.handle is not None
         self._steps_seen = trainer.global_step  # a resumed run starts counting where its checkpoint stopped
+        if trainer.global_step and self.handle.step_count != trainer.global_step:
+            log.warning("SparsityCallback: resuming at optimizer step %d but the sparsity state is at step %d (the "
+                        "checkpoint holds no state of this callback?): thresholds and schedules restart, so the "
+                        "run is not an exact continuation", trainer.global_step, self.handle.step_count)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.handle is not None
@@ -146,7 +154,7 @@ class SparsityCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         assert self.handle is not None
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None  # SWAT-M reads the first one's moments
         while self._steps_seen < trainer.global_step:  # once per optimizer step (none yet while accumulating)
             self.handle.step(optimizer)
             self._steps_seen += 1

@@ -239,7 +239,7 @@ def _layer_densities(run: RunFiles) -> tuple[dict[str, dict[str, float]], str, s
     return None
 
 
-#: The one definition of an operand's density, as the README's Conventions and docs/report.md state it.
+#: The one definition of an operand's density, as the README's Conventions and docs/report state it.
 DENSITY_DEFINITION = (
     "*Density* is the kept fraction of an operand: the fraction of its elements that are non-zero in the tensor its "
     "GEMM receives, after the layer's sparsifier. Values the sparsifier drops and zeros that were already there "
@@ -251,7 +251,7 @@ DENSITY_DEFINITION = (
 
 def _overall_density_text(run: RunFiles, kept: dict[str, dict[str, float]] | None) -> str:
     """The run's weight and activation density, with the dense layers named and, when they change the activation
-    figure, the activation density over the sparse layers alone (from ``flops.json``'s saved elements)."""
+    figure, the activation density over the sparse layers alone (from the FLOP accounting's saved elements)."""
     last = run.last_metrics
     text = (f"Over all conv/linear layers, element-weighted (weights by their elements, activations by the elements "
             f"each layer saves for its weight gradient): weight density {_pct_cell(last.get('weight_density'))} %, "
