@@ -4,7 +4,7 @@ Every file name of a run directory is spelled here and nowhere else; the rest of
 :class:`RunDir` for paths (``run_dir.metrics_path``), readers and writers. Layout (``RunDir`` attribute, file):
 
 ==================  ======================  =============================================================
-``CONFIG``          ``config.yaml``         the fully resolved training config (+ ``format_version``)
+``CONFIG``          ``config.yaml``         the fully resolved training config (+ ``format_version``); self-contained
 ``METRICS``         ``metrics.jsonl``       one JSON object per epoch, appended and flushed
 ``TELEMETRY``       ``telemetry.jsonl``     sparsity samples of the telemetry Monitor
 ``CHECKPOINT``      ``checkpoint.pt``       the latest epoch (atomic: temp file + fsync + rename)
