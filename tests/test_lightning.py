@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import logging
 import os
@@ -15,15 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-
-def test_import_without_lightning_names_the_extra(monkeypatch):
-    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
-        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "sparsetrain.integrations.lightning", raising=False)
-    with pytest.raises(ImportError, match=r"pip install 'sparsetrain\[lightning\]'"):
-        importlib.import_module("sparsetrain.integrations.lightning")
-
 
 pl = pytest.importorskip("lightning.pytorch", reason="lightning not installed (pip install 'sparsetrain[lightning]')")
 
