@@ -136,6 +136,7 @@ def check_same_config(run, cfg: dict[str, Any]) -> None:
         UsageError: the run directory holds a run whose config differs from ``cfg`` (the message names the key).
     """
     from sparsetrain.commands._errors import UsageError
+    from sparsetrain.runs import RECORD_KEYS
     from sparsetrain.train import TrainConfig
 
     try:
@@ -143,9 +144,7 @@ def check_same_config(run, cfg: dict[str, Any]) -> None:
     except Exception:  # noqa: BLE001 - an unreadable config: the run itself will say so when resumed
         return
     wanted = TrainConfig.from_dict(cfg).to_dict()
-    from sparsetrain.runs import RECORD_KEYS
-
-    ignore = set(RECORD_KEYS)
+    ignore = set(RECORD_KEYS)  # where and how a run was written: not a different job
     diff = sorted(k for k in wanted if k not in ignore and saved.get(k) != wanted.get(k))
     if diff:
         k = diff[0]
