@@ -127,7 +127,7 @@ def test_tensorboard_missing_is_a_clear_error_before_anything_is_written(tmp_pat
     except ImportError:
         pass
     else:
-        pytest.skip("tensorboard is installed; the success path is tested in test_train.py")
+        pytest.skip("tensorboard is installed; the success path is tested in test_tensorboard.py")
     proc = _run("train", "--tensorboard", "--out", str(tmp_path / "out"))
     _assert_one_error(proc, "--tensorboard", "pip install 'sparsetrain[tensorboard]'")
     assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "sparsetrain"
 CORE = ("layers", "sparsifiers", "methods", "recipe", "handle", "packing", "distributions", "graph")
 PERIPHERY = ("models", "export", "accounting", "telemetry", "reporting", "runs", "data", "training", "analysis",
-             "papers", "commands", "cli", "distributed", "comm", "formatting")
+             "papers", "commands", "cli", "distributed", "comm", "formatting", "integrations")
 
 
 def _module(path: Path) -> str:
@@ -81,7 +81,7 @@ def test_no_import_cycles():
 
 def test_the_periphery_does_not_import_the_runners():
     lower = ("runs", "reporting", "telemetry", "accounting", "models", "data", "export", "distributed", "comm",
-             "formatting")
+             "formatting", "integrations")
     bad = {m: sorted(d for d in deps if _top(d) in ("training", "papers", "analysis"))
            for m, deps in IMPORTS.items() if _top(m) in lower}
     assert not {m: d for m, d in bad.items() if d}

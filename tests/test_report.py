@@ -60,6 +60,7 @@ def make_run(
     summary: bool = True,
     train_flops_pct: float = 89.5,
     lr: float = 0.1,
+    extra_config: dict | None = None,
 ) -> Path:
     """Write a small but realistic run directory (the files `sparsetrain train` writes) and return its path."""
     run = root / name
@@ -70,7 +71,7 @@ def make_run(
         "dataset": dataset,
         "data_dir": None,
         "recipe": recipe,
-        "recipe_overrides": {} if density is None else {"density": density, "first_layer_dense": True},
+        "recipe_overrides": {} if density is None else {"density": density},
         "epochs": len(accs),
         "batch_size": 128,
         "lr": lr,
@@ -78,6 +79,7 @@ def make_run(
         "weight_decay": 5e-4,
         "seed": seed,
         "out": str(run),
+        **(extra_config or {}),
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -609,13 +611,52 @@ def test_comparison_report(tmp_path):
     assert parser.cells == markdown_cells(md)
 
 
-def test_comparison_notes_config_differences(tmp_path):
-    a = make_run(tmp_path, "a", seed=0, lr=0.1)
-    b = make_run(tmp_path, "b", seed=1, lr=0.05)
-    result = write_report([a, b, a], out_dir=tmp_path / "o", plots=False)  # repeated dir counted once
+def test_runs_differing_beyond_the_seed_are_separate_labelled_rows(tmp_path):
+    """Issue 20, item 2: SGD, AdamW and bf16 at the same seed were pooled into one row as if they were seeds."""
+    sgd = make_run(tmp_path, "sgd", seed=0, accs=(0.5, 0.396), extra_config={"optimizer": "sgd", "amp": "none"})
+    adamw = make_run(tmp_path, "adamw", seed=0, accs=(0.5, 0.196), extra_config={"optimizer": "adamw", "amp": "none"})
+    bf16 = make_run(tmp_path, "bf16", seed=0, accs=(0.5, 0.296), extra_config={"optimizer": "sgd", "amp": "bf16"})
+    sgd1 = make_run(tmp_path, "sgd-s1", seed=1, accs=(0.5, 0.398), extra_config={"optimizer": "sgd", "amp": "none"},
+                    lr=0.1)
+    moved = make_run(tmp_path, "elsewhere", seed=2, accs=(0.5, 0.394), extra_config={
+        "optimizer": "sgd", "amp": "none", "data_dir": "/elsewhere", "log_every": 7, "quiet": True})
+    result = write_report([sgd, adamw, bf16, sgd1, moved, sgd], out_dir=tmp_path / "o", plots=False)
     md = result.markdown.read_text()
-    assert "2 runs in 1 groups" in md
-    assert "differ in config `lr`; they are aggregated anyway" in md
+    # The rule, once, at the top.
+    assert md.count("Runs are grouped by their whole config except the seed") == 1
+    assert md.index("Runs are grouped by") < md.index("## Results")
+    assert "**4 runs in 3 groups.**" not in md and "**5 runs in 3 groups.**" in md
+    rows = md_table_rows(md)
+    header = next(r for r in rows if r[0] == "Method" and "Seeds" in r)
+    assert header[:3] == ["Method", "Density", "Config"]
+    table = {r[2]: r for r in rows if r[0] == "swat-u" and len(r) == len(header)}
+    # Where, and how verbosely, a run was written does not split a group; the optimizer and amp do.
+    assert table["amp=none, optimizer=sgd"][header.index("Seeds")] == "0, 1, 2"
+    assert table["amp=none, optimizer=sgd"][header.index("Top-1 ± SD (%)")] == "39.60 ± 0.20"
+    assert table["amp=none, optimizer=adamw"][header.index("Top-1 ± SD (%)")] == "19.60"
+    assert table["amp=bf16, optimizer=sgd"][header.index("n")] == "1"
+    assert "aggregated anyway" not in md
+    # The per-run table carries the same labels.
+    assert any(r[0].endswith("adamw`") and r[3] == "swat-u · amp=none, optimizer=adamw" for r in rows)
+
+
+def test_config_column_only_when_method_and_density_do_not_tell_rows_apart(tmp_path):
+    a = make_run(tmp_path, "a", seed=0, density=0.1)
+    b = make_run(tmp_path, "b", seed=0, density=0.2)
+    c = make_run(tmp_path, "c", seed=1, density=0.1, lr=0.05)
+    rows = group_runs([read_run(p) for p in (a, b, c)])
+    assert [(r.density, r.differs) for r in rows] == [(0.2, {"lr": 0.1}), (0.1, {"lr": 0.1}), (0.1, {"lr": 0.05})]
+    rows = group_runs([read_run(p) for p in (a, b)])
+    assert [r.differs for r in rows] == [{}, {}]  # the Density column tells them apart
+    md = write_report([a, b], out_dir=tmp_path / "o", plots=False).markdown.read_text()
+    assert "Config" not in next(r for r in md_table_rows(md) if r[0] == "Method")
+
+
+def test_repeated_seed_is_noted_as_a_repeat(tmp_path):
+    a = make_run(tmp_path, "a", seed=0)
+    b = make_run(tmp_path, "b", seed=0, accs=(0.41, 0.65, 0.8, 0.9))
+    md = write_report([a, b], out_dir=tmp_path / "o", plots=False).markdown.read_text()
+    assert "2 runs share seed(s) 0 with the same config: repeats of one run" in md
 
 
 def test_group_runs_keys(tmp_path):
@@ -636,7 +677,8 @@ def test_group_runs_keys(tmp_path):
 
 def test_recipe_label_and_format_value():
     assert recipe_label("swat-erk") == "swat-erk"
-    assert recipe_label({"preset": "swat-u", "density": 0.2}) == "swat-u (custom)"
+    assert re.fullmatch(r"swat-u \(custom [0-9a-f]{6}\)", recipe_label({"preset": "swat-u", "density": 0.2}))
+    assert recipe_label({"preset": "swat-u", "density": 0.2}) != recipe_label({"preset": "swat-u", "density": 0.3})
     label = recipe_label({"layers": {"conv1": {"weight": {"type": "threshold", "threshold": 0.01}}}})
     assert re.fullmatch(r"custom-[0-9a-f]{6}", label)
     assert label == recipe_label({"layers": {"conv1": {"weight": {"threshold": 0.01, "type": "threshold"}}}})
@@ -808,3 +850,23 @@ def test_comparison_of_real_runs(real_runs, tmp_path):
     swat = next(r for r in rows if r[0] == "swat-u")
     assert swat[1] == "0.1" and swat[4] == format_mean_sd(mean, sd, scale=100) and swat[5] == "2"
     assert swat[-1] == "0, 1"
+
+
+def test_density_section_names_the_dense_layers_and_the_sparse_only_figure(tmp_path):
+    """Issue 20, item 5: 37.5 % activation density at --density 0.1 comes from the dense first layer; say so."""
+    run = make_run(tmp_path, "r", layers=("conv1", "conv2", "fc"), density=0.1)
+    saved = {"conv1": 784, "conv2": 1176, "fc": 604}  # LeNet-5-like: the dense first layer's input is 30.6 %
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for rec in records:  # as `sparsetrain train` writes them: only the sparse layers have densities
+        del rec["densities"]["conv1"]
+        rec["activation_density"] = (784 + 0.1 * 1780) / 2564
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    flops = json.loads((run / "flops.json").read_text())
+    for row in flops["layers"]:
+        row["saved_activation_elements"] = saved[row["name"]]
+    (run / "flops.json").write_text(json.dumps(flops))
+    md = " ".join(write_report([run], plots=False).markdown.read_text().split())
+    assert "activation density 37.52 %" in md
+    assert ("The dense layers (`conv1`) count as 100 %; they hold 30.6 % of the saved activation elements. Over the "
+            "sparse layers alone the activation density is 10.00 %.") in md
+    assert "zeros that were already there (ReLU outputs) both count as removed" in md

@@ -285,7 +285,7 @@ class SparsityHandle:
     def densities(self) -> dict[str, dict[str, float]]:
         """Per layer, the density of every operand: measured in the last :meth:`measuring` block, else nominal.
 
-        The density is the kept fraction of the tensor the GEMM uses (exact zeros count as dropped).
+        Density: non-zero fraction of the operand after its sparsifier (prior zeros count as removed); unsparsified 1.0.
         """
         out: dict[str, dict[str, float]] = {}
         nominal = self.nominal_densities()

@@ -4,7 +4,7 @@ Every file name of a run directory is spelled here and nowhere else; the rest of
 :class:`RunDir` for paths (``run_dir.metrics_path``), readers and writers. Layout (``RunDir`` attribute, file):
 
 ==================  ======================  =============================================================
-``CONFIG``          ``config.yaml``         the fully resolved training config (+ ``format_version``)
+``CONFIG``          ``config.yaml``         the fully resolved training config (+ ``format_version``); self-contained
 ``METRICS``         ``metrics.jsonl``       one JSON object per epoch, appended and flushed
 ``TELEMETRY``       ``telemetry.jsonl``     sparsity samples of the telemetry Monitor
 ``CHECKPOINT``      ``checkpoint.pt``       the latest epoch (atomic: temp file + fsync + rename)
@@ -56,6 +56,7 @@ __all__ = [
     "FORMAT_VERSION",
     "FORMAT_VERSION_KEY",
     "SUMMARY_FLOPS_KEYS",
+    "RECORD_KEYS",
     "RunDir",
     "RunDirectoryError",
     "RunLock",
@@ -70,6 +71,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_run",
+    "self_contained_recipe",
     "summarize",
 ]
 
@@ -88,6 +90,12 @@ SUMMARY_FLOPS_KEYS = (
     "act_memory_reduction_pct",
     "model_compression_x",
 )
+
+#: Config keys that record where and how a run was written, not what it computed. Runs whose configs differ only in
+#: these and the seed are seeds of one experiment: ``sparsetrain report`` pools them into one row, and a sweep rerun
+#: accepts a run directory that differs only in these.
+RECORD_KEYS = ("out", "quiet", "data_dir", "device", "log_every", "telemetry_every", "tensorboard",
+               "checkpoint_every")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -727,6 +735,39 @@ class RunDir:
         return summarize(config, metrics, flops)
 
 
+# ---------------------------------------------------------------------------------------------- the recorded recipe
+def self_contained_recipe(recipe: Any) -> Any:
+    """The recipe as a run records it: a YAML file's content instead of its path; anything else unchanged.
+
+    A run directory must not depend on the working directory it was started from: ``--resume``, ``export``,
+    ``measure`` and ``report`` may run anywhere, long after the file moved or changed. So a recipe given as a path
+    to a YAML file is recorded as the mapping the file holds (``Recipe.load`` gives it the same meaning). Preset
+    names and the example recipes shipped with the package stay names: they are part of the installed package, not
+    of the working directory. A path that is no file is left as it is, for ``Recipe.load`` to report.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.yaml"
+        >>> _ = p.write_text("preset: swat-u\\ndensity: 0.2\\n")
+        >>> self_contained_recipe(str(p)), self_contained_recipe("swat-u")
+        ({'preset': 'swat-u', 'density': 0.2}, 'swat-u')
+    """
+    from sparsetrain.recipe import PRESETS, Recipe
+
+    if isinstance(recipe, Recipe):
+        return recipe.to_dict()
+    if isinstance(recipe, os.PathLike):
+        recipe = os.fspath(recipe)
+    # The precedence of Recipe.load: a preset name, then an existing file, then a shipped example's name.
+    if not isinstance(recipe, str) or recipe in PRESETS or not Path(recipe).is_file():
+        return recipe
+    try:
+        content = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return recipe  # Recipe.load names the file, line and column
+    return content if isinstance(content, dict) else recipe
+
+
 # ---------------------------------------------------------------------------------------------- loading a run back
 @dataclass
 class Run:
@@ -750,12 +791,20 @@ class Run:
         return (self.info.channels, *hw)
 
     def sparsify(self):
-        """Re-apply the run's recipe (with its saved sparsity state) and return the handle."""
+        """Re-apply the run's recipe (with its saved sparsity state) and return the handle.
+
+        The recipe is the one the run trained with, as the checkpoint's sparsity state holds it (resolved, overrides
+        applied); a run without one falls back to its config's. No recipe file is read again.
+        """
         from sparsetrain.handle import sparsify_
 
-        handle = sparsify_(self.model, self.config["recipe"], **(self.config.get("recipe_overrides") or {}))
-        if self.checkpoint.get("sparsity"):
-            handle.load_state_dict(self.checkpoint["sparsity"])
+        saved = self.checkpoint.get("sparsity") or {}
+        if saved.get("recipe") is not None:
+            handle = sparsify_(self.model, saved["recipe"])
+        else:
+            handle = sparsify_(self.model, self.config["recipe"], **(self.config.get("recipe_overrides") or {}))
+        if saved:
+            handle.load_state_dict(saved)
         return handle
 
 

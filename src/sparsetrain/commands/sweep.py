@@ -294,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
     params = parse_params(args.param)
     keys = list(params)
     base = resolve_config(args)
-    out = Path(args.out) if args.out else _default_out(base["recipe"])
+    out = Path(args.out) if args.out else _default_out(args.recipe)  # base["recipe"] may be a file's content
     first_seed = int(base.get("seed") or 0)
     seeds = list(range(first_seed, first_seed + args.seeds))
 
@@ -324,7 +324,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
     rows = summarize_points(points)
-    title = f"sweep of {Path(str(base['recipe'])).stem}: {', '.join(keys)}"
+    title = f"sweep of {Path(str(args.recipe)).stem}: {', '.join(keys)}"
     (out / TABLE_MARKDOWN).write_text(table_markdown(rows, keys, title), encoding="utf-8")
     (out / TABLE_CSV).write_text(table_csv(rows, keys), encoding="utf-8")
     try:

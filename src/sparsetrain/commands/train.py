@@ -25,6 +25,18 @@ _FLAGS = {
 }
 
 
+# TrainConfig's defaults that --help shows, spelled here so that `--help` needs no torch import (a test checks they
+# equal TrainConfig's).
+HELP_DEFAULTS = {"model": "lenet5", "dataset": "fashion_mnist_small", "recipe": "swat-u", "density": 0.1,
+                 "epochs": 8, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+                 "schedule": "cosine", "seed": 0}
+
+
+def _default(key: str) -> str:
+    return f"default {HELP_DEFAULTS[key]:g}" if isinstance(HELP_DEFAULTS[key], float) else \
+        f"default {HELP_DEFAULTS[key]}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of defaults (any TrainConfig key); flags override it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -32,35 +44,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--set recipe_overrides.threshold_period=100")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (or a checkpoint file in it)")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="registered model name (see `sparsetrain list models`)")
-    g.add_argument("--dataset", help="dataset name (see `sparsetrain list datasets`)")
+    g.add_argument("--model", help=f"registered model name (see `sparsetrain list models`; {_default('model')})")
+    g.add_argument("--dataset", help=f"dataset name (see `sparsetrain list datasets`; {_default('dataset')}: the "
+                                     "subset shipped with the package)")
     g.add_argument("--data-dir", help="folder holding the dataset files (or set SPARSETRAIN_DATA)")
     g.add_argument("--width-mult", type=float, help="depth multiplier: scale every conv's channels (Changpinyo)")
     g.add_argument("--train-subset", type=int, help="use only the first N training images")
     g.add_argument("--test-subset", type=int, help="use only the first N test images")
     g = p.add_argument_group("sparsity")
-    g.add_argument("--recipe", help="preset name or recipe YAML (see `sparsetrain list recipes`)")
+    g.add_argument("--recipe", help=f"preset name or recipe YAML (see `sparsetrain list recipes`; "
+                                    f"{_default('recipe')}); a YAML file is recorded in the run by its content")
     dens = g.add_mutually_exclusive_group()
-    dens.add_argument("--density", type=float, help="kept fraction for the recipe")
+    dens.add_argument("--density", type=float, help=f"kept fraction for the recipe ({_default('density')} with the "
+                                                   "default recipe; else the recipe's own)")
     dens.add_argument("--sparsity", type=float, help="1 - density")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--epochs", type=int, help=f"epochs to train ({_default('epochs')}); with --resume: the total "
+                                              "to reach")
+    g.add_argument("--batch-size", type=int, help=f"training batch; the global batch under torchrun "
+                                                  f"({_default('batch_size')})")
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
                    help="sgd (default; --momentum, --nesterov) or adam/adamw (betas: --set betas=[0.9,0.999])")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--momentum", type=float, help="SGD momentum")
+    g.add_argument("--lr", type=float, help=f"peak learning rate ({_default('lr')})")
+    g.add_argument("--momentum", type=float, help=f"SGD momentum ({_default('momentum')})")
     g.add_argument("--nesterov", action="store_true", default=None, help="SGD with Nesterov momentum")
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--weight-decay", type=float, help=f"L2 weight decay ({_default('weight_decay')})")
     g.add_argument("--wd-exclude-bn-bias", action="store_true", default=None, help="no weight decay on BN and biases")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--l1", type=float, help="L1 regularisation strength on conv/linear weights")
-    g.add_argument("--schedule", choices=["cosine", "step", "constant"])
+    g.add_argument("--schedule", choices=["cosine", "step", "constant"], help=f"learning-rate schedule "
+                                                                               f"({_default('schedule')})")
     g.add_argument("--milestones", type=lambda s: [int(v) for v in s.split(",")], help="epochs, e.g. 50,100")
     g.add_argument("--gamma", type=float, help="step schedule factor")
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help=f"seed of weights, data order, augmentation ({_default('seed')})")
     g.add_argument("--deterministic", action="store_true", default=None)
     g.add_argument("--channels-last", action="store_true", default=None)
     g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
@@ -148,6 +166,28 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
             target = target[part]
         target[parts[-1]] = _parse_value(text, key)
     _check_recipe_file(cfg.get("recipe"))
+    return _self_contained(cfg)
+
+
+def _self_contained(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config as the run directory records it: nothing in it names a path relative to this working directory.
+
+    A recipe file is recorded by its content (``runs.self_contained_recipe``; the run directory's default name
+    keeps the file's name), the data folder as an absolute path. ``--resume``, ``export``, ``measure`` and
+    ``report`` then work from any folder, even after the recipe file moved or changed.
+    """
+    from pathlib import Path
+
+    from sparsetrain.runs import RunDir, self_contained_recipe
+
+    recipe = cfg.get("recipe")
+    inlined = self_contained_recipe(recipe)
+    if inlined is not recipe:
+        if cfg.get("out") is None:  # name the run after the file, as for a recipe given by name
+            cfg["out"] = str(RunDir.default(str(cfg.get("model")), str(recipe)).path)
+        cfg["recipe"] = inlined
+    if isinstance(cfg.get("data_dir"), str):
+        cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
     return cfg
 
 

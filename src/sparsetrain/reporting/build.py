@@ -50,6 +50,7 @@ from sparsetrain.reporting.plots import (
 )
 from sparsetrain.reporting.runfiles import RunFiles, read_run, recipe_label
 from sparsetrain.reporting.tables import (
+    AGGREGATION_RULE,
     GroupRow,
     flatten,
     format_mean_sd,
@@ -57,7 +58,7 @@ from sparsetrain.reporting.tables import (
     format_value,
     group_runs,
 )
-from sparsetrain.runs import RunDir
+from sparsetrain.runs import RECORD_KEYS, RunDir
 
 __all__ = [
     "OPERANDS",
@@ -233,6 +234,45 @@ def _layer_densities(run: RunFiles) -> tuple[dict[str, dict[str, float]], str, s
     return None
 
 
+#: The one definition of an operand's density, as the README's Conventions and docs/report state it.
+DENSITY_DEFINITION = (
+    "*Density* is the kept fraction of an operand: the fraction of its elements that are non-zero in the tensor its "
+    "GEMM receives, after the layer's sparsifier. Values the sparsifier drops and zeros that were already there "
+    "(ReLU outputs) both count as removed. An operand no sparsifier acts on (a dense layer, a dense operand) has "
+    "density 100 % by definition, whatever zeros it holds. The telemetry's *sparsity* is another measure: the "
+    "fraction of exact zeros of a tensor, whether a sparsifier or the data made them."
+)
+
+
+def _overall_density_text(run: RunFiles, kept: dict[str, dict[str, float]] | None) -> str:
+    """The run's weight and activation density, with the dense layers named and, when they change the activation
+    figure, the activation density over the sparse layers alone (from the FLOP accounting's saved elements)."""
+    last = run.last_metrics
+    text = (f"Over all conv/linear layers, element-weighted (weights by their elements, activations by the elements "
+            f"each layer saves for its weight gradient): weight density {_pct_cell(last.get('weight_density'))} %, "
+            f"activation density {_pct_cell(last.get('activation_density'))} %.")
+    layers = [r for r in (run.flops or {}).get("layers") or [] if isinstance(r, dict) and "name" in r]
+    if kept is None or not layers:
+        return text + " Layers the recipe leaves dense count as 100 %."
+    dense = [r for r in layers if r["name"] not in kept]
+    if not dense:
+        return text + " Every conv/linear layer is sparse."
+    names = ", ".join(f"`{r['name']}`" for r in dense)
+    total = sum(_num(r.get("saved_activation_elements")) or 0.0 for r in layers)
+    dense_share = sum(_num(r.get("saved_activation_elements")) or 0.0 for r in dense)
+    text += f" The dense layers ({names}) count as 100 %"
+    sparse = [r for r in layers if r["name"] in kept]
+    n_sparse = sum(_num(r.get("saved_activation_elements")) or 0.0 for r in sparse)
+    if total > 0 and n_sparse > 0:
+        alone = sum(kept[r["name"]].get("input_for_grad_weight", 1.0) * (_num(r.get("saved_activation_elements")) or 0)
+                    for r in sparse) / n_sparse
+        text += (f"; they hold {100 * dense_share / total:.1f} % of the saved activation elements. Over the sparse "
+                 f"layers alone the activation density is {100 * alone:.2f} %.")
+    else:
+        text += "."
+    return text
+
+
 def _density_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path]) -> list[Block]:
     blocks: list[Block] = [Heading("Per-layer densities")]
     found = _layer_densities(run)
@@ -247,20 +287,11 @@ def _density_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Pat
     present = [op for op in OPERANDS if any(op in d for d in table.values())]
     # Weights and activations are the headline; other operands only when some layer actually sparsifies them.
     shown = [op for op in present if op in ("weight", "input") or any(d.get(op, 1.0) < 0.999 for d in table.values())]
-    blocks.append(Paragraph(
-        "*Density* is the kept fraction of the operand the GEMM uses: the share of elements the sparsifiers let "
-        "through. Zeros the data produce (ReLU outputs, natural zeros) are not removed by anyone and count as kept, "
-        "so a dense run has density 100 % although its activations hold many zeros; the *non-zero fraction* "
-        "(1 − sparsity in the telemetry) counts them as removed."))
+    blocks.append(Paragraph(DENSITY_DEFINITION))
     blocks.append(Paragraph(f"Source: {source}. Layers absent from the table are dense."))
     last = run.last_metrics
     if _num(last.get("weight_density")) is not None or _num(last.get("activation_density")) is not None:
-        blocks.append(
-            Paragraph(
-                f"Element-weighted over the sparse layers: weight density {_pct_cell(last.get('weight_density'))} %, "
-                f"activation density {_pct_cell(last.get('activation_density'))} % (kept fractions)."
-            )
-        )
+        blocks.append(Paragraph(_overall_density_text(run, table if measure == "kept" else None)))
     if plots:
         title = "Per-layer density (kept fraction)" if measure == "kept" else "Per-layer non-zero fraction"
         png = plot_layer_densities(table, shown, out_dir / _DENSITY_PNG, title=title, measure=measure)
@@ -401,12 +432,16 @@ def build_run_document(
 
 def _group_label(row: GroupRow, with_pair: bool) -> str:
     label = row.method + (f" d={format_value(row.density)}" if row.density is not None else "")
+    if row.differs:
+        label += f" · {row.config_label}"
     return f"{row.model}/{row.dataset} {label}" if with_pair else label
 
 
 def _results_table(rows: list[GroupRow]) -> Table:
     has_baseline = any(r.baseline_acc is not None for r in rows)
-    headers = ["Method", "Density", "W dens. (kept %)", "Act dens. (kept %)", "Top-1 ± SD (%)", "n"]
+    has_config = any(r.differs for r in rows)
+    headers = ["Method", "Density"] + (["Config"] if has_config else []) + [
+        "W dens. (kept %)", "Act dens. (kept %)", "Top-1 ± SD (%)", "n"]
     if has_baseline:
         headers.append("BA / AC (%)")
     headers += ["Train FLOPs ↓ (%)", "Inf. FLOPs ↓ (%)", "Act ↓ (%)", "MC (×)", "Seeds"]
@@ -415,6 +450,7 @@ def _results_table(rows: list[GroupRow]) -> Table:
         cells = [
             r.method,
             format_value(r.density),
+            *([r.config_label] if has_config else []),
             format_pct(r.weight_density, 1),
             format_pct(r.activation_density, 1),
             format_mean_sd(r.acc_mean, r.acc_sd, scale=100.0),
@@ -432,7 +468,8 @@ def _results_table(rows: list[GroupRow]) -> Table:
             ", ".join(format_value(s) for s in r.seeds),
         ]
         body.append(cells)
-    align = ["l", "r", "r", "r", "r", "r"] + (["r"] if has_baseline else []) + ["r", "r", "r", "r", "l"]
+    align = ["l", "r"] + (["l"] if has_config else []) + ["r", "r", "r", "r"] + (["r"] if has_baseline else []) + [
+        "r", "r", "r", "r", "l"]
     return Table(headers, body, align)
 
 
@@ -441,8 +478,9 @@ def build_comparison_document(
 ) -> tuple[Document, list[Path]]:
     """Build the comparison report of several runs and draw its PNG into ``out_dir``.
 
-    Runs are grouped by (model, dataset, recipe, density); each group is one table row with the mean ± sample SD
-    of the final test accuracy over its runs (seeds) and the mean of the other figures.
+    Runs are grouped by their whole config except the seed (:func:`~sparsetrain.reporting.tables.group_runs`; the
+    rule is :data:`~sparsetrain.reporting.tables.AGGREGATION_RULE`, printed at the top); each group is one table
+    row with the mean ± sample SD of the final test accuracy over its runs (seeds) and the mean of the other figures.
 
     Args:
         runs: parsed run directories.
@@ -458,14 +496,14 @@ def build_comparison_document(
     pairs = list(dict.fromkeys((r.model, r.dataset) for r in rows))
     blocks: list[Block] = [
         Paragraph(
-            f"{len(runs)} runs in {len(rows)} groups of (model, dataset, recipe, density). Top-1 is the final "
-            "test accuracy: mean ± sample standard deviation over the n runs of a group (no ± for a single "
-            "run). Densities are the measured element-weighted weight and activation densities of the last "
-            "epoch; FLOP and memory figures are means over the group."
+            f"**{len(runs)} runs in {len(rows)} groups.** "
+            + AGGREGATION_RULE.format(record=", ".join(f"`{k}`" for k in RECORD_KEYS))
         ),
         Paragraph(
-            "Columns as in the SWAT paper's tables: BA / AC = baseline (dense) accuracy / accuracy change, "
-            "Act ↓ = activation memory reduction, MC = model compression."
+            "Columns as in the SWAT paper's tables: W dens. / Act dens. = the measured weight and activation "
+            "density (kept fraction) of the last epoch, over all conv/linear layers (dense ones count as 100 %); "
+            "BA / AC = baseline (dense) accuracy / accuracy change, Act ↓ = activation memory reduction, "
+            "MC = model compression."
         ),
         Paragraph(f"Generated by sparsetrain {_version()} on {_now()}."),
         Heading("Results"),
@@ -514,7 +552,7 @@ def build_comparison_document(
                     f"`{run.path}`",
                     row.model,
                     row.dataset,
-                    row.method,
+                    row.method + (f" · {row.config_label}" if row.differs else ""),
                     format_value(row.density),
                     format_value(s.get("seed", run.config.get("seed"))),
                     str(len(run.metrics)),
@@ -546,11 +584,13 @@ def build_comparison_document(
 
     notes = []
     for row in rows:
-        if row.differing_config:
-            shown = ", ".join(f"`{k}`" for k in row.differing_config[:8])
-            more = f" and {len(row.differing_config) - 8} more" if len(row.differing_config) > 8 else ""
+        seeds = [json.dumps(seed, default=str) for seed in row.seeds]
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
             notes.append(
-                f"The runs of {_group_label(row, True)} differ in config {shown}{more}; they are aggregated anyway."
+                f"{_group_label(row, True)}: {len(seeds) - len(set(seeds)) + len(repeated)} runs share seed(s) "
+                f"{', '.join(repeated)} with the same config: repeats of one run, not independent seeds (their "
+                "spread is only run-to-run nondeterminism)."
             )
     for run in runs:
         notes += [f"`{run.path}`: {n}" for n in run.notes]

@@ -28,7 +28,7 @@ _DPI = 110
 # Beyond this many lines a legend is unreadable; a colour bar over layer depth replaces it.
 _MAX_LEGEND = 12
 #: The two measures of how much of an operand is there, defined once in the report documentation, named on every axis.
-KEPT_LABEL = "density: kept fraction (%) (natural zeros count as kept)"
+KEPT_LABEL = "density (%): non-zero after the sparsifier (dense operands: 100)"
 NONZERO_LABEL = "non-zero fraction (%) (natural zeros count as removed)"
 
 
@@ -219,7 +219,7 @@ def plot_layer_densities(
         operands: operands to draw, in order.
         path: output PNG.
         title: figure title.
-        measure: ``"kept"`` (density: the fraction the sparsifiers keep; natural zeros count as kept) or
+        measure: ``"kept"`` (density: non-zero fraction after the sparsifier, 1.0 for a dense operand) or
             ``"nonzero"`` (1 - fraction of exact zeros, natural zeros included); names the axis.
 
     Returns:

@@ -116,24 +116,23 @@ class RunFiles:
 
 
 def recipe_label(recipe: Any) -> str:
-    """A short, stable label for a recipe given by preset name or as a dict.
+    """A short, stable label for a recipe given by preset name or as a dict (a recipe file's content, recorded
+    inline by the run): ``<preset> (custom <hash>)`` or ``custom-<hash>``, the hash telling different recipes apart.
 
     Example:
         >>> recipe_label("swat-u"), recipe_label({"preset": "swat-u", "density": 0.1})
-        ('swat-u', 'swat-u (custom)')
+        ('swat-u', 'swat-u (custom a7eda3)')
     """
     if recipe is None:
         return "dense"
     if isinstance(recipe, str):
         return recipe
     if isinstance(recipe, dict):
-        preset = recipe.get("preset")
-        if isinstance(preset, str):
-            return f"{preset} (custom)"
         import hashlib
 
         digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:6]
-        return f"custom-{digest}"
+        preset = recipe.get("preset")
+        return f"{preset} (custom {digest})" if isinstance(preset, str) else f"custom-{digest}"
     return str(recipe)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from sparsetrain.formatting import finite_float as _num
 from sparsetrain.formatting import format_pct
 from sparsetrain.reporting.runfiles import FLOPS_KEYS, RunFiles, recipe_label
+from sparsetrain.runs import RECORD_KEYS
 
 __all__ = [
     "format_value",
@@ -26,15 +27,15 @@ __all__ = [
     "mean_sd",
     "format_mean_sd",
     "flatten",
+    "AGGREGATION_RULE",
     "GroupRow",
+    "experiment_config",
     "group_runs",
     "BASELINE_METHODS",
 ]
 
 # Recipes whose group serves as the baseline ("BA") for the accuracy change ("AC") column, as in the papers' tables.
 BASELINE_METHODS = ("dense",)
-# Config keys expected to differ between seeds of one group; any other difference is reported.
-_PER_RUN_KEYS = {"seed", "out", "out_dir", "run_dir", "output_dir", "data_dir", "name", "run_name", "device", "resume"}
 
 
 def format_value(value: Any) -> str:
@@ -113,13 +114,29 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
+#: The aggregation rule of the comparison report, stated once (the report prints it at the top).
+AGGREGATION_RULE = (
+    "Runs are grouped by their whole config except the seed (and the keys that only record where and how a run was "
+    "written: {record}); runs that differ in anything else are separate rows, and a Config column names the "
+    "settings beyond method and density that vary between the rows of a table. Each row aggregates its runs, one per "
+    "seed: "
+    "Top-1 is the final test accuracy, mean ± sample standard deviation (n − 1) over the n runs (no ± for a single "
+    "run); the densities, FLOP and memory figures are means over the row."
+)
+#: Config keys the results table shows in its own columns (table heading, Method, Density).
+_COLUMN_KEYS = ("model", "dataset", "recipe", "recipe_overrides.density", "recipe_overrides.sparsity")
+
+
 @dataclass
 class GroupRow:
-    """Runs sharing (model, dataset, recipe, density), aggregated over seeds.
+    """Runs of one experiment (the same config except the seed and :data:`~sparsetrain.runs.RECORD_KEYS`),
+    aggregated over seeds.
 
     Accuracies and densities are fractions in [0, 1]; the FLOP figures are as in the run's summary (percent, ×).
     ``acc_sd`` is the sample SD (None for a single run). ``baseline_acc`` is the mean accuracy of the dense group of
-    the same model and dataset, when one was given.
+    the same model and dataset, when one was given. ``config`` is the experiment's config (flattened, dotted keys;
+    the recipe kept whole); ``differs`` the settings that tell this row apart from the other rows of its (model,
+    dataset) table beyond its method and density (empty when those columns suffice).
     """
 
     model: str
@@ -134,7 +151,8 @@ class GroupRow:
     activation_density: float | None
     flops: dict[str, float | None]
     baseline_acc: float | None = None
-    differing_config: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    differs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -153,35 +171,93 @@ class GroupRow:
             return None
         return self.acc_mean - self.baseline_acc
 
+    @property
+    def config_label(self) -> str:
+        """``key=value, ...`` of :attr:`differs` (empty when nothing beyond method and density differs)."""
+        return ", ".join(f"{k}={_label_value(v)}" for k, v in self.differs.items())
 
-def _group_key(run: RunFiles) -> tuple[str, str, str, float | None]:
+
+_ABSENT = object()  # a key one run's config lacks (e.g. written by an older version)
+
+
+def _label_value(value: Any) -> str:
+    if isinstance(value, dict):  # a recipe given inline
+        return recipe_label(value)
+    return "—" if value is _ABSENT else format_value(value)
+
+
+def _normalised(value: Any) -> Any:
+    """A config value for comparison: floats to 6 significant digits (0.1 and 0.09999999 are one setting)."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalised(v) for v in value]
+    return value
+
+
+def experiment_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run's config that defines its experiment: everything but the seed and the record keys,
+    flattened to dotted keys (``recipe_overrides.density``), a recipe given inline kept whole.
+
+    Example:
+        >>> experiment_config({"seed": 3, "out": "runs/a", "lr": 0.1, "recipe_overrides": {"density": 0.1}})
+        {'lr': 0.1, 'recipe_overrides.density': 0.1}
+    """
+    kept = {k: v for k, v in config.items() if k != "seed" and k not in RECORD_KEYS}
+    recipe = kept.pop("recipe", _ABSENT)
+    out = {k: _normalised(v) for k, v in flatten(kept).items() if v != {}}  # no overrides = none given
+    if recipe is not _ABSENT:
+        out["recipe"] = _normalised(recipe)
+    return dict(sorted(out.items()))
+
+
+def _key_text(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _method(run: RunFiles) -> str:
+    # The config's recipe first: the summary's is the preset only, the same for every recipe file built on it.
+    return recipe_label(run.config.get("recipe", run.summary.get("recipe")))
+
+
+def _model_dataset(run: RunFiles) -> tuple[str, str]:
     s, c = run.summary, run.config
-    model = str(s.get("model") or c.get("model") or "?")
-    dataset = str(s.get("dataset") or c.get("dataset") or "?")
-    method = recipe_label(s.get("recipe", c.get("recipe")))
-    density = _num(s.get("density"))
-    # Rounded so that 0.1 written as 0.1 and as 0.09999999 land in one group.
-    return model, dataset, method, (None if density is None else round(density, 6))
+    return str(s.get("model") or c.get("model") or "?"), str(s.get("dataset") or c.get("dataset") or "?")
 
 
-def _differing_config(runs: list[RunFiles]) -> list[str]:
-    if len(runs) < 2:
-        return []
-    flat = [flatten(r.config) for r in runs]
-    keys = sorted(set().union(*flat))
-    return [
-        k
-        for k in keys
-        if k.split(".")[0] not in _PER_RUN_KEYS
-        and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1
-    ]
+def _density(run: RunFiles) -> float | None:
+    density = _num(run.summary.get("density"))
+    return None if density is None else round(density, 6)
+
+
+def _what_differs(rows: list[GroupRow]) -> None:
+    """Fill each row's ``differs``: the config keys that vary across the rows of one (model, dataset) table, except
+    those its Method and Density columns already show -- unless rows would otherwise look the same."""
+    if len(rows) < 2:
+        return
+    keys = sorted(set().union(*(r.config for r in rows)))
+
+    def cell(r: GroupRow, k: str) -> str | None:
+        return _key_text({"v": r.config[k]}) if k in r.config else None
+
+    varying = [k for k in keys if len({cell(r, k) for r in rows}) > 1]
+    shown = [k for k in varying if k not in _COLUMN_KEYS]
+    visible = {(r.method, r.density, *(cell(r, k) for k in shown)) for r in rows}
+    if len(visible) < len(rows):  # rows the columns do not tell apart, e.g. one gives density, the other sparsity
+        shown = [k for k in varying if k not in ("model", "dataset")]
+    for r in rows:
+        r.differs = {k: r.config.get(k, _ABSENT) for k in shown}
 
 
 def group_runs(runs: Sequence[RunFiles]) -> list[GroupRow]:
-    """Group runs by (model, dataset, recipe, density) and aggregate each group over its seeds.
+    """Group runs by their whole config except the seed and the record keys; aggregate each group over its seeds.
 
-    Order: (model, dataset) pairs in order of first appearance; within a pair, the dense baseline first, then
-    methods in order of first appearance, higher density first.
+    Runs that differ in any other setting (optimizer, amp, learning rate, a recipe key, the number of epochs, ...)
+    are separate groups; :attr:`GroupRow.differs` names what tells a group apart from the others of its (model,
+    dataset). Order: (model, dataset) pairs in order of first appearance; within a pair, the dense baseline first,
+    then methods in order of first appearance, higher density first, then groups in order of first appearance.
 
     Args:
         runs: parsed run directories.
@@ -189,34 +265,40 @@ def group_runs(runs: Sequence[RunFiles]) -> list[GroupRow]:
     Returns:
         One :class:`GroupRow` per group.
     """
-    groups: dict[tuple, list[RunFiles]] = {}
+    groups: dict[str, list[RunFiles]] = {}
     for run in runs:
-        groups.setdefault(_group_key(run), []).append(run)
+        groups.setdefault(_key_text(experiment_config(run.config)), []).append(run)
 
-    pair_order = list(dict.fromkeys(k[:2] for k in groups))
-    method_order = list(dict.fromkeys(k[2] for k in groups))
+    heads = {key: members[0] for key, members in groups.items()}
+    pair_order = list(dict.fromkeys(_model_dataset(r) for r in heads.values()))
+    method_order = list(dict.fromkeys(_method(r) for r in heads.values()))
+    first_seen = {key: i for i, key in enumerate(groups)}
 
-    def sort_key(key: tuple) -> tuple:
-        model, dataset, method, density = key
+    def sort_key(key: str) -> tuple:
+        head = heads[key]
+        density = _density(head)
         return (
-            pair_order.index((model, dataset)),
-            method not in BASELINE_METHODS,
-            method_order.index(method),
+            pair_order.index(_model_dataset(head)),
+            _method(head) not in BASELINE_METHODS,
+            method_order.index(_method(head)),
             -(density if density is not None else 2.0),
+            first_seen[key],
         )
 
     rows = []
     for key in sorted(groups, key=sort_key):
         members = groups[key]
+        head = members[0]
         accs = [a for a in (_num(r.summary.get("final_test_acc")) for r in members) if a is not None]
         acc_mean, acc_sd = mean_sd(accs) if accs else (None, None)
         flops = {k: _mean([r.flops_summary()[k] for r in members]) for k in FLOPS_KEYS}
+        model, dataset = _model_dataset(head)
         rows.append(
             GroupRow(
-                model=key[0],
-                dataset=key[1],
-                method=key[2],
-                density=key[3],
+                model=model,
+                dataset=dataset,
+                method=_method(head),
+                density=_density(head),
                 runs=members,
                 acc_mean=acc_mean,
                 acc_sd=acc_sd,
@@ -224,10 +306,15 @@ def group_runs(runs: Sequence[RunFiles]) -> list[GroupRow]:
                 weight_density=_mean([_num(r.last_metrics.get("weight_density")) for r in members]),
                 activation_density=_mean([_num(r.last_metrics.get("activation_density")) for r in members]),
                 flops=flops,
-                differing_config=_differing_config(members),
+                config=experiment_config(head.config),
             )
         )
-    baselines = {(r.model, r.dataset): r.acc_mean for r in rows if r.method in BASELINE_METHODS}
+    for pair in pair_order:
+        _what_differs([r for r in rows if (r.model, r.dataset) == pair])
+    baselines: dict[tuple[str, str], float | None] = {}
+    for r in rows:  # the first dense group of a pair is its baseline
+        if r.method in BASELINE_METHODS:
+            baselines.setdefault((r.model, r.dataset), r.acc_mean)
     for row in rows:
         row.baseline_acc = baselines.get((row.model, row.dataset))
     return rows

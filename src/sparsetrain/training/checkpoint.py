@@ -124,7 +124,8 @@ def open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig,
         if not (top.is_dir() and os.access(top, os.W_OK | os.X_OK)):
             raise PermissionError(f"--out {run_dir.path}: cannot create it, {top} is not a writable folder; choose "
                                   "another --out")
-        return cfg, run_dir, None
+        # Record a recipe file's content, not its path: resume must not depend on the working directory.
+        return dataclasses.replace(cfg, recipe=runs.self_contained_recipe(cfg.recipe)), run_dir, None
     # A resumed run takes its saved config: only more epochs may be asked for.
     run_dir = RunDir.containing(resume)
     ckpt = runs.load_checkpoint(resume)

@@ -277,8 +277,10 @@ def check_same_config(run, cfg: dict[str, Any]) -> None:
         saved = TrainConfig.from_dict(run.read_config()).to_dict()
     except Exception:  # noqa: BLE001 - an unreadable config: the run itself will say so when resumed
         return
+    from sparsetrain.runs import RECORD_KEYS
+
     wanted = TrainConfig.from_dict(cfg).to_dict()
-    ignore = {"out", "quiet", "data_dir", "device", "log_every", "telemetry_every", "tensorboard"}
+    ignore = set(RECORD_KEYS)  # where and how a run was written: not a different job
     diff = sorted(k for k in wanted if k not in ignore and saved.get(k) != wanted.get(k))
     if diff:
         k = diff[0]

@@ -156,7 +156,9 @@ def _build(cfg: TrainConfig, run_dir: RunDir, ckpt: dict[str, Any] | None, env: 
     if cfg.tensorboard and env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        s.tb_writer = SummaryWriter(log_dir=str(run_dir.tensorboard_dir), purge_step=s.step or None)
+        # Purge what a killed process logged after the checkpoint: steps > s.step (the epoch record and the curve
+        # point at s.step itself belong to the checkpointed epoch and must stay).
+        s.tb_writer = SummaryWriter(log_dir=str(run_dir.tensorboard_dir), purge_step=s.step + 1 if s.step else None)
     if cfg.telemetry_every and env.is_main:
         from sparsetrain.telemetry import JsonlSink, Monitor, TensorBoardSink
 
