@@ -247,12 +247,13 @@ def _keep_from(t: Tensor, pos: Tensor) -> Tensor:
 
 
 def sparsify_operand(state: LayerState, op: str, t: Tensor, cfg: sp.SparsifierConfig | None, *,
-                     need_dense: bool = True, need_keep: bool = False) -> Sparsified:
+                     need_dense: bool = True, need_keep: bool = False, select: bool = False) -> Sparsified:
     """Sparsify ``t`` as forward operand ``op`` of a layer, reusing the cached part of its sparsifier when not due.
 
     Pure apart from the cache it reads and records into (called by the module's forward, never inside autograd).
-    An exact top-K whose threshold is due selects the kept positions and values in one go
-    (:func:`sparsetrain.sparsifiers.topk_select`): the dense result is a scatter of them, and they pack as they are.
+    With ``select`` (an operand saved for backward), an exact top-K whose threshold is due selects the kept positions
+    and values in one go (:func:`sparsetrain.sparsifiers.topk_select`): the dense result is a scatter of them, and
+    they pack as they are. Otherwise (weights) the threshold alone is selected and applied as a mask.
     """
     if cfg is None:
         return Sparsified(t, None)
@@ -265,7 +266,7 @@ def sparsify_operand(state: LayerState, op: str, t: Tensor, cfg: sp.SparsifierCo
     # period 1 = exact: recomputed on every call (a second forward in the same step sees another batch); a fixed
     # mask is drawn once.
     due = c is None or c.due  # a bool the handle sets: the forward never reads a step counter
-    if due and type(cfg) is sp.TopK and cfg.density < 1.0:
+    if due and select and type(cfg) is sp.TopK and cfg.density < 1.0:
         thr, pos, values = sp.topk_select(t, cfg.density)
         keep = _keep_from(t, pos) if (need_keep or weight_op) else None
         # Between recomputes a weight keeps the *mask* of the last recompute, not just its threshold: weights move
@@ -288,7 +289,9 @@ def sparsify_operand(state: LayerState, op: str, t: Tensor, cfg: sp.SparsifierCo
             keep = e.keep(t, cfg, thr)
         if keep is None:
             return Sparsified(t, None)
-        return Sparsified(t * keep.to(t.dtype) if need_dense else None, keep)
+        # A top-K mask that is |t| >= thr (not a cached mask) can be recomputed from thr alone (see _save_weight).
+        exact = thr if type(cfg) is sp.TopK and not weight_op else None
+        return Sparsified(t * keep.to(t.dtype) if need_dense else None, keep, None, exact)
     gen = state.rng(t.device) if e.stochastic(cfg) else None
     out = e.apply(t, cfg, thr, gen)
     return Sparsified(out, None if out is t else out != 0)
@@ -480,7 +483,7 @@ def _save_weight(tensors: list[Tensor], weight: Tensor, w: Sparsified, w_g: Tens
                  gemm_w: Tensor) -> Slot:
     """What dx = G(dy, w_b) needs of the sparse weight: the weight itself (saved by reference, free) and its
     threshold or mask, from which backward recomputes w_b; a dense copy of the masked weight only as a last resort."""
-    if w.sel is not None and w.thr is not None:
+    if w.thr is not None:
         tensors += [weight, w.thr]
         return Slot("weight_thr", 2, cast=dtype)
     if w.keep is not None and w.dense is not None:
@@ -638,7 +641,8 @@ def sparse_gemm(state: LayerState, spec: LayerSpec, gemm: Any, x: Tensor, weight
         need_w = training and weight.requires_grad
         w = sparsify_operand(state, "weight", wd, spec.weight,
                              need_keep=spec.mask_inactive_grads or (state.track_active and training))
-        xs = sparsify_operand(state, "input", xd, spec.input, need_keep=need_x and spec.input is not None)
+        xs = sparsify_operand(state, "input", xd, spec.input, need_keep=need_x and spec.input is not None,
+                              select=training and state.pack_saved and spec.input_for_grad_weight is INHERIT)
         x_g, w_g, b_g = _cast(xs.dense, ac), _cast(w.dense, ac), _cast(None if bias is None else bias.detach(), ac)
         if obs:
             events += [("weight", weight, w.dense if spec.weight is not None else weight),
@@ -660,7 +664,7 @@ def sparse_gemm(state: LayerState, spec: LayerSpec, gemm: Any, x: Tensor, weight
         else:
             # SWAT's top-K x exists only to be saved: kept as its selection, the dense copy is never written.
             xb = sparsify_operand(state, "input_for_grad_weight", xd, spec.input_for_grad_weight,
-                                  need_dense=obs or not state.pack_saved)
+                                  need_dense=obs or not state.pack_saved, select=state.pack_saved)
         x_sparse = spec.resolved("input_for_grad_weight") is not None
         if obs:
             xb_dense = xb.dense if xb.dense is not None or xb.sel is None else packing.scatter(
