@@ -21,7 +21,7 @@ _FLAGS = {
     "channels_last": "channels_last", "device": "device", "telemetry_every": "telemetry_every", "out": "out",
     "train_subset": "train_subset", "test_subset": "test_subset", "quiet": "quiet", "tensorboard": "tensorboard",
     "checkpoint_every": "checkpoint_every", "sync_bn": "sync_bn", "check_consistency": "check_consistency",
-    "grad_compression": "grad_compression",
+    "grad_compression": "grad_compression", "compile": "compile",
 }
 
 
@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help=f"seed of weights, data order, augmentation ({_default('seed')})")
     g.add_argument("--deterministic", action="store_true", default=None)
     g.add_argument("--channels-last", action="store_true", default=None)
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training step (one graph, no graph breaks; the steps that measure "
+                        "densities or sample telemetry run eager)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"],
                    help="mixed precision: forward and loss under torch.autocast (fp16 needs CUDA); default none")

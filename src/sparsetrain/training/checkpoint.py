@@ -55,6 +55,7 @@ class Session:
     grad_rule: Callable[[torch.optim.Optimizer], None] | None = None  # the recipe's rule on gradients, each step
     env: parallel.DistEnv = field(default_factory=parallel.DistEnv)
     net: nn.Module | None = None  # what the training step calls: the DDP wrapper of ``model``, or ``model`` itself
+    eager_net: nn.Module | None = None  # ``net`` uncompiled: the steps that observe operands run it (--compile)
     comm: Any = None  # state of the top-K gradient communication hook (grad_compression)
     exits: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the run-directory lock, the group
     monitor: Any = None

@@ -79,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     channels_last: bool = False
+    compile: bool = False  # torch.compile the training step's model (observed steps run eager)
     device: str = "cpu"
     telemetry_every: int | None = None  # steps; 0 disables the sparsity monitor; None: ~TELEMETRY_POINTS per run
     tensorboard: bool = False

@@ -141,6 +141,9 @@ def _build(cfg: TrainConfig, run_dir: RunDir, ckpt: dict[str, Any] | None, env: 
     if grad_rule is not None:
         grad_rule.prepare(optimizer)
     net, comm = parallel.wrap(model, cfg, env, device)
+    # Compiled: one graph per sparse model, no host sync inside (see docs/performance.md). The steps that observe
+    # operands (density measurement, telemetry samples) run the same modules eagerly: observers are Python callbacks.
+    eager_net, net = net, torch.compile(net) if cfg.compile else net
     if env.rank > 0:  # dropout and anything else random differ per rank; rank 0 keeps the single-process streams
         C.seed_everything(parallel.rank_seed(cfg.seed, env.rank), cfg.deterministic)
     s = Session(
@@ -150,7 +153,7 @@ def _build(cfg: TrainConfig, run_dir: RunDir, ckpt: dict[str, Any] | None, env: 
         scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None, dense_flops=dense_flops,
         autocast=C.autocast(cfg.amp, device), grad_rule=grad_rule,
         l1_params=[m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
-        env=env, net=net, comm=comm, exits=exits)
+        env=env, net=net, eager_net=eager_net, comm=comm, exits=exits)
     if ckpt is not None:
         restore(s, ckpt)
     if cfg.tensorboard and env.is_main:
@@ -198,8 +201,9 @@ def train_one_epoch(s: Session, epoch: int) -> dict[str, Any]:
         global_n = min(loader.batch_size, loader.num_samples - i * loader.batch_size)
         x, y, trained = x.to(s.device), y.to(s.device), trained + len(y)
         # Densities are measured on the last step only: the epoch's metrics report them, counting costs a pass.
+        observed = i == last or (s.monitor is not None and s.monitor.sampling)
         with s.handle.measuring() if i == last else contextlib.nullcontext():
-            out, loss = _forward_backward(s, x, y, global_n)
+            out, loss = _forward_backward(s, x, y, global_n, s.eager_net if observed else s.net)
         totals.add(s.step, out, y, loss, _grad_norm(s))
         if s.monitor is not None:
             s.monitor.step(epoch=epoch)  # dW as the update will consume it (thresholded, averaged)
@@ -227,14 +231,14 @@ def train_one_epoch(s: Session, epoch: int) -> dict[str, Any]:
     return stats
 
 
-def _forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor,
-                      global_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor, global_n: int,
+                      net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and loss (under autocast when asked), then backward; returns the logits and the batch's mean loss.
 
     ``global_n`` is the size of the global batch this rank's ``x`` is a slice of (``len(x)`` on one process).
     """
     with s.autocast():
-        out = s.net(x)
+        out = net(x)
         loss, logged = parallel.loss(out, y, s.cfg.label_smoothing, s.env, global_n)
     if s.cfg.l1:
         l1 = s.cfg.l1 * sum(w.abs().sum() for w in s.l1_params)
