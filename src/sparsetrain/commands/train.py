@@ -22,6 +22,7 @@ _FLAGS = {
     "train_subset": "train_subset", "test_subset": "test_subset", "quiet": "quiet", "tensorboard": "tensorboard",
     "checkpoint_every": "checkpoint_every", "sync_bn": "sync_bn", "check_consistency": "check_consistency",
     "grad_compression": "grad_compression", "compile": "compile",
+    "lean_allocator": "lean_allocator",
 }
 
 
@@ -84,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the training step (one graph, no graph breaks; the steps that measure "
                         "densities or sample telemetry run eager)")
+    g.add_argument("--lean-allocator", action="store_true", default=None,
+                   help="make the process's RSS follow its live tensors (glibc mallopt; costs time: see "
+                        "docs/performance.md)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"],
                    help="mixed precision: forward and loss under torch.autocast (fp16 needs CUDA); default none")

@@ -55,6 +55,10 @@ def train(cfg: TrainConfig, resume=None, epochs: int | None = None) -> dict[str,
         NonFiniteError: the loss or the gradients became NaN/Inf (the last good checkpoint stays on disk).
         runs.RunLockedError: another process is running in the run directory.
     """
+    if cfg.lean_allocator:  # before the run allocates anything it should govern
+        from sparsetrain.allocator import lean_allocator
+
+        lean_allocator()
     s = setup(cfg, resume, epochs)
     with s.exits:  # the run directory stays locked until the summary is written
         done = s.start_epoch - 1 if s.start_epoch > 0 else None  # the last finished epoch
