@@ -499,6 +499,8 @@ def topk_threshold(score: Tensor, density: float) -> Tensor:
     flat = flat_memory_order(score.detach())
     n = flat.numel()
     k = min(n, max(1, math.ceil(density * n)))
+    if torch.compiler.is_compiling() and flat.device.type == "cpu" and n >= 4096 and flat.dtype != torch.float64:
+        return torch.ops.sparsetrain.topk_threshold_k(flat, k)  # the eager selection, opaque (see topk_select)
     a = _magnitudes(flat)
     if _direct(a[:n]):
         return a[:n].kthvalue(n - k + 1).values
@@ -547,6 +549,11 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
     flat = flat_memory_order(x.detach())
     n = flat.numel()
     k = min(n, max(1, math.ceil(density * n)))
+    if torch.compiler.is_compiling() and flat.device.type == "cpu" and flat.is_floating_point():
+        # Compiled CPU code: the eager selection as one opaque op with static output sizes (exactly k slots), so the
+        # graph has no break and Inductor does not run the slower histogram path on CPU.
+        thr, pos = torch.ops.sparsetrain.topk_select_k(flat, k)
+        return thr, pos, flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
     a = _magnitudes(flat)
     thr = pos = None
     if not _direct(a[:n]) and _use_bracket(a[:n], k):
@@ -568,6 +575,39 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
             return thr, pos, flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
         pos = _int32(pos, n)
     return thr, pos, flat.index_select(0, pos)  # eager CPU: no padding
+
+
+@torch.library.custom_op("sparsetrain::topk_select_k", mutates_args=())
+def _topk_select_k(flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(thr, pos)`` of the exact top k of the flat ``flat``, ``pos`` with exactly k int32 slots (tie rule).
+
+    The eager selection (:func:`topk_select`) wrapped for compiled code: its sizes are static, so a compiler takes
+    it as one op. More kept values than k (ties) are cut by the tie rule; fewer (zeros left out) are padded with
+    ``numel``.
+    """
+    n = flat.numel()
+    thr, pos, _ = topk_select(flat, (k - 0.5) / n)  # ceil((k - 0.5) / n * n) == k, free of rounding
+    if pos.numel() != k:
+        a = flat.abs() if flat.dtype in (torch.float32, torch.float64) else flat.float().abs()
+        pos = _int32(_tie_rule_positions(a, thr.to(a.dtype), k, n), n)
+    return thr.float(), pos
+
+
+@torch.library.custom_op("sparsetrain::topk_threshold_k", mutates_args=())
+def _topk_threshold_k(flat: Tensor, k: int) -> Tensor:
+    """The k-th largest magnitude of the flat ``flat`` (float32, 0-dim): the eager selection for compiled code."""
+    return topk_threshold(flat, (k - 0.5) / flat.numel()).float()
+
+
+@_topk_threshold_k.register_fake
+def _(flat: Tensor, k: int) -> Tensor:
+    return flat.new_empty((), dtype=torch.float32)
+
+
+@_topk_select_k.register_fake
+def _(flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    return flat.new_empty((), dtype=torch.float32), flat.new_empty((k,), dtype=torch.int32 if flat.numel() < 2**31 - 1
+                                                                     else torch.int64)
 
 
 def _topk_thr(x: Tensor, cfg: TopK, *, key: str = "") -> Tensor | None:
