@@ -65,6 +65,20 @@ def check_load(args, what: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- step
+def interleaved_ratios(steps: dict, rounds: int) -> dict[str, float]:
+    """Median over ``rounds`` of each mode's step time / the ``dense`` step's, the modes run alternately."""
+    ratios: dict[str, list[float]] = {k: [] for k in steps if k != "dense"}
+    for _ in range(rounds):
+        t = {}
+        for k, s in steps.items():
+            t0 = time.perf_counter()
+            s()
+            t[k] = time.perf_counter() - t0
+        for k in ratios:
+            ratios[k].append(t[k] / t["dense"])
+    return {k: statistics.median(v) for k, v in ratios.items()}
+
+
 def naive_prune_(model: nn.Module, amount: float = 0.9):
     """What a user writes with torch.nn.utils.prune: L1 masks on every conv/linear weight, re-selected each step."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -136,16 +150,7 @@ def bench_step(args) -> None:
         for s in steps.values():
             s()
             s()
-        ratios: dict[str, list[float]] = {"swat": [], "prune": []}
-        for _ in range(args.rounds):
-            t = {}
-            for k, s in steps.items():
-                t0 = time.perf_counter()
-                s()
-                t[k] = time.perf_counter() - t0
-            ratios["swat"].append(t["swat"] / t["dense"])
-            ratios["prune"].append(t["prune"] / t["dense"])
-        med = {k: statistics.median(v) for k, v in ratios.items()}
+        med = interleaved_ratios(steps, args.rounds)
         la = max(la, load())
         print(f"| {model_name} | {args.batch} | {med['swat']:.3f} | {med['prune']:.3f} | {la:.2f} |", flush=True)
         out[model_name] = {**med, "load": la}
@@ -284,21 +289,12 @@ def bench_compile(args) -> None:
         steps[mode] = step
     la = check_load(args, "compiled steps")
     torch._dynamo.config.error_on_recompile = True
-    ratios = []
     try:
-        for _ in range(args.rounds):
-            t = {}
-            for k, s in steps.items():
-                t0 = time.perf_counter()
-                s()
-                t[k] = time.perf_counter() - t0
-            ratios.append(t["swat"] / t["dense"])
-        recompiled = False
+        r, recompiled = interleaved_ratios(steps, args.rounds)["swat"], False
     except torch._dynamo.exc.RecompileError:
-        recompiled = True
+        r, recompiled = float("nan"), True
     finally:
         torch._dynamo.config.error_on_recompile = False
-    r = statistics.median(ratios) if ratios else float("nan")
     print(f"ResNet-20 b{args.batch} SWAT-U(0.1), Inductor: {info['swat']['graphs']} graph, "
           f"{info['swat']['breaks']} graph breaks, recompiles after warm-up: {'yes' if recompiled else 'none'}; "
           f"compiled SWAT / compiled dense step **{r:.3f}** (warm-up incl. compile {info['swat']['compile_s']:.0f} s "
