@@ -20,8 +20,9 @@ Figures (each a ratio to the dense model measured in the same process, or in the
   d = 0.1) vs ``kthvalue``; the values must be identical.
 * ``compile``: ``torch.compile(fullgraph=True)`` of a SWAT-U conv stack (forward and backward equal eager), then
   ResNet-20 SWAT-U(0.1) vs dense, both compiled with Inductor: graph breaks, recompiles after warm-up, step ratio.
-* ``epoch``: a real-loader epoch of ResNet-20 on CIFAR-10 (``BatchLoader``, crop + flip, 5120 images, batch 128),
-  samples/s of SWAT-U at d = 0.1 and 0.2 against dense (synthetic images of the same shape when CIFAR-10 is absent).
+* ``epoch``: a real-loader epoch of ResNet-20 on CIFAR-10 (``bench_epoch.time_epoch``: ``BatchLoader``, crop + flip,
+  SGD momentum + weight decay, 5120 images, batch 128, 2 warm-up batches), samples/s of SWAT-U at d = 0.1 and 0.2
+  against dense (``bench_epoch.py`` says when it falls back to synthetic images).
 
 Timing needs an idle machine: the 1-minute load average is printed next to every figure; the run warns (and with
 ``--strict`` stops) when it is above 1 at start, or later above 1 plus this run's own threads. Threads: 2 (``--threads``), the setting users have.
@@ -305,46 +306,23 @@ def bench_compile(args) -> None:
 
 # ----------------------------------------------------------------------------------------------- epoch
 def bench_epoch(args) -> None:
-    from sparsetrain.data import BatchLoader, dataset_info, load_arrays
+    import types
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_epoch import _data, time_epoch  # the epoch timer of bench_epoch.py (its loader, SGD, handle.step)
 
     print("\n## Real-loader epoch, ResNet-20 CIFAR-10 (5120 images, batch 128, crop + flip), samples/s", flush=True)
-    data_dir = args.data_dir or os.environ.get("SPARSETRAIN_DATA") or str(Path(__file__).resolve().parents[2]
-                                                                          / "shared" / "data")
-    try:
-        xs, ys = load_arrays("cifar10", "train", data_dir=data_dir)
-        source = "CIFAR-10"
-    except (FileNotFoundError, OSError, ValueError):
-        g = torch.Generator().manual_seed(0)
-        xs = torch.randint(0, 256, (args.images, 32, 32, 3), dtype=torch.uint8, generator=g)
-        ys = torch.randint(0, 10, (args.images,), generator=g)
-        source = "synthetic uint8 images (CIFAR-10 not found)"
-    xs, ys = xs[:args.images], ys[:args.images]
-    info = dataset_info("cifar10")
-    rates = {}
+    opts = types.SimpleNamespace(model="resnet20", batch_size=128, warmup=2, images=args.images,
+                                 data_dir=args.data_dir, synthetic=False)
+    x, y = _data(opts)
+    x, y = x[:args.images], y[:args.images]
     la = check_load(args, "epoch")
-    for mode in ("dense", "swat-0.1", "swat-0.2"):
-        torch.manual_seed(0)
-        m = sparsetrain.create_model("resnet20", num_classes=10)
-        h = None if mode == "dense" else sparsetrain.sparsify_(m, "swat-u", density=float(mode.split("-")[1]))
-        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-        loader = BatchLoader(xs, ys, batch_size=128, mean=info.mean, std=info.std, shuffle=True, seed=0,
-                             crop_padding=info.crop_padding, hflip=info.hflip)
-        t0, seen = None, 0
-        for i, (xb, yb) in enumerate(loader):
-            if i == 2:
-                t0, seen = time.perf_counter(), 0  # after two warm-up steps
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(m(xb), yb).backward()
-            opt.step()
-            if h is not None:
-                h.step(opt)
-            seen += len(yb)
-        rates[mode] = seen / (time.perf_counter() - t0)
+    rates = {mode: time_epoch(mode, x, y, opts)[0] for mode in ("dense", "swat-u-0.1", "swat-u-0.2")}
     la = max(la, load())
-    print(f"source: {source}; dense {rates['dense']:.0f}/s; SWAT-U 0.1: {rates['swat-0.1']:.0f}/s "
-          f"(**{rates['swat-0.1'] / rates['dense']:.3f}x**); SWAT-U 0.2: {rates['swat-0.2']:.0f}/s "
-          f"(**{rates['swat-0.2'] / rates['dense']:.3f}x**) (load {la:.2f})", flush=True)
-    RESULTS["epoch"] = {**rates, "source": source}
+    print(f"dense {rates['dense']:.0f}/s; SWAT-U 0.1: {rates['swat-u-0.1']:.0f}/s "
+          f"(**{rates['swat-u-0.1'] / rates['dense']:.3f}x**); SWAT-U 0.2: {rates['swat-u-0.2']:.0f}/s "
+          f"(**{rates['swat-u-0.2'] / rates['dense']:.3f}x**) (load {la:.2f})", flush=True)
+    RESULTS["epoch"] = rates
 
 
 def main() -> None:

@@ -30,8 +30,9 @@ def scratch(tag: str, numel: int, dtype: torch.dtype, device: torch.device) -> T
     operand is unpacked into for one backward GEMM) are as large as the activation. Allocated afresh per layer and
     step they interleave with the small packed tensors that stay alive, and the default allocator (glibc malloc)
     then cannot give their pages back: the process's peak RSS grows far beyond its live tensors. Reused, they are
-    allocated once. A buffer is only ever used inside one call (sequential per thread: keyed by thread), never
-    returned to the caller or saved. Compiled code allocates normally (the compiler plans its own buffers).
+    allocated once. A buffer holds one transient at a time (per thread: keyed by thread) and is never saved: what
+    is written into it is consumed before the next use of the same tag and size (the next layer's selection, or its
+    backward GEMM). Compiled code allocates normally (the compiler plans its own buffers).
     :func:`release_scratch` frees them all.
     """
     if not _ENABLED[0] or torch.compiler.is_compiling():

@@ -237,7 +237,7 @@ class Sparsified(NamedTuple):
     dense: Tensor | None
     keep: Tensor | None
     sel: tuple[Tensor, Tensor] | None = None
-    thr: Tensor | None = None  # the exact top-K threshold that made ``sel``
+    thr: Tensor | None = None  # a threshold with ``keep == |t| >= thr`` exactly (fresh top-K, no cached mask)
 
 
 def _keep_from(t: Tensor, pos: Tensor) -> Tensor:
@@ -373,10 +373,6 @@ def _emit(state: LayerState, op: str, before: Tensor, after: Tensor) -> None:
     _emit_named(state.name, state.owner, op, before, after)
 
 
-def _emit_args(args: Any, op: str, before: Tensor, after: Tensor) -> None:
-    _emit_named(args.name, args.owner, op, before, after)
-
-
 def _emit_named(name: str, owner: Any, op: str, before: Tensor, after: Tensor) -> None:
     mod = owner() if owner is not None else None
     ev = OperandEvent(name, op, before.detach(), after.detach(), mod)
@@ -440,7 +436,12 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
 
 @dataclass(frozen=True)
 class Slot:
-    """How one saved operand is stored: ``kind`` in {none, plain, selection, packed, mask}; its tensors follow."""
+    """How one saved operand is stored; its ``count`` tensors follow in the saved list.
+
+    ``kind``: ``none`` (not needed), ``plain`` (the tensor itself), ``gemm_w`` (the GEMM's own weight operand, saved
+    by the Function), ``selection`` (top-K values + int32 positions), ``weight_thr`` / ``weight_keep`` (the weight
+    and its threshold or mask: recomputed in backward, cast to ``cast``), ``packed`` (:mod:`sparsetrain.packing`).
+    """
 
     kind: str
     count: int = 0
@@ -460,11 +461,9 @@ def _save(tensors: list[Tensor], t: Tensor | None, *, sel: tuple[Tensor, Tensor]
     with ``pack_saved: false``, kept dense. Masks become bitmaps. A dense operand is the caller's own tensor.
     """
     if sel is not None:
-        pos, values = sel
+        pos, values = sel  # positions already int32 where they fit (sparsifiers.topk_select)
         assert like is not None
-        n = like.numel()
-        idx = pos.to(torch.int32) if n < 2**31 - 1 else pos
-        tensors += [_cast(values, dtype), idx]
+        tensors += [_cast(values, dtype), pos]
         return Slot("selection", 2, tuple(like.shape), sp.dense_order(like))
     if t is None:
         return Slot("none")
@@ -534,7 +533,6 @@ class GemmArgs:
     observed: bool = False
     owner: Any = None  # weakref to the module, only to name it in observer events
     reuse: tuple[bool, bool] = (False, False)  # x_b is the GEMM's x_g / w_b is its w_g (saved by the Function)
-    n_saved: int = 0
 
 
 class _SparseGemm(torch.autograd.Function):
@@ -561,17 +559,19 @@ class _SparseGemm(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         a: GemmArgs = ctx.args
         spec = a.spec
-        x_b, w_b, in_mask, w_mask = _load(a.slots, ctx.saved_tensors[:len(ctx.saved_tensors) - sum(a.reuse)])
-        tail = list(ctx.saved_tensors[len(ctx.saved_tensors) - sum(a.reuse):])
+        saved = ctx.saved_tensors
+        n_saved = len(saved) - sum(a.reuse)  # the Function's *saved inputs; the GEMM operands it saved follow
+        x_b, w_b, in_mask, w_mask = _load(a.slots, saved[:n_saved])
+        gemm_operands = iter(saved[n_saved:])
         if a.reuse[0]:
-            x_b = tail.pop(0)
+            x_b = next(gemm_operands)
         if a.reuse[1]:
-            w_b = tail.pop(0)
+            w_b = next(gemm_operands)
         obs = a.observed and bool(_OBSERVERS)
         dy_in = dy
         dy = sparsify_gradient(dy, spec.grad_output, ctx.generator, a.name)
         if obs:
-            _emit_args(a, "grad_output", dy_in, dy)
+            _emit_named(a.name, a.owner, "grad_output", dy_in, dy)
 
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         with torch.autocast(dy.device.type, enabled=False):
@@ -591,7 +591,7 @@ class _SparseGemm(torch.autograd.Function):
             if in_mask is not None:
                 dx = dx * in_mask.to(dx.dtype)
             if obs:
-                _emit_args(a, "grad_input", dx_raw, dx)
+                _emit_named(a.name, a.owner, "grad_input", dx_raw, dx)
         # calculate grad_weight
         if dw is not None:
             dw = dw.to(w_dt)
@@ -600,10 +600,10 @@ class _SparseGemm(torch.autograd.Function):
                 dw = dw * w_mask.to(dw.dtype)
             dw = sparsify_gradient(dw, spec.grad_weight, ctx.generator, a.name)
             if obs:
-                _emit_args(a, "grad_weight", dw_raw, dw)
+                _emit_named(a.name, a.owner, "grad_weight", dw_raw, dw)
         if db is not None and b_dt is not None:
             db = db.to(b_dt)
-        return (dx, dw, db, None, None, None, None, None) + (None,) * a.n_saved
+        return (dx, dw, db, None, None, None, None, None) + (None,) * n_saved
 
 
 class _Masked(torch.autograd.Function):
@@ -687,7 +687,7 @@ def sparse_gemm(state: LayerState, spec: LayerSpec, gemm: Any, x: Tensor, weight
         )
         args = GemmArgs(gemm, spec, slots, (x.dtype, weight.dtype, None if bias is None else bias.dtype),
                         (tuple(x.shape), tuple(weight.shape)), name, obs, state.owner,
-                        (reuse_x, need_x and slots[1].kind == "gemm_w"), len(saved))
+                        (reuse_x, need_x and slots[1].kind == "gemm_w"))
     # Stochastic pruning draws from the layer's own generator (reproducible, resumable); compiled code cannot take a
     # generator object through the autograd Function, so it draws from torch's global (seeded) RNG instead.
     gen = state.rng(x.device) if _stochastic(spec) and not torch.compiler.is_compiling() else None

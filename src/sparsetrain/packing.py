@@ -13,17 +13,18 @@ read per tensor; a recipe's ``pack_saved: false`` trades that for memory.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from sparsetrain._scratch import release_scratch, scratch
+from sparsetrain._scratch import scratch
 from sparsetrain.sparsifiers import dense_order
 
 __all__ = ["Packed", "pack", "unpack", "pack_mask", "unpack_mask", "packbits", "unpackbits", "unpackbits_bytes",
-           "scatter", "unflat", "scratch", "release_scratch"]
+           "scatter", "unflat"]
 
 # Multiply-and-shift bit tricks on 8 bools (bytes 0/1) read as one int64: 3 streaming ops per 8 elements instead
 # of a shift per bit plus a reduction. The products wrap modulo 2**64 by design. Byte order is little-endian.
@@ -134,9 +135,7 @@ def scatter(pos: Tensor, values: Tensor, shape: tuple[int, ...], perm: tuple[int
     element that is cut off. One zero-fill and one scatter of the kept values: no mask pass, no compaction. With
     ``reuse`` the result lives in a :func:`scratch` buffer of that tag: valid only until the next such call.
     """
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     if reuse is None:
         flat = values.new_zeros(n + 1)
     else:

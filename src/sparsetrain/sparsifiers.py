@@ -419,26 +419,24 @@ def _use_bracket(a: Tensor, k: int) -> bool:
 
 
 def _bracket_candidates(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The exact k-th largest of the non-negative flat ``a[:-1]``, with every position that can hold a top-k value.
-
-    ``a`` has one extra last element, ``-1``: the value the padding positions gather (no clamp pass needed).
+    """The exact k-th largest of the non-negative flat ``a``, with every position that can hold a top-k value.
 
     A fixed sample brackets the k-th value in a band of about +-6 standard errors of the sample quantile; one pass
-    compacts the positions at or above the band's low edge (a static-size ``nonzero_static``, sized from the
-    sample), and the k-th value is selected among the few inside the band. Returns ``(thr, pos, vals)``: the
-    threshold, the candidate positions and their values, or None when the band misses (many ties at its edge, e.g. ReLU zeros when k reaches into them) or the sample
-    under-sized the buffer; the caller then runs the radix select.
+    compacts the positions at or above the band's low edge, and the k-th value is selected among the few inside
+    the band. Returns ``(thr, pos, vals)``: the threshold, the candidate positions and their values, or None when
+    the band misses (many ties at its edge, e.g. ReLU zeros when k reaches into them) or holds far more candidates
+    than the sample predicted; the caller then runs the radix select.
     """
-    n, m = a.numel() - 1, _SAMPLE
+    n, m = a.numel(), _SAMPLE
     q = 1.0 - k / n  # the k-th largest sits at this quantile
     half = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
-    sample = a[:n][_sample(n, a.device)]
+    sample = a[_sample(n, a.device)]
     i_lo = max(0, math.floor((q - half) * m))
     lo = sample.kthvalue(i_lo + 1).values  # two selections in the sample: cheaper than sorting it
     hi = sample.kthvalue(min(m - 1, math.ceil((q + half) * m)) + 1).values
     # Candidates: a >= lo. Expected count (m - i_lo) / m * n; the buffer has room for 1.25x that plus slack.
     cap = min(n, int((m - i_lo) / m * n * 1.25) + 1024)
-    cand = torch.ge(a[:n], lo, out=scratch("candidates", n, torch.bool, a.device))
+    cand = torch.ge(a, lo, out=scratch("candidates", n, torch.bool, a.device))
     # Eager CPU only (see _use_bracket): the count is on the host for free, and torch's CPU nonzero_static is nonzero
     # plus a copy (1.8x its time here), so the compaction is sized by the data.
     pos = torch.nonzero(cand).view(-1)
@@ -472,19 +470,17 @@ def _radix_threshold(a: Tensor, k: int) -> Tensor:
 
 
 def _magnitudes(flat: Tensor) -> Tensor:
-    """float32 magnitudes (exact for bf16/fp16 values; float64 stays float64), plus one last element ``-1``.
+    """float32 magnitudes (exact for bf16/fp16 values; float64 stays float64).
 
     A transient as large as the tensor, in a reused buffer (:func:`sparsetrain._scratch.scratch`): valid only inside
-    the selection that asked for it.
+    the selection that asked for it. The buffer has ``numel + 1`` elements so that backward's unpacking
+    (:func:`sparsetrain.packing.scatter`, which needs one spare slot) reuses the same one.
     """
     dt = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float32
-    a = scratch("dense", flat.numel() + 1, dt, flat.device)
+    a = scratch("dense", flat.numel() + 1, dt, flat.device)[:-1]
     if flat.dtype == dt:
-        torch.abs(flat, out=a[:-1])
-    else:
-        a[:-1].copy_(flat).abs_()
-    a[-1] = -1.0
-    return a
+        return torch.abs(flat, out=a)
+    return a.copy_(flat).abs_()
 
 
 def topk_threshold(score: Tensor, density: float) -> Tensor:
@@ -502,13 +498,13 @@ def topk_threshold(score: Tensor, density: float) -> Tensor:
     if torch.compiler.is_compiling() and flat.device.type == "cpu" and n >= 4096 and flat.dtype != torch.float64:
         return torch.ops.sparsetrain.topk_threshold_k(flat, k)  # the eager selection, opaque (see topk_select)
     a = _magnitudes(flat)
-    if _direct(a[:n]):
-        return a[:n].kthvalue(n - k + 1).values
-    if _use_bracket(a[:n], k):
+    if _direct(a):
+        return a.kthvalue(n - k + 1).values
+    if _use_bracket(a, k):
         found = _bracket_candidates(a, k)
         if found is not None:
             return found[0]
-    return _radix_threshold(a[:n], k)
+    return _radix_threshold(a, k)
 
 
 def _tie_rule_positions(a: Tensor, thr: Tensor, k: int, fill: int) -> Tensor:
@@ -556,7 +552,7 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
         return thr, pos, flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
     a = _magnitudes(flat)
     thr = pos = None
-    if not _direct(a[:n]) and _use_bracket(a[:n], k):
+    if not _direct(a) and _use_bracket(a, k):
         found = _bracket_candidates(a, k)
         if found is not None:
             thr, cand, vals = found
@@ -565,7 +561,6 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
             keep = vals >= thr if bool(thr > 0) else vals > 0
             pos = _int32(cand.index_select(0, torch.nonzero(keep).view(-1)), n)
     if pos is None:
-        a = a[:n]
         thr = a.kthvalue(n - k + 1).values if _direct(a) else _radix_threshold(a, k)
         if _eager_cpu(a):
             keep = a >= thr if bool(thr > 0) else a > 0  # as in the bracket: every tie, no zeros
