@@ -11,6 +11,8 @@ number), ``tables.md``, CSV tables and PNG plots -- never checkpoints, which sta
 Examples:
     sparsetrain reproduce swat --quick                 # minutes: the same grid, tiny subsets, 1 epoch
     sparsetrain reproduce grad-prune --data-dir ../shared/data
+    sparsetrain reproduce swat-convergence --jobs 2    # two runs at once, one thread each
+    sparsetrain reproduce swat-convergence --collect   # tables from the runs finished so far
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder holding the datasets (default $SPARSETRAIN_DATA)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads for the runs (default: torch's choice; 1 when several blocks share cores)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs trained at once, each in its own process (default 1); with N > 1 each run gets "
+                        "--threads threads (default: the CPU count // N)")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: write the results folder from the runs finished so far (to commit numbers "
+                        "as they land while the block is still training)")
     p.add_argument("--no-all-ops", action="store_true",
                    help="skip the non-GEMM FLOP count (BN, ReLU, pooling, top-K selection) in the tables")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
@@ -77,12 +85,17 @@ def main(args: argparse.Namespace) -> int:
         exp = load_experiment(args.paper)
     except ExperimentError as e:
         raise UsageError(str(e)) from None
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    threads = args.threads
+    if args.jobs > 1 and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     tag = exp.paper + ("-quick" if args.quick else "")
     out = Path(args.out) if args.out else Path(RunDir.DEFAULT_PARENT) / f"reproduce-{tag}"
     results = Path(args.results) if args.results else (out / "results" if args.quick else Path("results") / exp.paper)
@@ -97,7 +110,15 @@ def main(args: argparse.Namespace) -> int:
     log.info("reproduce %s: %d runs in %s (%s protocol)", exp.paper, len(jobs), out, "quick" if args.quick else "full")
 
     out.mkdir(parents=True, exist_ok=True)
-    interrupted, diverged = run_jobs([(run, cfg) for (_, _, run, cfg) in jobs], "reproduce")
+    if args.collect:
+        done = sum(run.read_summary() is not None for (_, _, run, _) in jobs)
+        if done == 0:
+            raise UsageError(f"--collect: no finished run in {out} yet; nothing to write")
+        log.info("reproduce %s: collecting %d of %d finished runs (nothing trained)", exp.paper, done, len(jobs))
+        interrupted, diverged = False, []
+    else:
+        interrupted, diverged = run_jobs([(run, cfg) for (_, _, run, cfg) in jobs], "reproduce", workers=args.jobs,
+                                         threads=threads)
     if interrupted:
         return EXIT_INTERRUPTED
 

@@ -225,8 +225,44 @@ def plot_accuracy(rows: list[dict[str, Any]], keys: list[str], path: Path, title
     return path
 
 
-def run_jobs(jobs: list[tuple[Any, dict[str, Any]]], command: str = "sweep") -> tuple[bool, list[str]]:
-    """Train every job ``(RunDir, train config)`` in order: skip finished runs, resume interrupted ones.
+def _train_job(run, cfg: dict[str, Any], command: str, tag: str) -> str:
+    """Train or resume one job; ``"done"``, ``"interrupted"`` or ``"diverged: <message>"``."""
+    from sparsetrain.training import NonFiniteError, TrainConfig, TrainingInterrupted, train
+
+    try:
+        if run.has_checkpoint():
+            log.info("%s %s: resuming", command, tag)
+            train(TrainConfig(quiet=bool(cfg.get("quiet"))), resume=run.path, epochs=cfg.get("epochs"))
+        else:
+            log.info("%s %s: training", command, tag)
+            train(TrainConfig.from_dict(cfg))
+    except TrainingInterrupted as e:
+        return f"interrupted: {e}"
+    except NonFiniteError as e:
+        log.error("%s %s: %s", command, tag, e)
+        return f"diverged: {e}"
+    return "done"
+
+
+def _worker_job(run_path: str, cfg: dict[str, Any], command: str, tag: str, threads: int | None) -> str:
+    """A job in a worker process (spawned: a fresh interpreter, so nothing of the parent's torch state leaks in)."""
+    import signal
+
+    import torch
+
+    from sparsetrain.runs import RunDir
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: the training loop turns it into a checkpoint and TrainingInterrupted.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return _train_job(RunDir(run_path), cfg, command, tag)
+
+
+def run_jobs(jobs: list[tuple[Any, dict[str, Any]]], command: str = "sweep", workers: int = 1,
+             threads: int | None = None) -> tuple[bool, list[str]]:
+    """Train every job ``(RunDir, train config)``: skip finished runs, resume interrupted ones.
 
     A run with a summary is finished; one with a checkpoint but no summary was interrupted and is resumed from it;
     any other is trained from scratch. A run that stops on NaN/Inf is logged and the next job starts.
@@ -234,33 +270,50 @@ def run_jobs(jobs: list[tuple[Any, dict[str, Any]]], command: str = "sweep") -> 
     Args:
         jobs: ``(run directory, config dict)`` pairs, the config as :meth:`TrainConfig.from_dict` takes it.
         command: the CLI command named in progress lines and in the interruption message.
+        workers: how many runs train at once. 1 trains them in this process, in order; more start that many worker
+            processes (``spawn``), each taking the next job when its run ends (jobs are independent run directories,
+            so the results do not depend on the order). Give each worker ``threads`` so workers x threads <= cores.
+        threads: torch CPU threads of each worker process (``workers > 1``; the caller sets its own otherwise).
 
     Returns:
         ``(interrupted, diverged)``: True when Ctrl-C stopped the jobs (the message saying how to continue is
         printed), and the names of the run directories that stopped on NaN/Inf.
     """
-    from sparsetrain.training import NonFiniteError, TrainConfig, TrainingInterrupted, train
-
-    diverged: list[str] = []
+    todo = []
     for i, (run, cfg) in enumerate(jobs, 1):
         tag = f"[{i}/{len(jobs)}] {run.path.name}"
         if run.read_summary() is not None:
             log.info("%s %s: finished, skipped", command, tag)
-            continue
-        try:
-            if run.has_checkpoint():
-                log.info("%s %s: resuming", command, tag)
-                train(TrainConfig(quiet=bool(cfg.get("quiet"))), resume=run.path, epochs=cfg.get("epochs"))
-            else:
-                log.info("%s %s: training", command, tag)
-                train(TrainConfig.from_dict(cfg))
-        except TrainingInterrupted as e:
-            print(f"\nsparsetrain {command}: interrupted in {run.path} ({e}); rerun the same command to continue: "
-                  "finished points are skipped, this one resumes", file=sys.stderr)
-            return True, diverged
-        except NonFiniteError as e:
-            log.error("%s %s: %s", command, tag, e)
-            diverged.append(run.path.name)
+        else:
+            todo.append((run, cfg, tag))
+    outcomes: list[tuple[Any, str]] = []
+    if workers <= 1 or len(todo) <= 1:
+        for run, cfg, tag in todo:
+            outcome = _train_job(run, cfg, command, tag)
+            outcomes.append((run, outcome))
+            if outcome.startswith("interrupted"):
+                break
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+            futures = [(run, pool.submit(_worker_job, str(run.path), cfg, command, tag, threads))
+                       for run, cfg, tag in todo]
+            try:
+                for run, fut in futures:
+                    outcomes.append((run, fut.result()))
+            except KeyboardInterrupt:  # the workers got the same SIGINT and checkpoint their runs
+                pool.shutdown(wait=True, cancel_futures=True)
+                outcomes.append((None, "interrupted: Ctrl-C"))
+    diverged = [run.path.name for run, o in outcomes if o.startswith("diverged")]
+    stopped = [(run, o) for run, o in outcomes if o.startswith("interrupted")]
+    if stopped:
+        where = ", ".join(str(run.path) for run, _ in stopped if run is not None) or "the running jobs"
+        print(f"\nsparsetrain {command}: interrupted in {where} ({stopped[0][1][len('interrupted: '):]}); rerun the "
+              "same command to continue: finished points are skipped, this one resumes", file=sys.stderr)
+        return True, diverged
     return False, diverged
 
 

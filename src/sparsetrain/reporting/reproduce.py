@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsetrain.formatting import format_pct
-from sparsetrain.reporting.tables import format_mean_sd, mean_sd
+from sparsetrain.reporting.tables import format_gap, format_mean_sd, gap_interval, interval_verdict, mean_sd
 
 __all__ = ["RESULTS_FILE", "TABLES_FILE", "Table", "Rendered", "Written", "is_results_folder", "render",
            "write_results", "write_json", "regenerate", "point_stats"]
@@ -538,9 +538,92 @@ def _render_channel(rec: dict[str, Any]) -> Rendered:
     return Rendered([ours, *_published_tables(rec)], {"channel_accuracy_vs_params.png": plot})
 
 
+# ---------------------------------------------------------------------------------------------- convergence
+def _curves(pt: dict[str, Any]) -> list[list[float]]:
+    """Per-run test-accuracy curves (one value per epoch) of a point, runs with a missing epoch dropped."""
+    return [[float(v) for v in r.get("test_acc_curve") or []] for r in pt["runs"]
+            if r.get("test_acc_curve") and all(isinstance(v, (int, float)) for v in r["test_acc_curve"])]
+
+
+def _render_convergence(rec: dict[str, Any]) -> Rendered:
+    base = _baseline(rec, "")
+    base_final = [r["final_test_acc"] for r in base["runs"] if r.get("final_test_acc") is not None] if base else []
+    rows = []
+    for pt in rec["points"]:
+        st = point_stats(pt)
+        finals = [r["final_test_acc"] for r in pt["runs"] if r.get("final_test_acc") is not None]
+        gap = verdict = "—"
+        if pt is not base and finals and base_final:
+            d, h = gap_interval(finals, base_final)
+            gap, verdict = format_gap(d, h), interval_verdict(d, h)
+        w = None if st["weight_density"] is None else 100 * (1 - st["weight_density"])
+        a = None if st["activation_density"] is None else 100 * (1 - st["activation_density"])
+        rows.append([pt["label"], _pct(w), _pct(a), format_mean_sd(st["acc"], st["sd"], scale=100.0), str(st["n"]),
+                     gap, verdict, _pct(st["training_flops_reduction_pct"]), _minutes(st["time_s"])])
+    note = ("Final test accuracy (last epoch, full test set), mean ± sample SD over seeds. Gap: percentage points to "
+            "dense, with the 95 % two-sample t interval on the pooled SD (df = n1 + n2 - 2); 'consistent with no gap' "
+            "means the interval contains 0. " + _protocol_line(rec))
+    final = Table("convergence_final", f"Ours: {rec['title']}", ["Method", "W (%)", "Act (%)", "Top-1 acc ± SD (%)",
+                  "seeds", "gap to dense [95 % CI] (pp)", "what the interval supports", "Training FLOPs ↓ (%)",
+                  "train time (min)"], rows, note)
+
+    base_curves = _curves(base) if base else []
+    others = [pt for pt in rec["points"] if pt is not base]
+    epochs = min((len(c) for pt in rec["points"] for c in _curves(pt)), default=0)
+    cols = ["epoch", "Dense acc (%)"]
+    for pt in others:
+        cols += [f"{pt['label']} acc (%)", f"{pt['label']} gap [95 % CI] (pp)"]
+    erows = []
+    for e in range(epochs):
+        b = [c[e] for c in base_curves]
+        row = [str(e + 1), format_mean_sd(*mean_sd(b), scale=100.0) if b else "—"]
+        for pt in others:
+            v = [c[e] for c in _curves(pt)]
+            row.append(format_mean_sd(*mean_sd(v), scale=100.0) if v else "—")
+            row.append(format_gap(*gap_interval(v, b)) if v and b else "—")
+        erows.append(row)
+    curve = Table("convergence_by_epoch", "Test accuracy and gap to dense after each epoch", cols, erows,
+                  "Each epoch's test accuracy (full test set), mean ± SD over seeds; the gap and its 95 % interval as "
+                  "in the table above. The learning rate follows a cosine schedule to 0 at the last epoch, so the last "
+                  "rows are the converged end of this budget, not an early-stopped snapshot.")
+
+    def plot(path: Path) -> None:
+        fig = _require_figure(figsize=(9.0, 4.0))
+        ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for pt in rec["points"]:
+            cs = _curves(pt)
+            if not cs:
+                continue
+            n = min(len(c) for c in cs)
+            xs = list(range(1, n + 1))
+            stats = [mean_sd([c[e] for c in cs]) for e in range(n)]
+            m = [100 * s[0] for s in stats]
+            sd = [100 * (s[1] or 0.0) for s in stats]
+            ax1.plot(xs, m, marker="o", markersize=3, label=f"{pt['label']} ({len(cs)} seeds)")
+            ax1.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2)
+            if pt is not base and base_curves:
+                n2 = min(n, min(len(c) for c in base_curves))
+                gaps = [gap_interval([c[e] for c in cs], [c[e] for c in base_curves]) for e in range(n2)]
+                g = [100 * d for d, _ in gaps]
+                hw = [100 * (h or 0.0) for _, h in gaps]
+                ax2.errorbar(list(range(1, n2 + 1)), g, yerr=hw, marker="o", markersize=3, capsize=2,
+                             label=pt["label"])
+        ax1.set_xlabel("epoch")
+        ax1.set_ylabel("test accuracy (%), mean ± SD")
+        ax1.legend(fontsize=7)
+        ax2.axhline(0.0, color="grey", linewidth=0.8)
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("gap to dense (pp), 95 % CI")
+        ax2.legend(fontsize=7)
+        ax1.grid(True, alpha=0.3)
+        _save(fig, ax2, path)
+
+    return Rendered([final, curve, *_published_tables(rec)], {"convergence_gap_by_epoch.png": plot})
+
+
 _RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
     "swat": _render_swat, "grad-prune": _render_grad_prune, "tensorquant": _render_tensorquant,
-    "channel": _render_channel,
+    "channel": _render_channel, "swat-convergence": _render_convergence,
 }
 
 

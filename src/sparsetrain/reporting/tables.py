@@ -26,6 +26,9 @@ __all__ = [
     "format_pct",
     "mean_sd",
     "format_mean_sd",
+    "gap_interval",
+    "format_gap",
+    "interval_verdict",
     "flatten",
     "AGGREGATION_RULE",
     "GroupRow",
@@ -82,6 +85,65 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
         raise ValueError("mean_sd needs at least one value")
     mean = statistics.fmean(vals)
     return mean, (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+# Two-sided 97.5 % quantiles of Student's t for 1..30 degrees of freedom (standard tables); beyond 30 the normal
+# quantile is within 2 % of the exact value. Kept as a table so the report needs no SciPy.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def gap_interval(values: Sequence[float], baseline: Sequence[float]) -> tuple[float, float | None]:
+    """Difference of means ``mean(values) - mean(baseline)`` and the half-width of its 95 % interval.
+
+    The interval is the two-sample Student-t one with the *pooled* sample SD (equal variances assumed, as seeds of one
+    protocol are): ``t(0.975, n1 + n2 - 2) * s_p * sqrt(1/n1 + 1/n2)``. The half-width is None when there are no degrees
+    of freedom (one run on each side): a single pair of runs supports no interval.
+
+    Raises:
+        ValueError: either side is empty.
+
+    Example:
+        >>> d, h = gap_interval([0.90, 0.92], [0.93, 0.95])
+        >>> round(d, 4), round(h, 4)
+        (-0.03, 0.0609)
+    """
+    a, b = [float(v) for v in values], [float(v) for v in baseline]
+    if not a or not b:
+        raise ValueError("gap_interval needs at least one value on each side")
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    df = len(a) + len(b) - 2
+    if df < 1:
+        return diff, None
+    ss = sum((v - statistics.fmean(a)) ** 2 for v in a) + sum((v - statistics.fmean(b)) ** 2 for v in b)
+    pooled = math.sqrt(ss / df)
+    t = _T975[df - 1] if df <= len(_T975) else 1.96
+    return diff, t * pooled * math.sqrt(1 / len(a) + 1 / len(b))
+
+
+def format_gap(diff: float | None, half: float | None, scale: float = 100.0, digits: int = 2) -> str:
+    """``"-1.23 [-3.10, +0.64]"``: a gap and its 95 % interval (scaled, e.g. to percentage points)."""
+    if diff is None:
+        return "—"
+    text = f"{diff * scale:+.{digits}f}"
+    if half is None:
+        return text + " (no interval: 1 run each)"
+    return f"{text} [{(diff - half) * scale:+.{digits}f}, {(diff + half) * scale:+.{digits}f}]"
+
+
+def interval_verdict(diff: float, half: float | None, published: float | None = None) -> str:
+    """What an interval supports, in the words the results page may use (see docs/results.md, 'Statistics').
+
+    ``"consistent with no gap"`` when it contains 0, ``"below dense"`` / ``"above dense"`` when it excludes 0;
+    with a ``published`` gap, ``"; contains the paper's gap"`` or ``"; excludes the paper's gap"``.
+    """
+    if half is None:
+        return "no interval (1 run each)"
+    lo, hi = diff - half, diff + half
+    text = "consistent with no gap" if lo <= 0 <= hi else ("below dense" if hi < 0 else "above dense")
+    if published is not None:
+        text += "; contains the paper's gap" if lo <= published <= hi else "; excludes the paper's gap"
+    return text
 
 
 def format_mean_sd(mean: float | None, sd: float | None, scale: float = 1.0, digits: int = 2) -> str:
