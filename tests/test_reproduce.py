@@ -23,7 +23,7 @@ from sparsetrain.reporting.reproduce import RESULTS_FILE, TABLES_FILE, regenerat
 from sparsetrain.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
-PAPERS = ("channel", "grad-prune", "swat", "tensorquant")
+PAPERS = ("channel", "grad-prune", "swat", "swat-convergence", "tensorquant")
 
 
 @pytest.fixture(scope="module")

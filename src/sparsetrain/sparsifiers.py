@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Callable
@@ -418,6 +419,38 @@ def _use_bracket(a: Tensor, k: int) -> bool:
     return a.numel() >= _BRACKET_MIN_NUMEL and k > 1 and _eager_cpu(a)
 
 
+# A full-size compaction (CPU ``nonzero``) runs on one core; above this size it is split over the intra-op threads.
+_SPLIT_MIN_NUMEL = 1 << 20
+_pool: list = [None, 0, 0]  # executor, its pid, its workers: rebuilt after a fork or a set_num_threads change
+
+
+def _compact(mask: Tensor) -> Tensor:
+    """``torch.nonzero(mask).view(-1)`` of a 1-D bool ``mask`` (int64 positions in order), on several cores.
+
+    Eager CPU only (positions sized by the data). torch's CPU ``nonzero`` is a serial kernel: on the largest
+    activations it is the single most expensive op of a sparse step. Here the mask is cut into one contiguous piece
+    per intra-op thread, each piece is compacted in its own Python thread (the op releases the GIL), and the pieces
+    are offset and concatenated: the same positions in the same order, in about 1/threads of the time.
+    """
+    n, threads = mask.numel(), torch.get_num_threads()
+    if threads < 2 or n < _SPLIT_MIN_NUMEL or mask.device.type != "cpu":
+        return torch.nonzero(mask).view(-1)
+    pool, pid, workers = _pool
+    if pool is None or pid != os.getpid() or workers != threads - 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if pool is not None and pid == os.getpid():
+            pool.shutdown(wait=False)
+        pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="sparsetrain-compact")
+        _pool[:] = [pool, os.getpid(), threads - 1]
+    bounds = [n * i // threads for i in range(threads + 1)]
+    futures = [pool.submit(torch.nonzero, mask[bounds[i]:bounds[i + 1]]) for i in range(1, threads)]
+    parts = [torch.nonzero(mask[: bounds[1]])]  # this thread takes the first piece
+    for i, fut in enumerate(futures, 1):
+        parts.append(fut.result().add_(bounds[i]))
+    return torch.cat(parts).view(-1)
+
+
 def _bracket_candidates(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
     """The exact k-th largest of the non-negative flat ``a``, with every position that can hold a top-k value.
 
@@ -439,7 +472,7 @@ def _bracket_candidates(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | No
     cand = torch.ge(a, lo, out=scratch("candidates", n, torch.bool, a.device))
     # Eager CPU only (see _use_bracket): the count is on the host for free, and torch's CPU nonzero_static is nonzero
     # plus a copy (1.8x its time here), so the compaction is sized by the data.
-    pos = torch.nonzero(cand).view(-1)
+    pos = _compact(cand)
     if pos.numel() > cap:
         return None  # more candidates than the sample predicted: the band is too wide to be worth it
     vals = a.index_select(0, pos)
@@ -564,7 +597,7 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
         thr = a.kthvalue(n - k + 1).values if _direct(a) else _radix_threshold(a, k)
         if _eager_cpu(a):
             keep = a >= thr if bool(thr > 0) else a > 0  # as in the bracket: every tie, no zeros
-            pos = torch.nonzero(keep).view(-1)
+            pos = _compact(keep)
         else:
             pos = _int32(_tie_rule_positions(a, thr, k, n), n)
             return thr, pos, flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)

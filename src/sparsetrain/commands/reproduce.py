@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     if args.list:
         for name in list_experiments():
             exp = load_experiment(name)
-            print(f"{name:12s} {exp.title}")
+            print(f"{name:18s} {exp.title}")
         return 0
     if not args.paper:
         raise UsageError(f"reproduce needs a paper; valid choices: {', '.join(list_experiments())}")

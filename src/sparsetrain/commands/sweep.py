@@ -244,6 +244,17 @@ def _train_job(run, cfg: dict[str, Any], command: str, tag: str) -> str:
     return "done"
 
 
+_STOP: list = [None]  # in a worker process: the pool's shared stop event
+
+
+def _worker_init(stop) -> None:
+    """A worker ignores Ctrl-C between jobs (it would die in the pool's queue); :func:`_worker_job` takes it."""
+    import signal
+
+    _STOP[0] = stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _worker_job(run_path: str, cfg: dict[str, Any], command: str, tag: str, threads: int | None) -> str:
     """A job in a worker process (spawned: a fresh interpreter, so nothing of the parent's torch state leaks in)."""
     import signal
@@ -252,12 +263,23 @@ def _worker_job(run_path: str, cfg: dict[str, Any], command: str, tag: str, thre
 
     from sparsetrain.runs import RunDir
 
+    stop = _STOP[0]
+    if stop is not None and stop.is_set():
+        return "interrupted: not started"  # queued before Ctrl-C reached the pool
+
+    def on_sigint(signum, frame):  # Ctrl-C reaches the whole process group: stop the pool, checkpoint this run
+        if stop is not None:
+            stop.set()
+        raise KeyboardInterrupt
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if threads is not None:
         torch.set_num_threads(threads)
-    # Ctrl-C reaches the whole process group: the training loop turns it into a checkpoint and TrainingInterrupted.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    return _train_job(RunDir(run_path), cfg, command, tag)
+    signal.signal(signal.SIGINT, on_sigint)  # the training loop turns it into a checkpoint + TrainingInterrupted
+    try:
+        return _train_job(RunDir(run_path), cfg, command, tag)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_jobs(jobs: list[tuple[Any, dict[str, Any]]], command: str = "sweep", workers: int = 1,
@@ -298,13 +320,20 @@ def run_jobs(jobs: list[tuple[Any, dict[str, Any]]], command: str = "sweep", wor
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+        stop = ctx.Event()
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
+                                 initargs=(stop,)) as pool:
             futures = [(run, pool.submit(_worker_job, str(run.path), cfg, command, tag, threads))
                        for run, cfg, tag in todo]
             try:
                 for run, fut in futures:
-                    outcomes.append((run, fut.result()))
+                    outcome = fut.result()
+                    if outcome != "interrupted: not started":
+                        outcomes.append((run, outcome))
+                    if outcome.startswith("interrupted"):
+                        stop.set()  # no queued job starts; the running ones got the same SIGINT
             except KeyboardInterrupt:  # the workers got the same SIGINT and checkpoint their runs
+                stop.set()
                 pool.shutdown(wait=True, cancel_futures=True)
                 outcomes.append((None, "interrupted: Ctrl-C"))
     diverged = [run.path.name for run, o in outcomes if o.startswith("diverged")]

@@ -548,8 +548,9 @@ def _curves(pt: dict[str, Any]) -> list[list[float]]:
 def _render_convergence(rec: dict[str, Any]) -> Rendered:
     base = _baseline(rec, "")
     base_final = [r["final_test_acc"] for r in base["runs"] if r.get("final_test_acc") is not None] if base else []
+    points = ([base] if base else []) + [pt for pt in rec["points"] if pt is not base]  # dense first
     rows = []
-    for pt in rec["points"]:
+    for pt in points:
         st = point_stats(pt)
         finals = [r["final_test_acc"] for r in pt["runs"] if r.get("final_test_acc") is not None]
         gap = verdict = "—"
@@ -590,7 +591,7 @@ def _render_convergence(rec: dict[str, Any]) -> Rendered:
     def plot(path: Path) -> None:
         fig = _require_figure(figsize=(9.0, 4.0))
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        for pt in rec["points"]:
+        for pt in points:
             cs = _curves(pt)
             if not cs:
                 continue
