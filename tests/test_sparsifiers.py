@@ -185,3 +185,23 @@ def test_topk_threshold_radix_select_is_exact(kind):
         k = math.ceil(density * n)
         expected = flat.kthvalue(n - k + 1).values
         assert torch.equal(sp.topk_threshold(x, density), expected), density
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [1 << 20, (1 << 20) + 5, 3 * (1 << 20) + 1])
+def test_split_compaction_equals_nonzero(threads, n):
+    """The compaction split over threads returns nonzero's positions in nonzero's order, and top-K selections through
+    it keep exactly the values |v| >= thr."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(n)
+        mask = torch.rand(n, generator=g) > 0.85
+        mask[-1] = True  # the last piece's offset
+        assert torch.equal(sp._compact(mask), torch.nonzero(mask).view(-1))
+        x = torch.relu(torch.randn(n, generator=g))
+        thr, pos, vals = sp.topk_select(x, 0.1)
+        ref = torch.nonzero(x >= thr).view(-1)
+        assert torch.equal(pos.long(), ref) and torch.equal(vals, x[ref])
+    finally:
+        torch.set_num_threads(before)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 __all__ = ["HELP", "add_arguments", "main"]
 
-HELP = "rerun a paper's core experiment at CPU scale (swat, grad-prune, tensorquant, channel); tables beside the paper"
+HELP = ("rerun a paper's core experiment at CPU scale (swat, grad-prune, tensorquant, channel, swat-convergence); "
+        "tables beside the paper")
 
 log = logging.getLogger("sparsetrain")
 
@@ -33,7 +34,7 @@ log = logging.getLogger("sparsetrain")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the ``reproduce`` arguments."""
     p.add_argument("paper", nargs="?", metavar="PAPER",
-                   help="experiment: swat, grad-prune, tensorquant or channel (or a path to an experiment YAML)")
+                   help="experiment: swat, grad-prune, tensorquant, channel or swat-convergence (or a path to an experiment YAML)")
     p.add_argument("--quick", action="store_true",
                    help="smoke version of the same grid: tiny subsets, 1 epoch (minutes)")
     p.add_argument("--out", metavar="DIR", default=None,
