@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 import sparsetrain
+from sparsetrain.files import read_jsonl
 from sparsetrain.layers import effective_weight
-from sparsetrain.runs import read_jsonl
 from sparsetrain.telemetry import (
     TOTAL,
     Count,
