@@ -239,6 +239,15 @@ def build_report(args: argparse.Namespace) -> tuple[Any, Any, dict[str, dict[str
     return model, report, densities
 
 
+def _density_arg(args: argparse.Namespace) -> float | None:
+    """``--density`` or ``--sparsity`` as a kept fraction (None when neither is given)."""
+    from sparsetrain.sparsifiers import density_from
+
+    if args.density is None and args.sparsity is None:
+        return None
+    return density_from(args.density, args.sparsity, "--density/--sparsity")
+
+
 def _compare_depth_multiplier(args: argparse.Namespace) -> dict[str, Any]:
     """Changpinyo et al.: recipe at density A (width 1) vs dense at width sqrt(A), parameters excl. classifier."""
     import sparsetrain
@@ -246,7 +255,7 @@ def _compare_depth_multiplier(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.model:
         raise ValueError("--compare-depth-multiplier needs --model")
-    alpha = args.density if args.density is not None else (None if args.sparsity is None else 1 - args.sparsity)
+    alpha = _density_arg(args)
     if alpha is None:
         raise ValueError("--compare-depth-multiplier needs --density A (or --sparsity)")
     if args.width_mult not in (None, 1.0):
@@ -331,8 +340,11 @@ def paper_reference(args: argparse.Namespace, report: Any) -> dict[str, Any] | N
         return None
     if args.first_layer_dense is False:
         return None
-    density = args.density if args.density is not None else (None if args.sparsity is None else 1 - args.sparsity)
-    sparsity = next((sp for sp in SWAT_TABLE3 if density is not None and abs(1 - density - sp) < 1e-9), None)
+    from sparsetrain.sparsifiers import density_from
+
+    density = _density_arg(args)
+    sparsity = next((sp for sp in SWAT_TABLE3
+                     if density is not None and abs(density_from(None, sp, "SWAT Table 3") - density) < 1e-9), None)
     if sparsity is None:
         return None
     return {"source": "SWAT (Raihan & Aamodt, NeurIPS 2020), Table 3: ResNet-50, ImageNet, SWAT-U",

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from sparsetrain.formatting import finite_float as _num
+from sparsetrain.formatting import pct_cell
 from sparsetrain.layers import OPERANDS
 from sparsetrain.reporting.document import (
     Block,
@@ -108,11 +109,6 @@ def _now() -> str:
     return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
 
 
-def _pct_cell(value: Any, digits: int = 2) -> str:
-    v = _num(value)
-    return format_pct(v, digits)
-
-
 def _kv_value(key: str, value: Any) -> str:
     # Accuracies and measured densities are stored as fractions; people read them as percent.
     if (key.endswith("_acc") or key.endswith("_density") or key.endswith("(last epoch)")) and _num(value) is not None:
@@ -191,11 +187,11 @@ def _curves_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path
     columns = [
         ("lr", lr_title, lambda v: f"{v:.4g}"),
         ("train_loss", "Train loss", lambda v: f"{v:.4f}"),
-        ("train_acc", "Train acc. (%)", _pct_cell),
+        ("train_acc", "Train acc. (%)", pct_cell),
         ("test_loss", "Test loss", lambda v: f"{v:.4f}"),
-        ("test_acc", "Test acc. (%)", _pct_cell),
-        ("weight_density", "W dens. (kept %)", lambda v: _pct_cell(v, 1)),
-        ("activation_density", "Act dens. (kept %)", lambda v: _pct_cell(v, 1)),
+        ("test_acc", "Test acc. (%)", pct_cell),
+        ("weight_density", "W dens. (kept %)", lambda v: pct_cell(v, 1)),
+        ("activation_density", "Act dens. (kept %)", lambda v: pct_cell(v, 1)),
         ("time_s", "Time (s)", lambda v: f"{v:.1f}"),
     ]
     present = [c for c in columns if any(_num(m.get(c[0])) is not None for m in run.metrics)]
@@ -249,8 +245,8 @@ def _overall_density_text(run: RunFiles, kept: dict[str, dict[str, float]] | Non
     figure, the activation density over the sparse layers alone (from the FLOP accounting's saved elements)."""
     last = run.last_metrics
     text = (f"Over all conv/linear layers, element-weighted (weights by their elements, activations by the elements "
-            f"each layer saves for its weight gradient): weight density {_pct_cell(last.get('weight_density'))} %, "
-            f"activation density {_pct_cell(last.get('activation_density'))} %.")
+            f"each layer saves for its weight gradient): weight density {pct_cell(last.get('weight_density'))} %, "
+            f"activation density {pct_cell(last.get('activation_density'))} %.")
     layers = [r for r in (run.flops or {}).get("layers") or [] if isinstance(r, dict) and "name" in r]
     if kept is None or not layers:
         return text + " Layers the recipe leaves dense count as 100 %."
@@ -300,7 +296,7 @@ def _density_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Pat
             label = KEPT_LABEL if measure == "kept" else NONZERO_LABEL
             blocks.append(Image(png.name, "per-layer density bars", f"Per layer: {label}."))
     unit = "kept %" if measure == "kept" else "non-zero %"
-    rows = [[f"`{layer}`"] + [_pct_cell(ops.get(op), 1) for op in shown] for layer, ops in table.items()]
+    rows = [[f"`{layer}`"] + [pct_cell(ops.get(op), 1) for op in shown] for layer, ops in table.items()]
     blocks.append(Table(["Layer"] + [f"{op} ({unit})" for op in shown], rows, ["l"] + ["r"] * len(shown)))
     return blocks
 
@@ -347,10 +343,10 @@ def _telemetry_section(run: RunFiles, out_dir: Path, plots: bool, images: list[P
         row = [f"`{layer}`"]
         for t in tensors:
             series = tel.series[t].get(layer)
-            row.append(_pct_cell(series[1][-1], 1) if series and series[1] else "—")
+            row.append(pct_cell(series[1][-1], 1) if series and series[1] else "—")
         for t in grads:
             series = tel.series[t].get(layer)
-            row.append(_pct_cell(sum(series[1]) / len(series[1]), 1) if series and series[1] else "—")
+            row.append(pct_cell(sum(series[1]) / len(series[1]), 1) if series and series[1] else "—")
         rows.append(row)
     blocks.append(Table(headers, rows, ["l"] + ["r"] * (len(headers) - 1)))
     return blocks
@@ -556,10 +552,10 @@ def build_comparison_document(
                     format_value(row.density),
                     format_value(s.get("seed", run.config.get("seed"))),
                     str(len(run.metrics)),
-                    _pct_cell(s.get("final_test_acc")),
-                    _pct_cell(s.get("best_test_acc")),
-                    _pct_cell(last.get("weight_density"), 1),
-                    _pct_cell(last.get("activation_density"), 1),
+                    pct_cell(s.get("final_test_acc")),
+                    pct_cell(s.get("best_test_acc")),
+                    pct_cell(last.get("weight_density"), 1),
+                    pct_cell(last.get("activation_density"), 1),
                 ]
             )
     blocks.append(
