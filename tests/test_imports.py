@@ -9,7 +9,9 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "sparsetrain"
 CORE = ("layers", "sparsifiers", "methods", "recipe", "handle", "packing", "distributions", "graph")
 PERIPHERY = ("models", "export", "accounting", "telemetry", "reporting", "runs", "data", "training", "analysis",
-             "papers", "commands", "cli", "distributed", "comm", "formatting", "integrations")
+             "papers", "commands", "cli", "distributed", "comm", "formatting", "integrations", "files")
+#: Utilities every layer may use: they import nothing of sparsetrain but each other.
+UTILITIES = ("files", "formatting")
 
 
 def _module(path: Path) -> str:
@@ -79,9 +81,15 @@ def test_no_import_cycles():
     assert not cycles
 
 
+@pytest.mark.parametrize("utility", UTILITIES)
+def test_utilities_import_only_utilities(utility):
+    deps = IMPORTS[f"sparsetrain.{utility}"]
+    assert not sorted(d for d in deps if _top(d) not in UTILITIES)
+
+
 def test_the_periphery_does_not_import_the_runners():
     lower = ("runs", "reporting", "telemetry", "accounting", "models", "data", "export", "distributed", "comm",
-             "formatting", "integrations")
+             "formatting", "files", "integrations")
     bad = {m: sorted(d for d in deps if _top(d) in ("training", "papers", "analysis"))
            for m, deps in IMPORTS.items() if _top(m) in lower}
     assert not {m: d for m, d in bad.items() if d}

@@ -258,7 +258,8 @@ def test_cli_measures_a_sparse_run_as_trained(monkeypatch, capsys, fmnist_model)
 def test_cli_on_a_trained_run(tmp_path, capsys):
     """End to end: `sparsetrain train` writes a run (with telemetry), `sparsetrain measure` reads it."""
     from sparsetrain.cli import main
-    from sparsetrain.runs import load_run, read_jsonl
+    from sparsetrain.files import read_jsonl
+    from sparsetrain.runs import load_run
 
     run_dir = tmp_path / "run"
     assert main(["train", "--model", "lenet5", "--dataset", "fashion_mnist_small", "--epochs", "1", "--recipe",

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from sparsetrain import runs
-from sparsetrain.runs import FORMAT_VERSION, RunDir, RunDirectoryError, read_jsonl
+from sparsetrain.files import append_jsonl, read_jsonl
+from sparsetrain.runs import FORMAT_VERSION, RunDir, RunDirectoryError
 
 SRC = Path(runs.__file__).resolve().parent
 
@@ -92,7 +93,7 @@ def test_truncate_after_drops_what_came_after_the_checkpoint(tmp_path):
     for e in range(3):
         run.append_metrics({"epoch": e})
     for step in range(0, 30, 5):
-        runs.append_jsonl(run.telemetry_path, {"step": step, "name": "fc"})
+        append_jsonl(run.telemetry_path, {"step": step, "name": "fc"})
     with open(run.metrics_path, "a") as f:
         f.write('{"epoch": 3, "tra')  # the killed process was writing epoch 3
     run.truncate_after(epoch=2, step=20)

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 
 import sparsetrain
+from sparsetrain.files import read_jsonl
 from sparsetrain.layers import effective_weight
-from sparsetrain.runs import read_jsonl
 from sparsetrain.telemetry import (
+    TENSORS,
     TOTAL,
     Count,
     CsvSink,
@@ -528,6 +529,33 @@ def test_monitor_on_sparsified_model():
         assert recs[name, "grad_weight"]["zeros"] == int((m.weight.grad == 0).sum())
         assert (name, "grad_output") in recs
     assert _hook_state(model) == [0] * len(_hook_state(model))
+
+
+def test_sparse_layers_are_observed_through_the_seam_only():
+    """No hook of the Monitor's on a sparse layer; one whose spec became dense reports its plain operands through the
+    seam, counted exactly as the hooks count the same plain module."""
+    from sparsetrain.layers import LayerSpec, SparseLinear
+
+    torch.manual_seed(0)
+    plain = _Net()
+    swapped = _Net()
+    swapped.load_state_dict(plain.state_dict())
+    swapped.fc2 = SparseLinear.from_dense(swapped.fc2, LayerSpec())  # a sparse layer whose spec is dense
+    x = torch.randn(3, 4)
+    out = {}
+    for key, net in (("plain", plain), ("swapped", swapped)):
+        sink = ListSink()
+        with Monitor(net, sinks=[sink], blocks=None, near_zero_threshold=0.1) as mon:
+            if key == "swapped":
+                fc2 = net.fc2
+                assert not fc2._forward_hooks and not fc2._forward_pre_hooks
+                assert not fc2.weight._post_accumulate_grad_hooks
+                assert net.fc1._forward_hooks  # the plain layer keeps its hooks
+            net(x.clone().requires_grad_()).sum().backward()
+            mon.step()
+        out[key] = sink.records
+    assert out["swapped"] == out["plain"]
+    assert {r["tensor"] for r in out["plain"] if r["name"] == "fc2"} == set(TENSORS)
 
 
 def test_periphery_imports_no_plotting_or_tensorboard():

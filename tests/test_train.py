@@ -16,6 +16,7 @@ import sparsetrain.training.loop as train_mod
 from sparsetrain import runs
 from sparsetrain.cli import build_parser, main
 from sparsetrain.commands.train import resolve_config
+from sparsetrain.files import read_jsonl
 from sparsetrain.training import NonFiniteError, TrainConfig, train
 
 SMALL = ["--train-subset", "1536", "--test-subset", "500", "--batch-size", "128", "--deterministic",
@@ -64,7 +65,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:
         # After epoch 0's checkpoint exists (metrics are written just before it), kill during epoch 1.
-        if (tmp_path / "victim" / runs.RunDir.CHECKPOINT).exists() and len(runs.read_jsonl(metrics)) >= 1:
+        if (tmp_path / "victim" / runs.RunDir.CHECKPOINT).exists() and len(read_jsonl(metrics)) >= 1:
             time.sleep(0.3)  # well into the second epoch
             break
         time.sleep(0.05)
@@ -83,9 +84,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    rows = runs.read_jsonl(tmp_path / "victim" / "metrics.jsonl")
+    rows = read_jsonl(tmp_path / "victim" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in runs.read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
     assert "test accuracy" in out and "training FLOPs saved" in out
 
 
@@ -102,7 +103,7 @@ def test_corrupted_checkpoint_gives_clear_error_and_previous_is_kept(tmp_path, c
     assert runs.load_checkpoint(prev)["epoch"] == 0  # untouched
     # Resuming from the previous checkpoint works and redoes epoch 1.
     assert main(["train", "--resume", str(prev), "--epochs", "2", "--quiet"]) == 0
-    assert [r["epoch"] for r in runs.read_jsonl(run / "metrics.jsonl")] == [0, 1]
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1]
 
 
 def test_existing_run_is_never_overwritten(tmp_path, caplog):
@@ -139,11 +140,11 @@ def test_run_directory_contents(tmp_path):
     summary = train(cfg)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["milestones"] == [1] and saved["out"] == str(run)
-    rows = runs.read_jsonl(run / "metrics.jsonl")
+    rows = read_jsonl(run / "metrics.jsonl")
     assert len(rows) == 2 and {"train_loss", "test_acc", "lr", "densities", "samples_per_s"} <= set(rows[0])
     assert rows[1]["lr"] == pytest.approx(0.1 * cfg.lr)  # step schedule applied at epoch 1
     assert rows[0]["densities"]["fc1"]["weight"] == pytest.approx(0.1, abs=0.01)
-    tele = runs.read_jsonl(run / "telemetry.jsonl")
+    tele = read_jsonl(run / "telemetry.jsonl")
     assert tele and {r["step"] for r in tele} == set(range(0, 12, 2))
     flops = json.loads((run / "flops.json").read_text())
     assert flops["training_flops_reduction_pct"] == summary["flops"]["training_flops_reduction_pct"] > 50
@@ -311,7 +312,7 @@ def test_short_run_records_what_it_used(short_run):
     assert steps == 8
     # the telemetry interval was chosen from the run length: ~TELEMETRY_POINTS samples, not 1
     assert config["telemetry_every"] == max(1, steps // train_config.TELEMETRY_POINTS)
-    assert len({r["step"] for r in runs.read_jsonl(runs.RunDir(short_run).telemetry_path)}) == steps
+    assert len({r["step"] for r in read_jsonl(runs.RunDir(short_run).telemetry_path)}) == steps
     # lr: the mean rate of the epoch's steps (the cosine schedule ends the epoch at 0)
     sched = train_config.lr_lambda(TrainConfig.from_dict({k: v for k, v in config.items() if k != "out"}), steps)
     assert m["lr"] == pytest.approx(sum(0.05 * sched(i) for i in range(steps)) / steps)

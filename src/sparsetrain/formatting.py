@@ -1,4 +1,4 @@
-"""The one finite-number reader and the one percentage formatter of the reports, tables and summaries.
+"""The one finite-number reader and the one percentage formatter (and its table cell) of reports and tables.
 
 Example:
     >>> finite_float(float("nan")), finite_float(True), finite_float("0.25")
@@ -7,6 +7,8 @@ Example:
     ('12.34', '—', '12.3%')
     >>> format_pct(71.29, 1, fraction=False)
     '71.3'
+    >>> pct_cell("0.5", 1), pct_cell(float("nan")), pct_cell(None, 1, missing="-", sign="%")
+    ('50.0', '—', '-')
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["finite_float", "format_pct"]
+__all__ = ["finite_float", "format_pct", "pct_cell"]
 
 
 def finite_float(value: Any) -> float | None:
@@ -36,3 +38,9 @@ def format_pct(value: float | None, digits: int = 2, *, fraction: bool = True, m
     if value is None:
         return missing
     return f"{100.0 * value if fraction else value:.{digits}f}{sign}"
+
+
+def pct_cell(value: Any, digits: int = 2, *, missing: str = "—", sign: str = "") -> str:
+    """A table cell of a fraction read from a file or a measurement: :func:`format_pct` of :func:`finite_float`
+    (``missing`` for None, NaN, infinities and non-numbers)."""
+    return format_pct(finite_float(value), digits, missing=missing, sign=sign)

@@ -313,8 +313,11 @@ class OperandEvent:
 
     Forward: ``weight``, ``input``, ``output``; then (training only) the tensors saved for backward,
     ``weight_for_grad_input`` and ``input_for_grad_weight``. Backward: ``grad_output``, ``grad_input`` (when dx is
-    needed), ``grad_weight``. The GEMMs are ``f(input, weight)``, ``G(grad_output, weight_for_grad_input)`` and
-    ``H(grad_output, input_for_grad_weight)`` on the ``after`` tensors. ``after is before`` when the operand is dense.
+    needed), ``grad_weight`` (when dW is). The GEMMs are ``f(input, weight)``, ``G(grad_output, weight_for_grad_input)``
+    and ``H(grad_output, input_for_grad_weight)`` on the ``after`` tensors. ``after is before`` when the operand is
+    dense: always so for a sparse layer that computes as the plain module (its spec is dense, or under
+    :func:`dense_mode`). ``requires_grad``: whether the operand as the layer received it needs a gradient (an
+    ``input`` fed by the data does not, so no dx is computed for it).
     """
 
     layer: str
@@ -322,6 +325,7 @@ class OperandEvent:
     before: Tensor
     after: Tensor
     module: nn.Module | None
+    requires_grad: bool = False
 
 
 _OBSERVERS: dict[int, Callable[[OperandEvent], None]] = {}
@@ -343,8 +347,9 @@ class _ObserverHandle:
 def add_observer(fn: Callable[[OperandEvent], None]) -> _ObserverHandle:
     """Call ``fn(event)`` for every operand of every sparse layer until ``handle.remove()``.
 
-    The one public window into the kernel: telemetry, accounting, density measurement and export use it. With no
-    observer registered the kernel builds no events (observation costs nothing when off).
+    The one public window into the kernel: telemetry, accounting and density measurement use it. A sparse layer
+    that computes as the plain module (dense spec, :func:`dense_mode`) reports its dense operands too. With no
+    observer registered nothing builds events (observation costs nothing when off).
     """
     return _ObserverHandle(fn)
 
@@ -375,7 +380,7 @@ def _emit(state: LayerState, op: str, before: Tensor, after: Tensor) -> None:
 
 def _emit_named(name: str, owner: Any, op: str, before: Tensor, after: Tensor) -> None:
     mod = owner() if owner is not None else None
-    ev = OperandEvent(name, op, before.detach(), after.detach(), mod)
+    ev = OperandEvent(name, op, before.detach(), after.detach(), mod, before.requires_grad)
     for fn in list(_OBSERVERS.values()):
         fn(ev)
 
@@ -792,6 +797,43 @@ class _SparseMixin:
     def _sparse_forward(self, x: Tensor, gemm: Any) -> Tensor:
         return sparse_gemm(self.sparse_state, self.spec, gemm, x, self.weight, self.bias)
 
+    def _plain_gemm(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The plain module's GEMM on these operands (its own bias)."""
+        raise NotImplementedError
+
+    def _observed_plain_forward(self, x: Tensor) -> Tensor:
+        """The plain module's computation (a dense spec, or :func:`dense_mode`), reporting its operands to the
+        observers as the kernel does, every one dense (``after is before``). Only called when an observer is
+        registered: the plain forward costs nothing extra otherwise.
+
+        The backward operands come from tensor hooks on views that only this call uses: ``x``'s view receives this
+        layer's own dx (not the sum over every consumer of ``x``), the weight's view this call's dW, the output the
+        dy the GEMMs consume (a later in-place op on it does not change what its hook receives).
+        """
+        st = self.sparse_state
+        name, owner, w = st.name, st.owner, self.weight
+
+        def emit(op: str) -> Callable[[Tensor], None]:
+            return lambda g: _emit_named(name, owner, op, g, g)
+
+        training = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+        x_used, w_used = x, w
+        if training and x.requires_grad:
+            x_used = x.view_as(x)
+            x_used.register_hook(emit("grad_input"))
+        if training and w.requires_grad:
+            w_used = w.view_as(w)
+            w_used.register_hook(emit("grad_weight"))
+        y = self._plain_gemm(x_used, w_used)
+        events = [("weight", w), ("input", x), ("output", y)]
+        if training:
+            events += [("weight_for_grad_input", w), ("input_for_grad_weight", x)]
+        for op, t in events:
+            _emit_named(name, owner, op, t, t)
+        if training and y.requires_grad:
+            y.register_hook(emit("grad_output"))
+        return y
+
     def effective_weight(self) -> Tensor:
         """The weight as the forward uses it; see :func:`effective_weight`."""
         return effective_weight(self)  # type: ignore[arg-type]
@@ -806,8 +848,11 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.spec.is_dense or _DENSE_MODE[0]:
-            return nn.Conv2d.forward(self, x)
+            return self._observed_plain_forward(x) if _OBSERVERS else nn.Conv2d.forward(self, x)
         return self._sparse_forward(x, ConvGemm(self.stride, self.padding, self.dilation, self.groups))
+
+    def _plain_gemm(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._conv_forward(x, weight, self.bias)
 
 
 class SparseLinear(_SparseMixin, nn.Linear):
@@ -815,8 +860,11 @@ class SparseLinear(_SparseMixin, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.spec.is_dense or _DENSE_MODE[0]:
-            return nn.Linear.forward(self, x)
+            return self._observed_plain_forward(x) if _OBSERVERS else nn.Linear.forward(self, x)
         return self._sparse_forward(x, LinearGemm())
+
+    def _plain_gemm(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
 
 
 SPARSE_TYPES: dict[type, type] = {nn.Conv2d: SparseConv2d, nn.Linear: SparseLinear}

@@ -21,8 +21,8 @@ Every file name of a run directory is spelled here and nowhere else; the rest of
 One process writes a run directory at a time: :meth:`RunDir.lock` takes an OS lock on its ``LOCK`` file for the
 life of the run and a second process fails at once with :class:`RunLockedError`, naming the holder.
 
-JSON-lines files have one reader, :func:`read_jsonl` / :func:`iter_jsonl`: a torn last line (the writer was killed
-mid-line) is skipped with a warning, a bad line anywhere else is corruption and raises.
+Its files are written and read with the primitives of :mod:`sparsetrain.files` (atomic writers, the one JSON-lines
+reader, which skips a torn last line).
 
 Example:
     >>> run = RunDir("runs/lenet5-swat-u")  # doctest: +SKIP
@@ -40,7 +40,6 @@ import os
 import shlex
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -48,6 +47,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+# atomic_write_text is also imported from here by reporting/reproduce.py (to move to sparsetrain.files).
+from sparsetrain.files import (
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    iter_jsonl,
+    read_jsonl,
+    truncate_jsonl,
+)
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -62,12 +72,6 @@ __all__ = [
     "RunLock",
     "RunLockedError",
     "Run",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "append_jsonl",
-    "iter_jsonl",
-    "read_jsonl",
-    "truncate_jsonl",
     "save_checkpoint",
     "load_checkpoint",
     "load_run",
@@ -97,10 +101,6 @@ SUMMARY_FLOPS_KEYS = (
 RECORD_KEYS = ("out", "quiet", "data_dir", "device", "log_every", "telemetry_every", "tensorboard",
                "checkpoint_every")
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 class RunDirectoryError(ValueError):
     """The path is not a readable sparsetrain run directory, or one of its files is malformed."""
 
@@ -118,101 +118,6 @@ class RunLockedError(RunDirectoryError):
         super().__init__(message)  # only the message in args: the error pickles (e.g. out of a worker process)
         self.path = path
         self.holder = holder or {}
-
-
-# ---------------------------------------------------------------------------------------------- file primitives
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, backup: str | os.PathLike | None = None) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one.
-
-    With ``backup``, the old file is first renamed to it: each rename is atomic, so after a crash at any point at
-    least one complete file exists.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the user's usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if backup is not None and path.exists():
-            os.replace(path, backup)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Append one record as one JSON line, flushed and fsynced: a killed writer leaves at most a torn last line."""
-    line = json.dumps(record) + "\n"  # serialise first: a bad value must not leave half a line behind
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def iter_jsonl(path: str | os.PathLike, *, missing_ok: bool = True,
-               skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    """The records of a JSON-lines file, streamed (nothing if it does not exist and ``missing_ok``).
-
-    Args:
-        path: the file.
-        missing_ok: yield nothing for a missing file instead of raising ``FileNotFoundError``.
-        skipped: if given, the (1-based) number of a skipped torn last line is appended to it.
-
-    Raises:
-        ValueError: a line other than the last is not valid JSON, or a line is not a JSON object (names the line).
-    """
-    path = Path(path)
-    if missing_ok and not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        bad: tuple[int, str] | None = None  # an unparsable line: torn if nothing but blank lines follows it
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if bad is not None:
-                raise ValueError(f"{path}:{bad[0]}: not valid JSON: {bad[1][:80]!r}")
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                bad = (lineno, line)
-                continue
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: not a JSON object: {line[:80]!r}")
-            yield record
-    if bad is not None:
-        logger.warning("%s: skipping truncated last line %d", path, bad[0])
-        if skipped is not None:
-            skipped.append(bad[0])
-
-
-def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = True,
-               skipped: list[int] | None = None) -> list[dict[str, Any]]:
-    """All records of a JSON-lines file (``[]`` if it does not exist and ``missing_ok``); see :func:`iter_jsonl`.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.jsonl"
-        >>> _ = p.write_text('{"epoch": 0}\\n{"epo')  # the writer was killed mid-line
-        >>> read_jsonl(p)
-        [{'epoch': 0}]
-    """
-    return list(iter_jsonl(path, missing_ok=missing_ok, skipped=skipped))
-
-
-def truncate_jsonl(path: str | os.PathLike, keep) -> None:
-    """Keep only the records ``keep(record)`` accepts (used on resume to drop what came after the checkpoint)."""
-    path = Path(path)
-    if path.exists():
-        rows = [r for r in read_jsonl(path) if keep(r)]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _read_json_object(path: Path) -> dict[str, Any] | None:
@@ -708,7 +613,7 @@ class RunDir:
     # ------------------------------------------------------------------ results
     def write_flops(self, flops: Mapping[str, Any]) -> None:
         """Atomically write the FLOP and memory accounting."""
-        atomic_write_text(self.flops_path, json.dumps(flops, indent=1))
+        atomic_write_json(self.flops_path, flops)
 
     def read_flops(self) -> dict[str, Any] | None:
         """The FLOP accounting, or None before the run has finished; malformed: :class:`RunDirectoryError`."""
@@ -716,7 +621,7 @@ class RunDir:
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Atomically write the summary (see :func:`summarize`), with the format version."""
-        atomic_write_text(self.summary_path, json.dumps({**summary, _VERSION_KEY: FORMAT_VERSION}, indent=1))
+        atomic_write_json(self.summary_path, {**summary, _VERSION_KEY: FORMAT_VERSION})
 
     def read_summary(self) -> dict[str, Any] | None:
         """The summary written at the end of the run (without the format version), or None if absent.

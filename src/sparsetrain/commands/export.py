@@ -63,7 +63,8 @@ def export_run(run: str | Path, out: str | Path | None = None, compressed_out: s
     import torch
 
     from sparsetrain.export import masked_state_dict, save_compressed
-    from sparsetrain.runs import RunDir, atomic_write_bytes, load_run
+    from sparsetrain.files import atomic_write_bytes
+    from sparsetrain.runs import RunDir, load_run
 
     run_dir = RunDir(run)
     run_dir.check()

@@ -239,6 +239,15 @@ def build_report(args: argparse.Namespace) -> tuple[Any, Any, dict[str, dict[str
     return model, report, densities
 
 
+def _density_arg(args: argparse.Namespace) -> float | None:
+    """``--density`` or ``--sparsity`` as a kept fraction (None when neither is given)."""
+    from sparsetrain.sparsifiers import density_from
+
+    if args.density is None and args.sparsity is None:
+        return None
+    return density_from(args.density, args.sparsity, "--density/--sparsity")
+
+
 def _compare_depth_multiplier(args: argparse.Namespace) -> dict[str, Any]:
     """Changpinyo et al.: recipe at density A (width 1) vs dense at width sqrt(A), parameters excl. classifier."""
     import sparsetrain
@@ -246,7 +255,7 @@ def _compare_depth_multiplier(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.model:
         raise ValueError("--compare-depth-multiplier needs --model")
-    alpha = args.density if args.density is not None else (None if args.sparsity is None else 1 - args.sparsity)
+    alpha = _density_arg(args)
     if alpha is None:
         raise ValueError("--compare-depth-multiplier needs --density A (or --sparsity)")
     if args.width_mult not in (None, 1.0):
@@ -307,72 +316,25 @@ def _fmt_compare(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# SWAT (Raihan & Aamodt, NeurIPS 2020), Table 3: ResNet-50 on ImageNet, SWAT-U, first layer dense; by sparsity.
-SWAT_TABLE3 = {
-    0.8: {"training_flops_reduction_pct": 76.1, "inference_flops_reduction_pct": 77.7,
-          "act_memory_reduction_pct": 39.2, "model_compression_x": 5.0},
-    0.9: {"training_flops_reduction_pct": 85.6, "inference_flops_reduction_pct": 87.4,
-          "act_memory_reduction_pct": 44.0, "model_compression_x": 10.0},
-}
-_PAPER_NOTES = {
-    "training_flops_reduction_pct": "GEMMs only (--non-gemm: all ops); the gap: docs/accounting.md, SWAT Table 3",
-    "inference_flops_reduction_pct": "",
-    "act_memory_reduction_pct": "ours: conv/linear inputs; the paper also counts BN inputs (half of ours)",
-    "model_compression_x": "",
-}
-
-
 def paper_reference(args: argparse.Namespace, report: Any) -> dict[str, Any] | None:
     """The published SWAT Table 3 row this command reproduces, or None: ResNet-50 on 3x224x224 with 1000 classes,
     ``--recipe swat-u`` at 80 % or 90 % sparsity, first layer dense (the preset's default)."""
+    from sparsetrain.accounting.published import swat_table3_row
+
     if args.run is not None or args.model != "resnet50_imagenet" or args.recipe != "swat-u":
         return None
     if tuple(report.input_shape) != (3, 224, 224) or getattr(args, "resolved_num_classes", 1000) not in (None, 1000):
         return None
     if args.first_layer_dense is False:
         return None
-    density = args.density if args.density is not None else (None if args.sparsity is None else 1 - args.sparsity)
-    sparsity = next((sp for sp in SWAT_TABLE3 if density is not None and abs(1 - density - sp) < 1e-9), None)
-    if sparsity is None:
-        return None
-    return {"source": "SWAT (Raihan & Aamodt, NeurIPS 2020), Table 3: ResNet-50, ImageNet, SWAT-U",
-            "sparsity": sparsity, **SWAT_TABLE3[sparsity]}
-
-
-def _format_paper(ref: dict[str, Any], report: Any) -> str:
-    ours = {"training_flops_reduction_pct": report.training_flops_reduction_pct,
-            "inference_flops_reduction_pct": report.inference_flops_reduction_pct,
-            "act_memory_reduction_pct": report.act_memory_reduction_pct,
-            "model_compression_x": report.model_compression_x}
-    names = {"training_flops_reduction_pct": "training FLOPs reduction %", "inference_flops_reduction_pct":
-             "inference FLOPs reduction %", "act_memory_reduction_pct": "activation memory (Act) reduction %",
-             "model_compression_x": "model compression x"}
-    lines = [f"{ref['source']} at {100 * ref['sparsity']:.0f} % sparsity, beside ours:",
-             f"  {'':<36} {'paper':>6} {'ours':>7}"]
-    for key, name in names.items():
-        lines.append(f"  {name:<36} {ref[key]:>6.1f} {ours[key]:>7.2f}  {_PAPER_NOTES[key]}".rstrip())
-    return "\n".join(lines)
-
-
-def rss_note(mem: Any) -> str:
-    """Why the measured step's process RSS increase differs from the peak beside it, with this report's numbers."""
-    mib = 1024 * 1024
-    m = mem.measured
-    new = mem.grad_bytes + m.total_bytes
-    return (
-        f"Process RSS vs the peak: of the {mem.measured_peak_bytes / mib:.1f} MiB peak, the parameters "
-        f"({mem.param_bytes / mib:.1f}) were resident before the measured step and the optimizer state "
-        f"({mem.optimizer_bytes / mib:.1f}) is analytic only (the step runs no optimizer), so the step itself "
-        f"allocates gradients + saved tensors = {new / mib:.1f} MiB. Its RSS increase, "
-        f"{m.rss_peak_delta_bytes / mib:.1f} MiB, is lower when the allocator reuses blocks freed during the step "
-        "and higher by one-off costs (kernel workspaces, library initialisation), which dominate at small batches. "
-        "RSS is informational; the analytic rows and the autograd-measured ones are the comparable figures."
-    )
+    return swat_table3_row(_density_arg(args))
 
 
 def main(args: argparse.Namespace) -> int:
     """Print the report (table or JSON). Returns 0, or 2 on a bad argument / run directory."""
     from sparsetrain.accounting import format_table
+    from sparsetrain.accounting.memory import rss_note
+    from sparsetrain.accounting.published import format_paper_comparison
 
     try:
         if args.batch_size < 1:
@@ -427,7 +389,7 @@ def main(args: argparse.Namespace) -> int:
         print(format_table(report))
         if paper is not None:
             print()
-            print(_format_paper(paper, report))
+            print(format_paper_comparison(paper, report))
         if mem is not None:
             print()
             print(mem.format_table())

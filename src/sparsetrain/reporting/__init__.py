@@ -10,7 +10,8 @@ Example:
     PosixPath('cmp')
 """
 
-from sparsetrain.reporting.build import ReportResult, build_comparison_document, build_run_document, write_report
+from sparsetrain.reporting.build import ReportResult, build_run_document, write_report
+from sparsetrain.reporting.comparison import build_comparison_document
 from sparsetrain.reporting.document import Document, to_html, to_markdown
 from sparsetrain.reporting.plots import MATPLOTLIB_HINT, require_matplotlib
 from sparsetrain.reporting.runfiles import RunDirectoryError, RunFiles, TelemetrySeries, read_run, recipe_label

@@ -1,4 +1,4 @@
-"""Assemble and write the report of one run or the comparison of several runs.
+"""Assemble and write the report of one run, or the comparison of several runs (built in :mod:`.comparison`).
 
 Both outputs go to one folder (``RunDir.REPORT_DIR`` of the run by default): Markdown (``RunDir.REPORT_MARKDOWN``,
 images referenced by relative file name), HTML (``RunDir.REPORT_HTML``: same content, inline CSS, PNGs embedded as
@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 from collections.abc import Sequence
@@ -24,7 +23,9 @@ from typing import Any
 import yaml
 
 from sparsetrain.formatting import finite_float as _num
+from sparsetrain.formatting import pct_cell
 from sparsetrain.layers import OPERANDS
+from sparsetrain.reporting.comparison import build_comparison_document
 from sparsetrain.reporting.document import (
     Block,
     BulletList,
@@ -35,6 +36,7 @@ from sparsetrain.reporting.document import (
     Note,
     Paragraph,
     Table,
+    generated_by,
     to_html,
     to_markdown,
 )
@@ -42,31 +44,20 @@ from sparsetrain.reporting.plots import (
     KEPT_LABEL,
     NONZERO_LABEL,
     epoch_number,
-    plot_accuracy_overlay,
     plot_layer_densities,
     plot_layer_sparsity,
     plot_training_curves,
     require_matplotlib,
 )
 from sparsetrain.reporting.runfiles import RunFiles, read_run, recipe_label
-from sparsetrain.reporting.tables import (
-    AGGREGATION_RULE,
-    GroupRow,
-    flatten,
-    format_mean_sd,
-    format_pct,
-    format_value,
-    group_runs,
-)
-from sparsetrain.runs import RECORD_KEYS, RunDir
+from sparsetrain.reporting.tables import flatten, format_value
+from sparsetrain.runs import RunDir
 
 __all__ = [
-    "OPERANDS",
     "TENSORS",
     "DEFAULT_COMPARISON_DIR",
     "ReportResult",
     "build_run_document",
-    "build_comparison_document",
     "write_report",
 ]
 
@@ -81,7 +72,6 @@ DEFAULT_COMPARISON_DIR = Path("sparsetrain-report")
 _CURVES_PNG = "curves.png"
 _SPARSITY_PNG = "grad_sparsity.png"
 _DENSITY_PNG = "layer_density.png"
-_OVERLAY_PNG = "test_accuracy.png"
 
 
 @dataclass
@@ -93,24 +83,6 @@ class ReportResult:
     html: Path
     images: list[Path] = field(default_factory=list)
     document: Document | None = None
-
-
-def _version() -> str:
-    try:
-        from sparsetrain import __version__
-
-        return __version__
-    except ImportError:  # pragma: no cover - the package is always importable when this module is
-        return "?"
-
-
-def _now() -> str:
-    return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
-
-
-def _pct_cell(value: Any, digits: int = 2) -> str:
-    v = _num(value)
-    return format_pct(v, digits)
 
 
 def _kv_value(key: str, value: Any) -> str:
@@ -191,11 +163,11 @@ def _curves_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path
     columns = [
         ("lr", lr_title, lambda v: f"{v:.4g}"),
         ("train_loss", "Train loss", lambda v: f"{v:.4f}"),
-        ("train_acc", "Train acc. (%)", _pct_cell),
+        ("train_acc", "Train acc. (%)", pct_cell),
         ("test_loss", "Test loss", lambda v: f"{v:.4f}"),
-        ("test_acc", "Test acc. (%)", _pct_cell),
-        ("weight_density", "W dens. (kept %)", lambda v: _pct_cell(v, 1)),
-        ("activation_density", "Act dens. (kept %)", lambda v: _pct_cell(v, 1)),
+        ("test_acc", "Test acc. (%)", pct_cell),
+        ("weight_density", "W dens. (kept %)", lambda v: pct_cell(v, 1)),
+        ("activation_density", "Act dens. (kept %)", lambda v: pct_cell(v, 1)),
         ("time_s", "Time (s)", lambda v: f"{v:.1f}"),
     ]
     present = [c for c in columns if any(_num(m.get(c[0])) is not None for m in run.metrics)]
@@ -249,8 +221,8 @@ def _overall_density_text(run: RunFiles, kept: dict[str, dict[str, float]] | Non
     figure, the activation density over the sparse layers alone (from the FLOP accounting's saved elements)."""
     last = run.last_metrics
     text = (f"Over all conv/linear layers, element-weighted (weights by their elements, activations by the elements "
-            f"each layer saves for its weight gradient): weight density {_pct_cell(last.get('weight_density'))} %, "
-            f"activation density {_pct_cell(last.get('activation_density'))} %.")
+            f"each layer saves for its weight gradient): weight density {pct_cell(last.get('weight_density'))} %, "
+            f"activation density {pct_cell(last.get('activation_density'))} %.")
     layers = [r for r in (run.flops or {}).get("layers") or [] if isinstance(r, dict) and "name" in r]
     if kept is None or not layers:
         return text + " Layers the recipe leaves dense count as 100 %."
@@ -300,7 +272,7 @@ def _density_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Pat
             label = KEPT_LABEL if measure == "kept" else NONZERO_LABEL
             blocks.append(Image(png.name, "per-layer density bars", f"Per layer: {label}."))
     unit = "kept %" if measure == "kept" else "non-zero %"
-    rows = [[f"`{layer}`"] + [_pct_cell(ops.get(op), 1) for op in shown] for layer, ops in table.items()]
+    rows = [[f"`{layer}`"] + [pct_cell(ops.get(op), 1) for op in shown] for layer, ops in table.items()]
     blocks.append(Table(["Layer"] + [f"{op} ({unit})" for op in shown], rows, ["l"] + ["r"] * len(shown)))
     return blocks
 
@@ -347,10 +319,10 @@ def _telemetry_section(run: RunFiles, out_dir: Path, plots: bool, images: list[P
         row = [f"`{layer}`"]
         for t in tensors:
             series = tel.series[t].get(layer)
-            row.append(_pct_cell(series[1][-1], 1) if series and series[1] else "—")
+            row.append(pct_cell(series[1][-1], 1) if series and series[1] else "—")
         for t in grads:
             series = tel.series[t].get(layer)
-            row.append(_pct_cell(sum(series[1]) / len(series[1]), 1) if series and series[1] else "—")
+            row.append(pct_cell(sum(series[1]) / len(series[1]), 1) if series and series[1] else "—")
         rows.append(row)
     blocks.append(Table(headers, rows, ["l"] + ["r"] * (len(headers) - 1)))
     return blocks
@@ -414,7 +386,7 @@ def build_run_document(
     ]
     blocks: list[Block] = [
         Paragraph(f"Run directory `{run.path}`: " + ", ".join(facts) + "."),
-        Paragraph(f"Generated by sparsetrain {_version()} on {_now()}."),
+        Paragraph(generated_by()),
     ]
     blocks += _summary_section(run)
     blocks += _config_section(run.config)
@@ -425,180 +397,6 @@ def build_run_document(
     if run.notes:
         blocks += [Heading("Notes"), BulletList(list(run.notes))]
     return Document(title or f"Training report: {run.name}", blocks), images
-
-
-# ------------------------------------------------------------------------------------------------------ comparison
-
-
-def _group_label(row: GroupRow, with_pair: bool) -> str:
-    label = row.method + (f" d={format_value(row.density)}" if row.density is not None else "")
-    if row.differs:
-        label += f" · {row.config_label}"
-    return f"{row.model}/{row.dataset} {label}" if with_pair else label
-
-
-def _results_table(rows: list[GroupRow]) -> Table:
-    has_baseline = any(r.baseline_acc is not None for r in rows)
-    has_config = any(r.differs for r in rows)
-    headers = ["Method", "Density"] + (["Config"] if has_config else []) + [
-        "W dens. (kept %)", "Act dens. (kept %)", "Top-1 ± SD (%)", "n"]
-    if has_baseline:
-        headers.append("BA / AC (%)")
-    headers += ["Train FLOPs ↓ (%)", "Inf. FLOPs ↓ (%)", "Act ↓ (%)", "MC (×)", "Seeds"]
-    body = []
-    for r in rows:
-        cells = [
-            r.method,
-            format_value(r.density),
-            *([r.config_label] if has_config else []),
-            format_pct(r.weight_density, 1),
-            format_pct(r.activation_density, 1),
-            format_mean_sd(r.acc_mean, r.acc_sd, scale=100.0),
-            str(r.acc_n),
-        ]
-        if has_baseline:
-            ac = r.acc_change
-            cells.append("—" if ac is None else f"{100 * r.baseline_acc:.2f} / {100 * ac:+.2f}")
-        f = r.flops
-        cells += [
-            "—" if f["training_flops_reduction_pct"] is None else f"{f['training_flops_reduction_pct']:.1f}",
-            "—" if f["inference_flops_reduction_pct"] is None else f"{f['inference_flops_reduction_pct']:.1f}",
-            "—" if f["act_memory_reduction_pct"] is None else f"{f['act_memory_reduction_pct']:.1f}",
-            "—" if f["model_compression_x"] is None else f"{f['model_compression_x']:.1f}",
-            ", ".join(format_value(s) for s in r.seeds),
-        ]
-        body.append(cells)
-    align = ["l", "r"] + (["l"] if has_config else []) + ["r", "r", "r", "r"] + (["r"] if has_baseline else []) + [
-        "r", "r", "r", "r", "l"]
-    return Table(headers, body, align)
-
-
-def build_comparison_document(
-    runs: Sequence[RunFiles], out_dir: Path, title: str | None = None, plots: bool = True
-) -> tuple[Document, list[Path]]:
-    """Build the comparison report of several runs and draw its PNG into ``out_dir``.
-
-    Runs are grouped by their whole config except the seed (:func:`~sparsetrain.reporting.tables.group_runs`; the
-    rule is :data:`~sparsetrain.reporting.tables.AGGREGATION_RULE`, printed at the top); each group is one table
-    row with the mean ± sample SD of the final test accuracy over its runs (seeds) and the mean of the other figures.
-
-    Args:
-        runs: parsed run directories.
-        out_dir: folder for the PNG file.
-        title: document title (default: ``"Comparison of N runs"``).
-        plots: draw the overlaid test-accuracy PNG (needs matplotlib).
-
-    Returns:
-        The document and the PNG files written.
-    """
-    images: list[Path] = []
-    rows = group_runs(runs)
-    pairs = list(dict.fromkeys((r.model, r.dataset) for r in rows))
-    blocks: list[Block] = [
-        Paragraph(
-            f"**{len(runs)} runs in {len(rows)} groups.** "
-            + AGGREGATION_RULE.format(record=", ".join(f"`{k}`" for k in RECORD_KEYS))
-        ),
-        Paragraph(
-            "Columns as in the SWAT paper's tables: W dens. / Act dens. = the measured weight and activation "
-            "density (kept fraction) of the last epoch, over all conv/linear layers (dense ones count as 100 %); "
-            "BA / AC = baseline (dense) accuracy / accuracy change, Act ↓ = activation memory reduction, "
-            "MC = model compression."
-        ),
-        Paragraph(f"Generated by sparsetrain {_version()} on {_now()}."),
-        Heading("Results"),
-    ]
-    for model, dataset in pairs:
-        blocks.append(Heading(f"{model} on {dataset}", 3))
-        blocks.append(_results_table([r for r in rows if (r.model, r.dataset) == (model, dataset)]))
-
-    if plots:
-        with_pair = len(pairs) > 1
-        curves = []
-        for gi, row in enumerate(rows):
-            group_label = _group_label(row, with_pair)
-            seeds = row.seeds
-            for run, seed in zip(row.runs, seeds):
-                unique_seed = seed is not None and seeds.count(seed) == 1
-                curves.append(
-                    (
-                        f"{group_label} · seed {seed}" if unique_seed else f"{group_label} · {run.name}",
-                        group_label,
-                        run.metrics,
-                        gi,
-                    )
-                )
-        png = plot_accuracy_overlay(curves, out_dir / _OVERLAY_PNG)
-        blocks.append(Heading("Test accuracy"))
-        if png is not None:
-            images.append(png)
-            blocks.append(
-                Image(
-                    png.name,
-                    "test accuracy of all runs",
-                    "Test accuracy against epoch (numbered from 1); one colour per group, one line style per run.",
-                )
-            )
-        else:
-            blocks.append(Note(f"No run has a test accuracy in `{RunDir.METRICS}`."))
-
-    blocks.append(Heading("Runs"))
-    run_rows = []
-    for row in rows:
-        for run in row.runs:
-            s, last = run.summary, run.last_metrics
-            run_rows.append(
-                [
-                    f"`{run.path}`",
-                    row.model,
-                    row.dataset,
-                    row.method + (f" · {row.config_label}" if row.differs else ""),
-                    format_value(row.density),
-                    format_value(s.get("seed", run.config.get("seed"))),
-                    str(len(run.metrics)),
-                    _pct_cell(s.get("final_test_acc")),
-                    _pct_cell(s.get("best_test_acc")),
-                    _pct_cell(last.get("weight_density"), 1),
-                    _pct_cell(last.get("activation_density"), 1),
-                ]
-            )
-    blocks.append(
-        Table(
-            [
-                "Run",
-                "Model",
-                "Dataset",
-                "Method",
-                "Density",
-                "Seed",
-                "Epochs",
-                "Final top-1 (%)",
-                "Best top-1 (%)",
-                "W dens. (kept %)",
-                "Act dens. (kept %)",
-            ],
-            run_rows,
-            ["l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "r"],
-        )
-    )
-
-    notes = []
-    for row in rows:
-        seeds = [json.dumps(seed, default=str) for seed in row.seeds]
-        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-        if repeated:
-            notes.append(
-                f"{_group_label(row, True)}: {len(seeds) - len(set(seeds)) + len(repeated)} runs share seed(s) "
-                f"{', '.join(repeated)} with the same config: repeats of one run, not independent seeds (their "
-                "spread is only run-to-run nondeterminism)."
-            )
-    for run in runs:
-        notes += [f"`{run.path}`: {n}" for n in run.notes]
-        if run.flops is None and all(v is None for v in run.flops_summary().values()):
-            notes.append(f"`{run.path}`: no FLOP figures (no `{RunDir.FLOPS}`, none in `{RunDir.SUMMARY}`).")
-    if notes:
-        blocks += [Heading("Notes"), BulletList(notes)]
-    return Document(title or f"Comparison of {len(runs)} runs", blocks), images
 
 
 # ------------------------------------------------------------------------------------------------------------ write

@@ -18,6 +18,7 @@ training Monitor records by default); the ``(total)`` row sums over every layer.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from sparsetrain.formatting import format_pct
+from sparsetrain.formatting import pct_cell
 from sparsetrain.layers import is_sparse_layer
 from sparsetrain.telemetry.blocks import TOTAL
 from sparsetrain.telemetry.monitor import evaluate_with_monitor, monitored_layers
@@ -105,8 +106,8 @@ class SparsityReport:
         return "\n".join(parts)
 
 
-def _pct_cell(v: float | None) -> str:
-    return format_pct(v, 1, missing="-", sign="%")
+#: A percentage in this module's plain-text tables: "12.3%", "-" when missing.
+_pct = functools.partial(pct_cell, digits=1, missing="-", sign="%")
 
 
 def _thr(v: float | None) -> str:
@@ -126,14 +127,14 @@ def format_table(rows: Sequence[SparsityRow], title: str = "Layer", enforced: bo
     table = [head]
     for r in rows:
         act = "-" if r.act_numel is None else f"{r.act_numel:.0f}"
-        line = [r.name, r.type, str(r.weight_numel), _pct_cell(r.weight_sparsity)]
+        line = [r.name, r.type, str(r.weight_numel), _pct(r.weight_sparsity)]
         if enforced:
-            line += [_thr(r.weight_threshold), _pct_cell(r.weight_enforced)]
-        line += [act, _pct_cell(r.input_sparsity)]
+            line += [_thr(r.weight_threshold), _pct(r.weight_enforced)]
+        line += [act, _pct(r.input_sparsity)]
         if enforced:
-            line += [_thr(r.act_threshold), _pct_cell(r.input_enforced), _pct_cell(r.output_enforced)]
+            line += [_thr(r.act_threshold), _pct(r.input_enforced), _pct(r.output_enforced)]
         else:
-            line += [_pct_cell(r.output_sparsity)]
+            line += [_pct(r.output_sparsity)]
         table.append(line)
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = []

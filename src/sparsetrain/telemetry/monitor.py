@@ -13,15 +13,21 @@ For each ``nn.Conv2d`` / ``nn.Linear`` (sparse layers subclass these) the :class
 ``grad_weight`` ``dW``, the accumulated ``weight.grad`` the optimizer consumes, read at :meth:`Monitor.step`
 ============== =====================================================================================
 
-One seam: a sparse layer is observed through :func:`sparsetrain.layers.add_observer` -- each row above is the
-kernel's :class:`~sparsetrain.layers.OperandEvent` of that operand, on the side of its sparsifier the table names
-(``before`` for ``input`` and ``grad_output``, ``after`` for the others); ``SparsityHandle.densities()`` reads the
-same events, always ``after`` (the operand as the GEMM used it, ``input_for_grad_weight`` included). The Monitor
-registers its observer only for sampling steps, so the kernel builds no events on the others. Plain modules (a
-dense first layer, a model never sparsified, a sparse layer whose spec has become fully dense) are observed by
-module and tensor hooks at the same places. ``grad_weight`` is read from ``weight.grad`` when :meth:`Monitor.step`
-runs, so a loop that changes the gradients between ``backward()`` and the update (TensorQuant's in-loop threshold,
-DDP's averaging) is recorded as the optimizer sees it: call ``mon.step()`` after that change.
+One seam: a sparse layer is observed only through :func:`sparsetrain.layers.add_observer` -- each row above is
+the layer's :class:`~sparsetrain.layers.OperandEvent` of that operand, on the side of its sparsifier the table names
+(``before`` for ``input`` and ``grad_output``, ``after`` for the others). A sparse layer that computes as the plain
+module (its spec has become fully dense) reports its dense operands through the same seam. The Monitor registers
+its observer only for sampling steps, so nothing builds events on the others. What it records is the fraction of
+exact zeros of each tensor at those points; the *density* of an operand (its kept fraction as the GEMM used it,
+the ``after`` side, ``input_for_grad_weight`` included) has one definition, ``SparsityHandle.densities()``, which
+the epoch metrics, the summary and the report use. ``grad_weight`` is read from ``weight.grad`` when
+:meth:`Monitor.step` runs (the seam's ``grad_weight`` event only says the layer received one), so a loop that changes
+the gradients between ``backward()`` and the update (TensorQuant's in-loop threshold, DDP's averaging) is recorded
+as the optimizer sees it: call ``mon.step()`` after that change.
+
+Plain modules -- a dense first layer the recipe left unswapped, a model never sparsified, a baked inference model
+-- run no sparsetrain code, so nothing reports their operands: for them alone the Monitor adds module, tensor and
+post-accumulate-grad hooks at the same places.
 
 Usage (one ``mon.step()`` per optimizer step, anywhere after ``backward()``)::
 
@@ -43,13 +49,14 @@ which leaves it unchanged). Gradient accumulation over several backward passes: 
 and activation gradients are summed over all passes of the step (element-weighted), ``grad_weight`` is the
 accumulated gradient after the last pass, ``weight`` is counted at the first forward of the step.
 
-Cost: on a non-sampling step each hook is one attribute check and returns; no tensor is held. On a sampling step
+Cost: on a non-sampling step no observer is registered and each plain-module hook is one attribute check; no
+tensor is held. On a sampling step
 zeros are counted on the device (``torch.count_nonzero``) and a single ``.tolist()`` per step moves the counts
 to the host. By default layers in eval mode (``model.eval()``) are not recorded, so an evaluation pass between
 training steps does not pollute a training sample; pass ``include_eval=True`` to measure inference.
 
-Create the Monitor *after* ``sparsetrain.sparsify_`` (which swaps modules): hooks attach to the module objects
-present at construction.
+Create the Monitor *after* ``sparsetrain.sparsify_`` (which swaps modules): the Monitor knows the layers present
+at construction (sparse ones by identity, plain ones by their hooks).
 """
 
 from __future__ import annotations
@@ -265,18 +272,20 @@ class Monitor:
         self._latest: list[dict[str, Any]] = []
         self._warned_late = False
         self._closed = False
-        # Sparse layers are observed through the seam (their operands as the kernel sees them); plain modules, and
-        # a sparse layer whose spec has become fully dense (it then computes as the plain module and the kernel is
-        # not called), through module hooks.
+        # Sparse layers are observed through the seam only (their operands as their GEMMs used them).
         self._names = {id(m): name for name, m in self._layers.items()}
-        self._observer: Any = None  # registered for sampling steps only: an observer makes the kernel build events
+        self._observer: Any = None  # registered for sampling steps only: an observer makes the layers build events
         self._observe(self._sampling)
         for name, m in self._layers.items():
+            if is_sparse_layer(m):
+                continue
+            # Not the seam: a plain module runs no sparsetrain code, so nothing reports its operands.
             self._handles.append(m.register_forward_pre_hook(functools.partial(self._pre_hook, name)))
             self._handles.append(m.register_forward_hook(functools.partial(self._fwd_hook, name)))
             self._handles.append(m.weight.register_post_accumulate_grad_hook(functools.partial(self._wgrad_hook, name)))
         for b in boundary:
             block = model.get_submodule(b)
+            # Not the seam: a block is no GEMM; what it returns (after its residual add and ReLU) passes no layer.
             self._handles.append(block.register_forward_hook(functools.partial(self._block_hook, _BOUNDARY + b)))
 
     # ------------------------------------------------------------------ state
@@ -300,10 +309,6 @@ class Monitor:
         elif not on and self._observer is not None:
             self._observer.remove()
             self._observer = None
-
-    def _hooked(self, module: nn.Module) -> bool:
-        """Whether the module hooks count ``module`` (the seam reports a sparse layer whose kernel runs)."""
-        return self._active(module) and not (is_sparse_layer(module) and not module.spec.is_dense)
 
     # The seam's operand -> (the Monitor's tensor, the side of the sparsifier it is counted on): activations at the
     # layer's boundary (what it receives, what it returns), the weight as the forward uses it.
@@ -337,7 +342,7 @@ class Monitor:
             acc.near.append(torch.count_nonzero(t.abs() <= thr))
 
     def _pre_hook(self, name: str, module: nn.Module, args: tuple) -> tuple | None:
-        if not self._hooked(module) or not args or not isinstance(args[0], Tensor):
+        if not self._active(module) or not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
         self._count(name, "input", x)
@@ -350,7 +355,7 @@ class Monitor:
         return None
 
     def _fwd_hook(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self._hooked(module):
+        if not self._active(module):
             return
         if (name, "weight") not in self._acc:
             self._count(name, "weight", effective_weight(module))

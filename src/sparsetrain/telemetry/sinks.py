@@ -3,7 +3,7 @@
 A sink is anything with ``write(records: list[dict])`` and ``close()``. The :class:`~sparsetrain.telemetry.Monitor`
 calls ``write`` once per sample with all records of that sample. File sinks append and flush after every sample,
 so a run that is killed keeps everything written so far (at worst a truncated last line, which
-:func:`sparsetrain.runs.read_jsonl` skips).
+:func:`sparsetrain.files.read_jsonl` skips).
 """
 
 from __future__ import annotations
