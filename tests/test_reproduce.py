@@ -19,7 +19,7 @@ from sparsetrain.papers import (
     matched_width_mult,
     parse_experiment,
 )
-from sparsetrain.reporting.reproduce import RESULTS_FILE, TABLES_FILE, regenerate, render
+from sparsetrain.reporting.reproduce import RESULTS_FILE, SMOKE_BANNER, TABLES_FILE, regenerate, render
 from sparsetrain.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,10 @@ def test_results_hold_every_point_and_the_published_numbers(quick_swat):
     mean = sum(accs) / 2
     sd = abs(accs[0] - accs[1]) / 2 ** 0.5  # the sample SD of two values
     assert "| SWAT-U 90% | " in tables and f"{100 * mean:.2f} ± {100 * sd:.2f} | 2 |" in tables
-    assert "| VGG-16 | SWAT-U | 90.0 | 90.0 | 91.95 ± 0.06 | 93.30 / -1.35 |" in tables  # the paper, verbatim
+    assert tables.startswith(f"### {SMOKE_BANNER}")  # a --quick record renders as a smoke test ...
+    assert "Published:" not in tables and "95 % CI" not in tables  # ... with nothing to compare with the paper
+    table2 = rec["published"]["tables"][0]["rows"][0]  # the paper's numbers are in the record all the same, verbatim
+    assert table2[:6] == ["VGG-16", "SWAT-U", "90.0", "90.0", "91.95 ± 0.06", "93.30 / -1.35"]
     # Summaries only: checkpoints stay in the run directories.
     assert not [p for p in (tmp / "results").rglob("*") if p.suffix in (".pt", ".pth", ".npz")]
     assert any((tmp / "runs").rglob("*.pt"))
@@ -115,6 +118,38 @@ def test_docs_results_tables_come_from_results(paper):
         assert table.markdown() in docs, f"docs/results.md lacks the regenerated table {table.title!r}"
 
 
+@pytest.mark.parametrize("paper", sorted(p.name for p in (REPO / "results").glob("*") if (p / RESULTS_FILE).is_file()))
+def test_quick_records_render_as_a_smoke_test(paper):
+    """A --quick record prints a banner and no paper notes, published tables, gaps, intervals, verdicts or relative
+    accuracies: its numbers come from a few hundred images and one epoch (issue 21, item 5)."""
+    rec = json.loads((REPO / "results" / paper / RESULTS_FILE).read_text())
+    full = render(rec)
+    rec["quick"], rec["command"] = True, rec["command"] + " --quick"
+    smoke = render(rec)
+    text = smoke.markdown()
+    assert text.startswith(f"### {SMOKE_BANNER}: ") and f"**{SMOKE_BANNER}.**" in text
+    assert [t.key for t in smoke.tables] == [t.key for t in full.tables if not t.key.startswith("published")]
+    for fragment in ("Published:", "Ours:", "95 % CI", "what the interval supports", "paper's gap", "consistent with",
+                     "contains the paper", "Relative test accuracy", "relative to threshold 0", "CPU-scale protocol"):
+        assert fragment not in text, fragment
+    for note in rec.get("notes") or []:
+        assert note not in text
+    assert all(t.note.startswith("quick smoke protocol") for t in smoke.tables)
+
+
+def test_gaps_carry_intervals_and_the_papers_gap():
+    rec = json.loads((REPO / "results" / "swat" / RESULTS_FILE).read_text())
+    gaps = {t.key: t for t in render(rec).tables}["swat_gaps"]
+    rows = {r[0]: dict(zip(gaps.columns, r)) for r in gaps.rows}
+    u90 = rows["SWAT-U 90%"]
+    # 2 + 2 runs: t(0.975, 2) * pooled SD * sqrt(1/2 + 1/2), with the pooled SD of the two points' accuracies
+    assert re.fullmatch(r"-2\.52 \[-\d+\.\d\d, \+\d+\.\d\d\]", u90["gap to dense [95 % CI] (pp)"])
+    assert "-1.35 (VGG-16)" in u90["paper's gap (pp, row)"]
+    assert u90["what the interval supports"].startswith("consistent with no gap")
+    frozen = next(r for k, r in rows.items() if "frozen" in k)
+    assert frozen["vs SWAT-U 90% [95 % CI] (pp)"].endswith("no difference resolved")
+
+
 def test_bad_paper_lists_the_valid_ones(capsys):
     assert main(["reproduce", "swatt"]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
@@ -152,6 +187,8 @@ def _minimal(**changes):
     ({"points": [{"name": "a", "config": {}, "seeds": "two"}]}, ["seeds must be a count"]),
     ({"points": [{"name": "a", "width_mult_match": "b", "config": {}}]}, ["width_mult_match 'b' must name an earlier"]),
     ({"points": [{"name": "a b", "config": {}}]}, ["name must be a non-empty string"]),
+    ({"points": [{"name": "a", "paper_gap": -1.35, "config": {}}]}, ["point a:", "paper_gap must map the paper's row"]),
+    ({"points": [{"name": "a", "compare_with": "b", "config": {}}]}, ["compare_with 'b' must name an earlier point"]),
     ({"points": [{"name": "a", "colour": 1}]}, ["unknown key(s) ['colour']", "valid point keys"]),
     ({"points": [{"name": "a", "measure": True}]}, ["needs an analyses.measure section"]),
     ({"quick": {"epochs": 0}}, ["(quick)", "epochs must be an integer >= 1"]),

@@ -46,6 +46,7 @@ __all__ = [
     "run_record",
     "measure_run",
     "collect_results",
+    "refresh_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ RESULTS_FORMAT = 1
 _TOP_KEYS = ("version", "paper", "title", "reference", "protocol", "quick", "seeds", "points", "analyses", "published",
              "notes")
 _REQUIRED_TOP = ("version", "paper", "title", "protocol", "points")
-_POINT_KEYS = ("name", "label", "group", "config", "seeds", "width_mult_match", "measure")
+_POINT_KEYS = ("name", "label", "group", "config", "seeds", "width_mult_match", "measure", "paper_gap", "compare_with")
 # The experiment owns these train-config keys: run directories come from --out, seeds from the point.
 _RESERVED_CONFIG = ("out", "seed", "quiet")
 _ANALYSES = ("measure",)
@@ -86,6 +87,11 @@ class ExperimentPoint:
         width_mult_match: the name of a point whose non-zero parameter count (excluding the classifier) this dense
             point's ``width_mult`` is chosen to match (Changpinyo's equal-parameter comparison), or None.
         measure: run the experiment's ``measure`` analysis on this point's runs.
+        paper_gap: the accuracy change to dense the paper publishes for the setting this point stands for, in
+            percentage points, keyed by the paper's row (e.g. ``{"VGG-16, Table 2": -1.35}``); empty when the paper
+            states none. The tables print it beside our gap and say whether our 95 % interval contains it.
+        compare_with: the name of another point this one is an ablation of (e.g. ``swat-u-90``): the tables give
+            the accuracy difference to it with its 95 % interval, besides the gap to dense.
     """
 
     name: str
@@ -95,6 +101,8 @@ class ExperimentPoint:
     seeds: tuple[int, ...]
     width_mult_match: str | None = None
     measure: bool = False
+    paper_gap: dict[str, float] = field(default_factory=dict)
+    compare_with: str | None = None
 
 
 @dataclass
@@ -287,6 +295,16 @@ def parse_experiment(data: Any, source: str = "<experiment>") -> Experiment:
         if match is not None and not any(p.name == match for p in points):
             raise _fail(source, f"{where}width_mult_match {match!r} must name an earlier point; earlier points: "
                                 f"{', '.join(p.name for p in points) or 'none'}")
+        paper_gap = pd.get("paper_gap") or {}
+        if not isinstance(paper_gap, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                for k, v in paper_gap.items()):
+            raise _fail(source, f"{where}paper_gap must map the paper's row to its accuracy change in percentage "
+                                f"points, e.g. {{'VGG-16, Table 2': -1.35}}; got {paper_gap!r}")
+        compare = pd.get("compare_with")
+        if compare is not None and not any(p.name == compare for p in points):
+            raise _fail(source, f"{where}compare_with {compare!r} must name an earlier point; earlier points: "
+                                f"{', '.join(p.name for p in points) or 'none'}")
         _check_config({**base, **config}, source, where)
         if data.get("quick"):
             _check_config({**base, **config, **data["quick"]}, source, f"{where}(quick) ")
@@ -294,6 +312,7 @@ def parse_experiment(data: Any, source: str = "<experiment>") -> Experiment:
             name=name, label=str(pd.get("label", name)), group=str(pd.get("group", "")), config=config,
             seeds=_seeds(pd["seeds"], source, where) if "seeds" in pd else default_seeds,
             width_mult_match=match, measure=bool(pd.get("measure", False)),
+            paper_gap={k: float(v) for k, v in paper_gap.items()}, compare_with=compare,
         ))
     published = data.get("published") or {}
     if not isinstance(published, dict):
@@ -553,7 +572,8 @@ def collect_results(exp: Experiment, jobs: list[tuple[ExperimentPoint, int, Any,
         runs = [run_record(run, all_ops=all_ops) for (q, _, run, _) in jobs if q.name == p.name]
         points.append({
             "name": p.name, "label": p.label, "group": p.group, "config": p.config, "seeds": list(p.seeds),
-            "width": widths.get(p.name), "runs": [r for r in runs if r is not None],
+            "width": widths.get(p.name), "paper_gap": dict(p.paper_gap), "compare_with": p.compare_with,
+            "runs": [r for r in runs if r is not None],
         })
     protocol = {k: v for k, v in base.items() if k not in ("data_dir",)}
     return {
@@ -571,3 +591,25 @@ def collect_results(exp: Experiment, jobs: list[tuple[ExperimentPoint, int, Any,
         "analyses": analyses or {},
         "published": exp.published,
     }
+
+
+def refresh_record(rec: dict[str, Any], exp: Experiment, keys: tuple[str, ...] = ("published",)) -> dict[str, Any]:
+    """A results record with the experiment file's descriptive parts copied in: the record-level ``keys`` (e.g.
+    ``published``, ``notes``) and, for every point of the record that the experiment still has (same name), its
+    ``paper_gap`` and ``compare_with``. Runs, protocol and every measured number are left as they are, so a
+    published number or a paper's gap corrected in the YAML reaches ``results/`` without retraining.
+
+    Example:
+        >>> rec = refresh_record(json.load(open("results/swat/reproduce.json")), load_experiment("swat"))  # doctest: +SKIP
+    """
+    out = copy.deepcopy(rec)
+    for key in keys:
+        if key not in ("published", "notes", "title", "reference"):
+            raise ValueError(f"refresh_record copies published, notes, title or reference, not {key!r}")
+        out[key] = copy.deepcopy(getattr(exp, key))
+    by_name = {p.name: p for p in exp.points}
+    for pt in out["points"]:
+        p = by_name.get(pt["name"])
+        if p is not None:
+            pt["paper_gap"], pt["compare_with"] = dict(p.paper_gap), p.compare_with
+    return out

@@ -29,7 +29,7 @@ from typing import Any
 from sparsetrain.formatting import format_pct
 from sparsetrain.reporting.tables import format_gap, format_mean_sd, gap_interval, interval_verdict, mean_sd
 
-__all__ = ["RESULTS_FILE", "TABLES_FILE", "Table", "Rendered", "Written", "is_results_folder", "render",
+__all__ = ["RESULTS_FILE", "TABLES_FILE", "SMOKE_BANNER", "Table", "Rendered", "Written", "is_results_folder", "render",
            "write_results", "write_json", "regenerate", "point_stats"]
 
 log = logging.getLogger(__name__)
@@ -155,23 +155,82 @@ def _baseline(rec: dict[str, Any], group: str) -> dict[str, Any] | None:
     return None
 
 
+def _accs(pt: dict[str, Any] | None) -> list[float]:
+    """The finite final test accuracies of a point's runs (fractions), one per seed."""
+    if pt is None:
+        return []
+    return [float(r["final_test_acc"]) for r in pt["runs"]
+            if isinstance(r.get("final_test_acc"), (int, float)) and math.isfinite(r["final_test_acc"])]
+
+
+def _gap(pt: dict[str, Any] | None, ref: dict[str, Any] | None) -> tuple[float, float | None] | None:
+    """Mean accuracy of ``pt`` minus that of ``ref`` and the half-width of its 95 % interval (pooled-SD two-sample t,
+    :func:`~sparsetrain.reporting.tables.gap_interval`), or None when either side has no run."""
+    a, b = _accs(pt), _accs(ref)
+    return gap_interval(a, b) if a and b else None
+
+
+def _gap_text(gap: tuple[float, float | None] | None) -> str:
+    return "—" if gap is None else format_gap(*gap)
+
+
+def _paper_gap_text(pt: dict[str, Any]) -> str:
+    """The paper's published gap(s) of the setting a point stands for (``paper_gap`` in the experiment file)."""
+    return "; ".join(f"{v:+.2f} ({k})" for k, v in (pt.get("paper_gap") or {}).items()) or "—"
+
+
+def _verdict(gap: tuple[float, float | None] | None, pt: dict[str, Any] | None = None) -> str:
+    """What the interval of ``gap`` supports (:func:`~sparsetrain.reporting.tables.interval_verdict`), and whether
+    it contains the paper's gap(s) of ``pt``."""
+    if gap is None:
+        return "—"
+    d, h = gap
+    published = {k: v / 100 for k, v in ((pt or {}).get("paper_gap") or {}).items()}
+    if h is None or len(published) <= 1:
+        return interval_verdict(d, h, next(iter(published.values()), None))
+    inside = [k for k, v in published.items() if d - h <= v <= d + h]
+    text = interval_verdict(d, h)
+    if len(inside) == len(published):
+        return text + "; contains each of the paper's gaps"
+    if not inside:
+        return text + "; excludes each of the paper's gaps"
+    return text + f"; contains the paper's gap for {', '.join(inside)} only"
+
+
+def _diff_verdict(gap: tuple[float, float | None] | None) -> str:
+    """What the interval of a difference between two sparse settings supports (no dense baseline involved)."""
+    if gap is None:
+        return "—"
+    d, h = gap
+    if h is None:
+        return "no interval (1 run each)"
+    return "no difference resolved" if d - h <= 0 <= d + h else ("lower" if d + h < 0 else "higher")
+
+
+def _statistics_line(rec: dict[str, Any]) -> str:
+    ns = sorted({len(_accs(pt)) for pt in rec["points"]})
+    seeds = " or ".join(str(n) for n in ns) or "0"
+    return (f"Gaps: mean accuracy difference in percentage points with its 95 % interval (two-sample Student t on the "
+            f"pooled SD, df = n1 + n2 - 2; seeds per point here: {seeds}). 'consistent with no gap': the interval "
+            "contains 0; 'below/above dense': it excludes 0; the paper's gap is 'contained' when it lies inside the "
+            "interval. With one run on a side there is no interval and nothing is concluded.")
+
+
 # ---------------------------------------------------------------------------------------------- SWAT
 def _render_swat(rec: dict[str, Any]) -> Rendered:
     base = _baseline(rec, "")
-    ba = point_stats(base)["acc"] if base else None
     rows = []
     for pt in rec["points"]:
         st = point_stats(pt)
         w = None if st["weight_density"] is None else 100 * (1 - st["weight_density"])
         a = None if st["activation_density"] is None else 100 * (1 - st["activation_density"])
-        ac = "—" if ba is None or st["acc"] is None else f"{100 * ba:.2f} / {100 * (st['acc'] - ba):+.2f}"
-        rows.append([pt["label"], _pct(w), _pct(a), format_mean_sd(st["acc"], st["sd"], scale=100.0), str(st["n"]), ac,
+        rows.append([pt["label"], _pct(w), _pct(a), format_mean_sd(st["acc"], st["sd"], scale=100.0), str(st["n"]),
                      _pct(st["training_flops_reduction_pct"]), _pct(st["training_flops_reduction_pct_all_ops"]),
                      _pct(st["act_memory_reduction_pct"]),
                      "—" if st["model_compression_x"] is None else f"{st['model_compression_x']:.1f}",
                      _pct(st["inference_flops_reduction_pct"]), _pct(st["inference_flops_reduction_pct_all_ops"]),
                      _minutes(st["time_s"])])
-    cols = ["Method", "W (%)", "Act (%)", "Top-1 acc ± SD (%)", "seeds", "BA / AC", "Training FLOPs ↓ (%)",
+    cols = ["Method", "W (%)", "Act (%)", "Top-1 acc ± SD (%)", "seeds", "Training FLOPs ↓ (%)",
             "Training FLOPs ↓ all ops (%)", "Act ↓ (%)", "MC (×)", "Inference FLOPs ↓ (%)",
             "Inference FLOPs ↓ all ops (%)", "train time (min)"]
     note = ("W / Act: measured training sparsity of weights and saved activations on the last step, element-weighted "
@@ -179,8 +238,28 @@ def _render_swat(rec: dict[str, Any]) -> Rendered:
             "docs/accounting.md (forward (1-s_w)F, grad-input (1-s_w)F, grad-weight (1-s_a)F); *all ops* adds the "
             "non-GEMM work of a training step (BatchNorm, ReLU, pooling, residual adds, loss) and the top-K "
             "selection (`count_flops(non_gemm=True)`). Accuracy: final test accuracy, mean ± sample SD over seeds. "
-            + _protocol_line(rec))
+            "The gaps to dense, with their intervals, are in the next table. " + _protocol_line(rec))
     ours = Table("swat", f"Ours: {rec['title']}", cols, rows, note)
+    by_name = {pt["name"]: pt for pt in rec["points"]}
+    grows = []
+    for pt in rec["points"]:
+        st = point_stats(pt)
+        gap = None if pt is base else _gap(pt, base)
+        ref = by_name.get(pt.get("compare_with") or "")
+        vs = "—" if ref is None else f"{_gap_text(_gap(pt, ref))}: {_diff_verdict(_gap(pt, ref))}"
+        grows.append([pt["label"], format_mean_sd(st["acc"], st["sd"], scale=100.0), str(st["n"]),
+                      "—" if pt is base else _gap_text(gap), _paper_gap_text(pt),
+                      "—" if pt is base else _verdict(gap, pt), vs])
+    ref_label = next((by_name[pt["compare_with"]]["label"] for pt in rec["points"]
+                      if pt.get("compare_with") in by_name), "the method ablated")
+    gaps = Table("swat_gaps", "Ours: accuracy gap to dense, with 95 % intervals", [
+        "Method", "Top-1 acc ± SD (%)", "seeds", "gap to dense [95 % CI] (pp)", "paper's gap (pp, row)",
+        "what the interval supports", f"vs {ref_label} [95 % CI] (pp)"], grows,
+        "Paper's gap: the accuracy change to dense the paper publishes for the same method and sparsity (its BA / AC "
+        "column; Table 2 for unstructured, Table 4 for channel SWAT, all at 150 epochs on full CIFAR-10 with larger "
+        "networks); SWAT-ERK / SWAT-M are compared with DenseNet-121's rows, the only ones at 90 % (VGG-16's and "
+        "WRN-16-8's are at 95 %). Figs. 7-8 (ResNet-18 on CIFAR-100) give curves, no number. The last column: the "
+        "ablation's accuracy minus the unablated method's. " + _statistics_line(rec))
 
     def plot(path: Path) -> None:
         fig = _require_figure(figsize=(9.0, 4.5))
@@ -199,7 +278,7 @@ def _render_swat(rec: dict[str, Any]) -> Rendered:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         _save(fig, ax, path)
 
-    return Rendered([ours, *_published_tables(rec)], {"swat_accuracy_vs_flops.png": plot})
+    return Rendered([ours, gaps, *_published_tables(rec)], {"swat_accuracy_vs_flops.png": plot})
 
 
 # ---------------------------------------------------------------------------------------------- Ye et al.
@@ -328,6 +407,23 @@ def _render_grad_prune(rec: dict[str, Any]) -> Rendered:
             "element-weighted over the conv layers, on the last training step (see the per-layer tables). Accuracy: "
             "final *test* accuracy (Ye et al.'s tables say training accuracy). " + _protocol_line(rec))
     ours = Table("grad_prune", f"Ours: {rec['title']}", cols, rows, note)
+    grows = []
+    for g in groups:
+        base = by_group[g].get("base")
+        for p in ps:
+            pt = by_group[g].get(p)
+            if pt is None:
+                continue
+            st, gap = point_stats(pt), _gap(pt, base)
+            grows.append([g, f"{100 * p:g}%", format_mean_sd(st["acc"], st["sd"], scale=100.0),
+                          f"{len(_accs(pt))} / {len(_accs(base))}", _gap_text(gap), _paper_gap_text(pt),
+                          _verdict(gap, pt)])
+    gaps = Table("grad_prune_gaps", "Ours: accuracy gap to the unpruned baseline, with 95 % intervals",
+                 ["Model", "p", "test acc (%)", "seeds (pruned / baseline)", "gap to baseline [95 % CI] (pp)",
+                  "paper's gap (pp, row)", "what the interval supports"], grows,
+                 "Paper's gap: Ye et al.'s accuracy change at the same p (their Table 1, CIFAR-10, 300 epochs; their "
+                 "acc% is the training accuracy), for ResNet-18 (the Conv-BN-ReLU net closest to ResNet-20) and "
+                 "AlexNet. " + _statistics_line(rec))
 
     def plot(path: Path) -> None:
         fig = _require_figure(figsize=(10.0, 4.0))
@@ -349,7 +445,7 @@ def _render_grad_prune(rec: dict[str, Any]) -> Rendered:
             ax.legend(fontsize=7)
         _save_fig(fig, path)
 
-    return Rendered([ours, flops_table, *layer_tables, *_published_tables(rec)],
+    return Rendered([ours, gaps, flops_table, *layer_tables, *_published_tables(rec)],
                     {"grad_prune_rho_per_layer.png": plot})
 
 
@@ -427,23 +523,33 @@ def _render_tensorquant(rec: dict[str, Any]) -> Rendered:
                                 cols, rows, note))
     # Gradient-threshold study (their Fig. 2), and per-layer gradient sparsity over training (Figs. 3-7).
     gt_rows = []
+    baselines: dict[str, dict[str, Any]] = {}
     for pt in rec["points"]:
         thr = pt["config"].get("recipe_overrides", {}).get("gradient_threshold")
         if thr is None and pt["config"].get("recipe") != "tensorquant-gradient-threshold":
             if pt["config"].get("l1"):
                 continue
             thr = 0.0
+            baselines.setdefault(pt["group"], pt)
         st = point_stats(pt)
         sp = [s for s in (_grad_sparsity_total(r) for r in pt["runs"]) if s is not None]
-        gt_rows.append([pt["group"], f"{thr:g}", format_mean_sd(st["acc"], st["sd"], scale=100.0),
+        base = baselines.get(pt["group"])
+        gap = None if base is None or pt is base else _gap(pt, base)
+        b_acc = point_stats(base)["acc"] if base is not None else None
+        rel = "—" if pt is base or not b_acc or st["acc"] is None else f"{100 * st['acc'] / b_acc:.1f}"
+        gt_rows.append([pt["group"], f"{thr:g}", format_mean_sd(st["acc"], st["sd"], scale=100.0), str(st["n"]),
+                        _gap_text(gap), rel, _verdict(gap, pt),
                         "—" if not sp else f"{sum(sp) / len(sp):.3f}", _minutes(st["time_s"])])
     tables.append(Table("tensorquant_gradient_threshold", "Ours: gradient-threshold sweep (TensorQuant Fig. 2)",
-                        ["Model", "gradient threshold", "test acc (%)", "gradient sparsity at the end",
+                        ["Model", "gradient threshold", "test acc (%)", "seeds", "gap to threshold 0 [95 % CI] (pp)",
+                         "relative to threshold 0 (%)", "what the interval supports", "gradient sparsity at the end",
                          "train time (min)"], gt_rows,
                         "Threshold 0 = the L2 baseline. Gradient sparsity: exact zeros of all conv/linear weight "
                         "gradients as the update receives them (after the threshold, where one is set; see the "
                         "notes for where the L2 term enters), element-weighted over the layers, on the last sampled "
-                        "step; the baseline's zeros are natural (dead units). " + _protocol_line(rec)))
+                        "step; the baseline's zeros are natural (dead units). The paper states relative accuracies "
+                        "only (Figs. 3-4: 99 % and 97 % of the baseline at 1e-3), no gap in points. "
+                        + _statistics_line(rec) + " " + _protocol_line(rec)))
     tables += _published_tables(rec)
 
     def fig2(path: Path) -> None:
@@ -454,7 +560,7 @@ def _render_tensorquant(rec: dict[str, Any]) -> Rendered:
             xs = [max(float(r[1]), 1e-6) for r in pts]
             ax.plot(xs, [float(r[2].split(" ")[0]) for r in pts], marker="o", label="test accuracy (%)")
             ax2 = ax.twinx()
-            ax2.plot(xs, [100 * float(r[3]) if r[3] != "—" else math.nan for r in pts], marker="s", color="C1",
+            ax2.plot(xs, [100 * float(r[7]) if r[7] != "—" else math.nan for r in pts], marker="s", color="C1",
                      label="gradient sparsity (%)")
             ax.set_xscale("log")
             ax.set_xlabel("gradient threshold (0 plotted at 1e-6)")
@@ -495,6 +601,8 @@ def _row(report: dict[str, Any] | None, what: str, name: str) -> dict[str, Any] 
 
 # ---------------------------------------------------------------------------------------------- Changpinyo et al.
 def _render_channel(rec: dict[str, Any]) -> Rendered:
+    base = next((pt for pt in rec["points"] if pt["config"].get("recipe") == "dense" and not pt.get("width")
+                 and not pt["config"].get("width_mult")), None)
     rows = []
     series: dict[str, list[tuple[float, float, float, float]]] = {}
     for pt in rec["points"]:
@@ -508,17 +616,41 @@ def _render_channel(rec: dict[str, Any]) -> Rendered:
         rows.append([pt["label"], kind, "—" if alpha is None else f"{alpha:g}", f"{width:g}",
                      "—" if st["params"] is None else f"{st['params']:,.0f}",
                      "—" if st["forward_macs"] is None else f"{st['forward_macs'] / 1e6:.2f}",
-                     format_mean_sd(st["acc"], st["sd"], scale=100.0), str(st["n"]), _minutes(st["time_s"])])
+                     format_mean_sd(st["acc"], st["sd"], scale=100.0), str(st["n"]),
+                     "—" if pt is base else _gap_text(_gap(pt, base)),
+                     "—" if pt is base else _verdict(_gap(pt, base), pt), _minutes(st["time_s"])])
         if st["acc"] is not None and st["params"] is not None:
             series.setdefault(kind, []).append((st["params"], st["forward_macs"] or math.nan, 100 * st["acc"],
                                                 100 * (st["sd"] or 0.0)))
     note = ("Params: non-zero parameters excluding the classifier (Changpinyo et al.'s count; the accounting's "
             "params_excl_classifier with the measured weight densities); MACs: effectual forward multiply-adds per "
             "image (inference). Depth-multiplier points take the width_mult whose dense model has the parameter count "
-            "closest to the sparse-random point they are matched with. " + _protocol_line(rec))
+            "closest to the sparse-random point they are matched with. " + _statistics_line(rec) + " "
+            + _protocol_line(rec))
     ours = Table("channel", f"Ours: {rec['title']}", ["Point", "kind", "α (connection density)", "width_mult",
                                                      "params (excl. classifier)", "forward MMACs", "test acc (%)",
-                                                     "seeds", "train time (min)"], rows, note)
+                                                     "seeds", "gap to dense [95 % CI] (pp)",
+                                                     "what the interval supports", "train time (min)"], rows, note)
+    by_name = {pt["name"]: pt for pt in rec["points"]}
+    prows = []
+    for pt in rec["points"]:
+        match = (pt.get("width") or {}).get("matches")
+        sparse = by_name.get(match) if match else None
+        if sparse is None:
+            continue
+        ss, sd = point_stats(sparse), point_stats(pt)
+        diff = _gap(sparse, pt)
+        prows.append([sparse["label"], "—" if ss["params"] is None else f"{ss['params']:,.0f}",
+                      "—" if sd["params"] is None else f"{sd['params']:,.0f}",
+                      format_mean_sd(ss["acc"], ss["sd"], scale=100.0), format_mean_sd(sd["acc"], sd["sd"], scale=100.0),
+                      _gap_text(diff), _diff_verdict(diff)])
+    pairs = Table("channel_pairs", "Ours: sparse random minus depth multiplier at equal parameters, with 95 % intervals",
+                  ["Sparse point", "params sparse", "params depth multiplier", "sparse acc (%)",
+                   "depth-multiplier acc (%)", "sparse − depth multiplier [95 % CI] (pp)",
+                   "what the interval supports"], prows,
+                  "The paper's claim (section 5.2.1, Fig. 3): sparse networks are as accurate or more accurate than "
+                  "depth-multiplier networks of the same parameter count; Fig. 3 gives curves, no numbers. 'higher': "
+                  "the interval excludes 0 on the sparse side. " + _statistics_line(rec))
 
     def plot(path: Path) -> None:
         fig = _require_figure(figsize=(10.0, 4.0))
@@ -535,7 +667,7 @@ def _render_channel(rec: dict[str, Any]) -> Rendered:
             ax.legend(fontsize=7)
         _save_fig(fig, path)
 
-    return Rendered([ours, *_published_tables(rec)], {"channel_accuracy_vs_params.png": plot})
+    return Rendered([ours, pairs, *_published_tables(rec)], {"channel_accuracy_vs_params.png": plot})
 
 
 # ---------------------------------------------------------------------------------------------- convergence
@@ -638,9 +770,39 @@ def render(rec: dict[str, Any]) -> Rendered:
     if paper not in _RENDERERS:
         raise ValueError(f"results record of unknown paper {paper!r}; known: {', '.join(_RENDERERS)}")
     out = _RENDERERS[paper](rec)
+    if rec.get("quick"):
+        return _smoke_test(out, rec)
     notes = "".join(f"> {n}\n" for n in rec.get("notes") or [])
     ref = f" ({rec['reference']})" if rec.get("reference") else ""
     out.header = f"### {rec['title']}{ref}\n\n" + (notes + "\n" if notes else "")
+    return out
+
+
+#: The first line of everything rendered from a ``--quick`` record.
+SMOKE_BANNER = "SMOKE TEST — not results"
+# Columns that state a comparison or a conclusion: a smoke test prints none of them.
+_CONCLUSION_COLUMNS = ("[95 % CI]", "what the interval supports", "paper's gap", "relative to threshold 0")
+
+
+def _smoke_test(out: Rendered, rec: dict[str, Any]) -> Rendered:
+    """The tables of a ``--quick`` record as what they are: a check that every point trains, is measured and is
+    rendered. Banner first; no paper notes, no published tables to set the numbers beside, no gap, interval,
+    verdict or relative-accuracy column, and each table's note is only the protocol line (the full protocol's notes,
+    e.g. a relative accuracy of a threshold search on 200 images, would present degenerate numbers as findings)."""
+    tables = []
+    for t in out.tables:
+        if t.key.startswith("published"):
+            continue
+        keep = [i for i, c in enumerate(t.columns) if not any(k in c for k in _CONCLUSION_COLUMNS)]
+        title = re.sub(r"^Ours(, per layer)?:", "Smoke test\\1:", t.title)
+        tables.append(Table(t.key, title, [t.columns[i] for i in keep], [[r[i] for i in keep] for r in t.rows],
+                            _protocol_line(rec)))
+    out.tables = tables
+    out.header = (f"### {SMOKE_BANNER}: {rec['title']}\n\n"
+                  f"> **{SMOKE_BANNER}.** `--quick` trains every point of the grid on a few hundred images for one "
+                  "epoch to check that the pipeline runs end to end. Its accuracies, sparsities and FLOP figures say "
+                  "nothing about the paper; no comparison with it is printed. The results are the full protocol's "
+                  f"(`{rec['command'].replace(' --quick', '')}`).\n\n")
     return out
 
 
