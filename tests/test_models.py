@@ -36,6 +36,7 @@ from sparsetrain.models._common import scale_channels
 
 EXPECTED_MODELS = {
     "lenet5",
+    "lenet_slim",
     "cifarnet",
     "alexnet_cifar",
     "vgg11_bn",
@@ -64,6 +65,7 @@ EXPECTED_MODELS = {
 #   torchvision resnet50 25,557,032.
 # - by hand (weights + biases, BN weight + bias):
 #   lenet5: 1*6*25+6 + 6*16*25+16 + 400*120+120 + 120*84+84 + 84*10+10 = 61,706.
+#   lenet_slim (TF-slim nets/lenet.py): 1*32*25+32 + 32*64*25+64 + 3136*1024+1024 + 1024*10+10 = 3,274,634.
 #   cifarnet: 3*64*25+64 + 64*64*25+64 + 4096*384+384 + 384*192+192 + 192*10+10 = 1,756,426.
 #   alexnet_cifar: convs 3-64-192-384-256-256 (3x3, biased) = 2,251,584; fc 4096*2048+2048 + 2048*2048+2048
 #   + 2048*10+10 = 12,607,498; total 14,859,082.
@@ -72,6 +74,7 @@ EXPECTED_MODELS = {
 #   resnet14 (stem 64, 2x2 bottleneck units 256/512, fc 512->10): 811,850.
 PARAM_COUNTS = {
     "lenet5": 61_706,
+    "lenet_slim": 3_274_634,
     "cifarnet": 1_756_426,
     "alexnet_cifar": 14_859_082,
     "vgg11_bn": 28_146_762,

@@ -150,6 +150,23 @@ def test_gaps_carry_intervals_and_the_papers_gap():
     assert frozen["vs SWAT-U 90% [95 % CI] (pp)"].endswith("no difference resolved")
 
 
+@pytest.mark.parametrize("paper", sorted(p.name for p in (REPO / "results").glob("*") if (p / RESULTS_FILE).is_file()))
+def test_committed_records_carry_the_experiment_files_published_numbers(paper):
+    """results/ was refreshed from the YAMLs (refresh_record): the published tables and each point's paper_gap are the
+    experiment file's, and refreshing again changes nothing -- in particular no run."""
+    from sparsetrain.papers import refresh_record
+
+    rec = json.loads((REPO / "results" / paper / RESULTS_FILE).read_text())
+    exp = load_experiment(paper)
+    assert rec["published"] == exp.published
+    again = refresh_record(rec, exp)
+    assert again == rec
+    by_name = {p.name: p for p in exp.points}
+    for pt in rec["points"]:
+        if pt["name"] in by_name:
+            assert pt["paper_gap"] == by_name[pt["name"]].paper_gap
+
+
 def test_bad_paper_lists_the_valid_ones(capsys):
     assert main(["reproduce", "swatt"]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()

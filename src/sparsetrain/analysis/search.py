@@ -62,8 +62,8 @@ __all__ = [
     "search_thresholds",
 ]
 
-#: The default margin: accuracy unchanged, as in every published TensorQuant search script (the paper's text mentions
-#: 0.999; its scripts use 1.0). ``margin=0.999`` is the looser option.
+#: The default margin: accuracy unchanged -- the paper's text ("the highest threshold ... which leaves the test accuracy
+#: unchanged") and its published search scripts. ``margin=0.999`` is a looser option (our METHODS.md reading's).
 DEFAULT_MARGIN = 1.0
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paper", nargs="?", metavar="PAPER",
                    help="experiment: swat, grad-prune, tensorquant, channel or swat-convergence (or a path to an experiment YAML)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke version of the same grid: tiny subsets, 1 epoch (minutes)")
+                   help="smoke test of the same grid: tiny subsets, 1 epoch (minutes); its tables are marked "
+                        "'SMOKE TEST — not results' and print no comparison with the paper")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="folder of the run directories (default runs/reproduce-<paper>, runs/reproduce-<paper>-quick)")
     p.add_argument("--results", metavar="DIR", default=None,

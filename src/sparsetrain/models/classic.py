@@ -1,6 +1,7 @@
-"""Small classic CNNs: LeNet-5 (MNIST), CifarNet (TF-slim, CIFAR-10) and the CIFAR AlexNet of Ye et al.
+"""Small classic CNNs: LeNet-5 and TF-slim's LeNet (MNIST), CifarNet (TF-slim, CIFAR-10) and the CIFAR AlexNet of
+Ye et al.
 
-All three are Conv-ReLU networks without batch normalisation (the papers' models), so their convs keep a bias.
+All four are Conv-ReLU networks without batch normalisation (the papers' models), so their convs keep a bias.
 Layer names: ``conv1``, ``conv2``, ... for the convolutions, ``fc1``, ``fc2`` for the hidden fully connected
 layers and ``fc`` for the classifier.
 """
@@ -15,7 +16,7 @@ import torch.nn as nn
 from sparsetrain.models._common import check_width_mult, init_weights, scale_channels
 from sparsetrain.models._registry import register_model
 
-__all__ = ["LeNet5", "CifarNet", "AlexNetCifar", "lenet5", "cifarnet", "alexnet_cifar"]
+__all__ = ["LeNet5", "LeNetSlim", "CifarNet", "AlexNetCifar", "lenet5", "lenet_slim", "cifarnet", "alexnet_cifar"]
 
 
 class LeNet5(nn.Module):
@@ -66,6 +67,58 @@ class LeNet5(nn.Module):
         x = torch.flatten(self.pool(x), 1)
         x = self.relu3(self.fc1(x))
         x = self.relu4(self.fc2(x))
+        return self.fc(x)
+
+
+class LeNetSlim(nn.Module):
+    """TF-slim's LeNet (``nets/lenet.py`` of tensorflow/models, research/slim), the MNIST model of TensorQuant.
+
+    ``conv1`` 5x5 (32, SAME) - ReLU - max-pool 2 - ``conv2`` 5x5 (64, SAME) - ReLU - max-pool 2 - ``fc1`` (1024) -
+    ReLU - dropout 0.5 - ``fc`` (logits). slim's scopes are conv1, conv2, fc3 and fc4 (TensorQuant's Table 1 rows);
+    here the hidden FC layer is ``fc1`` and the classifier ``fc``, as in the other models. slim's max-pools are
+    'VALID' 2x2/2, so a 28x28 MNIST image gives a 64x7x7 map (3136 inputs to ``fc1``). Unlike classic LeNet-5
+    (6-16-120-84, 62 k parameters) this net has 3.27 M parameters, 98 % of them in ``fc1``. Initialisation is the
+    package's (:func:`~sparsetrain.models._common.init_weights`), not slim's truncated normal (stddev 0.1).
+    An ``AdaptiveAvgPool2d(7)`` before the flatten is the identity for 28x28 inputs.
+
+    Args:
+        num_classes: Output classes.
+        in_channels: Input image channels.
+        width_mult: Depth multiplier: conv channels become ``ceil(c * width_mult)``.
+        scale_hidden_fc: Also scale the hidden FC width (1024) by ``width_mult``.
+        dropout: Dropout probability after ``fc1`` (slim: dropout_keep_prob 0.5).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        width_mult: float = 1.0,
+        scale_hidden_fc: bool = True,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        w = check_width_mult(width_mult)
+        c1, c2 = scale_channels(32, w), scale_channels(64, w)
+        h = scale_channels(1024, w) if scale_hidden_fc else 1024
+        self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=5, padding=2)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.pool = nn.AdaptiveAvgPool2d(7)
+        self.fc1 = nn.Linear(c2 * 7 * 7, h)
+        self.relu3 = nn.ReLU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc = nn.Linear(h, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = torch.flatten(self.pool(x), 1)
+        x = self.drop1(self.relu3(self.fc1(x)))
         return self.fc(x)
 
 
@@ -208,6 +261,17 @@ def lenet5(num_classes: int = 10, in_channels: int = 1, width_mult: float = 1.0,
         torch.Size([2, 10])
     """
     return LeNet5(num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
+
+
+@register_model(first_conv="conv1", classifier="fc", input_size=(1, 28, 28), num_classes=10)
+def lenet_slim(num_classes: int = 10, in_channels: int = 1, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
+    """TF-slim's LeNet (TensorQuant's MNIST model). See :class:`LeNetSlim` for ``kwargs``.
+
+    Example:
+        >>> lenet_slim()(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+    return LeNetSlim(num_classes=num_classes, in_channels=in_channels, width_mult=width_mult, **kwargs)
 
 
 @register_model(first_conv="conv1", classifier="fc", input_size=(3, 32, 32), num_classes=10)
