@@ -314,9 +314,9 @@ class OperandEvent:
     Forward: ``weight``, ``input``, ``output``; then (training only) the tensors saved for backward,
     ``weight_for_grad_input`` and ``input_for_grad_weight``. Backward: ``grad_output``, ``grad_input`` (when dx is
     needed), ``grad_weight`` (when dW is). The GEMMs are ``f(input, weight)``, ``G(grad_output, weight_for_grad_input)``
-    and ``H(grad_output, input_for_grad_weight)`` on the ``after`` tensors. ``after is before`` when the operand is
-    dense: always so for a sparse layer that computes as the plain module (its spec is dense, or under
-    :func:`dense_mode`). ``requires_grad``: whether the operand as the layer received it needs a gradient (an
+    and ``H(grad_output, input_for_grad_weight)`` on the ``after`` tensors. When the operand is dense, ``after`` is
+    the same tensor as ``before`` (detached separately: the same storage, not the same object); so is every operand
+    of a sparse layer that computes as the plain module (its spec is dense, or under :func:`dense_mode`). ``requires_grad``: whether the operand as the layer received it needs a gradient (an
     ``input`` fed by the data does not, so no dx is computed for it).
     """
 
