@@ -316,8 +316,9 @@ class OperandEvent:
     needed), ``grad_weight`` (when dW is). The GEMMs are ``f(input, weight)``, ``G(grad_output, weight_for_grad_input)``
     and ``H(grad_output, input_for_grad_weight)`` on the ``after`` tensors. When the operand is dense, ``after`` is
     the same tensor as ``before`` (detached separately: the same storage, not the same object); so is every operand
-    of a sparse layer that computes as the plain module (its spec is dense, or under :func:`dense_mode`). ``requires_grad``: whether the operand as the layer received it needs a gradient (an
-    ``input`` fed by the data does not, so no dx is computed for it).
+    of a sparse layer that computes as the plain module (its spec is dense, or under :func:`dense_mode`).
+    ``requires_grad``: whether the operand as the layer received it needs a gradient (an ``input`` fed by the data
+    does not, so no dx is computed for it).
     """
 
     layer: str
@@ -824,6 +825,7 @@ class _SparseMixin:
         if training and w.requires_grad:
             w_used = w.view_as(w)
             w_used.register_hook(emit("grad_weight"))
+        # The hooks above and below are the seam's own: they emit this layer's backward events.
         y = self._plain_gemm(x_used, w_used)
         events = [("weight", w), ("input", x), ("output", y)]
         if training:

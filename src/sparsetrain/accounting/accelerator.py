@@ -441,7 +441,7 @@ def _capturing(model: nn.Module) -> Iterator[dict[str, Any]]:
                     rec["x_gw"] = rec["x"] if m.weight.requires_grad else None
                     rec["w_gi"] = rec["w"] if rec["needs_dx"] else None
 
-                output.register_hook(grad_hook)
+                output.register_hook(grad_hook)  # a plain module: no seam reports its dy
 
         return hook
 

@@ -493,6 +493,7 @@ def measure_saved_tensors(
 
     handles = []
     for m in model.modules():
+        # Not the seam: these name the module (any type, BatchNorm included) that owns each saved tensor.
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
     loss_fn = loss_fn or F.cross_entropy
@@ -501,6 +502,7 @@ def measure_saved_tensors(
     try:
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
+        # Not the seam: what autograd saves (every module's tensors, parameters included) is not an operand event.
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack), observe(on_event):
             out = model(inputs)
             loss = loss_fn(out, targets) if targets is not None else out.float().sum()
