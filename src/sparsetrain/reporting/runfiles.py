@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsetrain.formatting import finite_float
+from sparsetrain.formatting import finite_float, is_number
 from sparsetrain.runs import SUMMARY_FLOPS_KEYS, RunDir, RunDirectoryError
 
 __all__ = [
@@ -174,7 +174,7 @@ def _dedupe_epochs(metrics: list[dict[str, Any]], notes: list[str]) -> list[dict
     no_epoch = []
     for m in metrics:
         e = m.get("epoch")
-        if isinstance(e, (int, float)) and not isinstance(e, bool):
+        if is_number(e):
             by_epoch[e] = m
         else:
             no_epoch.append(m)

@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from sparsetrain.formatting import is_number
 from sparsetrain.reporting.plots import require_matplotlib
 from sparsetrain.reporting.tables import format_mean_sd
 
@@ -45,10 +46,6 @@ def table_csv(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return buf.getvalue()
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def plot_accuracy(rows: list[dict[str, Any]], keys: list[str], path: Path, title: str) -> Path | None:
     """Accuracy (mean ± SD) against the first swept key, one line per combination of the others; None without data."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -58,7 +55,7 @@ def plot_accuracy(rows: list[dict[str, Any]], keys: list[str], path: Path, title
         return None
     x_key, rest = keys[0], keys[1:]
     xs_all = [r[x_key] for r in rows]
-    numeric = all(_is_num(v) for v in xs_all)
+    numeric = all(is_number(v) for v in xs_all)
     categories = list(dict.fromkeys(map(str, xs_all)))
     fig = require_matplotlib()(figsize=(6.0, 4.0), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
