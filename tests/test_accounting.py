@@ -557,3 +557,31 @@ def test_cli_non_gemm_flag(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         _cli(capsys, *base, "--non-gemm", "--elementwise-unit", "bytes")
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_count_flops_reads_sparse_layers_through_the_seam():
+    """Sparse layers report their shapes through the operand seam (no forward hook on them); the dense counts equal
+    those of the same model never sparsified, whose plain layers are traced by forward hooks."""
+    from sparsetrain.layers import observe
+
+    torch.manual_seed(0)
+    dense = sparsetrain.create_model("resnet20", num_classes=10)
+    model = copy.deepcopy(dense)
+    handle = sparsetrain.sparsify_(model, "swat-u", density=0.25)
+    hooks_seen = []
+
+    def check(ev):
+        if ev.operand == "input":
+            hooks_seen.append((ev.layer, len(ev.module._forward_hooks), ev.after.data_ptr() == ev.before.data_ptr()))
+
+    with observe(check):
+        sparse_rep = count_flops(model, (3, 32, 32))
+    assert sorted(name for name, _, _ in hooks_seen) == sorted(handle.layers)
+    assert all(n == 0 and dense_op for _, n, dense_op in hooks_seen)
+    dense_rep = count_flops(dense, (3, 32, 32))
+
+    def rows(rep):
+        return [(r.name, r.dense_forward_macs, r.dense_grad_input_macs, r.dense_grad_weight_macs,
+                 r.saved_activation_elements) for r in rep.layers]
+
+    assert rows(sparse_rep) == rows(dense_rep)

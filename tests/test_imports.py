@@ -9,8 +9,8 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "sparsetrain"
 CORE = ("layers", "sparsifiers", "methods", "recipe", "handle", "packing", "distributions", "graph")
 PERIPHERY = ("models", "export", "accounting", "telemetry", "reporting", "runs", "data", "training", "analysis",
-             "papers", "commands", "cli", "distributed", "comm", "formatting", "integrations", "files")
-#: Utilities every layer may use: they import nothing of sparsetrain but each other.
+             "papers", "commands", "cli", "distributed", "comm", "integrations")
+#: Utilities every layer may use, the core included: they import nothing of sparsetrain but each other.
 UTILITIES = ("files", "formatting")
 
 

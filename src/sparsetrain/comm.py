@@ -290,5 +290,5 @@ def register_topk_hook(ddp_model: nn.parallel.DistributedDataParallel, density: 
         ValueError: ``density`` or ``start_iter`` out of range.
     """
     state = TopKCompressionState(process_group, density, start_iter, model=ddp_model.module)
-    ddp_model.register_comm_hook(state, topk_hook)
+    ddp_model.register_comm_hook(state, topk_hook)  # not the seam: it replaces DDP's all-reduce, observes nothing
     return state

@@ -1,12 +1,10 @@
-"""The one finite-number reader and the one percentage formatter (and its table cell) of reports and tables.
+"""The one number test, finite-number reader and percentage formatter (and its table cell) of the package.
 
 Example:
-    >>> finite_float(float("nan")), finite_float(True), finite_float("0.25")
-    (None, None, 0.25)
-    >>> format_pct(0.1234), format_pct(None), format_pct(0.1234, 1, missing="-", sign="%")
-    ('12.34', '—', '12.3%')
-    >>> format_pct(71.29, 1, fraction=False)
-    '71.3'
+    >>> is_number(3), is_number(True), finite_float(float("nan")), finite_float(True), finite_float("0.25")
+    (True, False, None, None, 0.25)
+    >>> format_pct(0.1234), format_pct(None), format_pct(0.1234, 1, sign="%"), format_pct(71.29, 1, fraction=False)
+    ('12.34', '—', '12.3%', '71.3')
     >>> pct_cell("0.5", 1), pct_cell(float("nan")), pct_cell(None, 1, missing="-", sign="%")
     ('50.0', '—', '-')
 """
@@ -16,7 +14,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["finite_float", "format_pct", "pct_cell"]
+__all__ = ["is_number", "finite_float", "format_pct", "pct_cell"]
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is an int or a float, and not a bool (``True`` is an int to Python, never a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def finite_float(value: Any) -> float | None:

@@ -314,10 +314,11 @@ class OperandEvent:
     Forward: ``weight``, ``input``, ``output``; then (training only) the tensors saved for backward,
     ``weight_for_grad_input`` and ``input_for_grad_weight``. Backward: ``grad_output``, ``grad_input`` (when dx is
     needed), ``grad_weight`` (when dW is). The GEMMs are ``f(input, weight)``, ``G(grad_output, weight_for_grad_input)``
-    and ``H(grad_output, input_for_grad_weight)`` on the ``after`` tensors. ``after is before`` when the operand is
-    dense: always so for a sparse layer that computes as the plain module (its spec is dense, or under
-    :func:`dense_mode`). ``requires_grad``: whether the operand as the layer received it needs a gradient (an
-    ``input`` fed by the data does not, so no dx is computed for it).
+    and ``H(grad_output, input_for_grad_weight)`` on the ``after`` tensors. When the operand is dense, ``after`` is
+    the same tensor as ``before`` (detached separately: the same storage, not the same object); so is every operand
+    of a sparse layer that computes as the plain module (its spec is dense, or under :func:`dense_mode`).
+    ``requires_grad``: whether the operand as the layer received it needs a gradient (an ``input`` fed by the data
+    does not, so no dx is computed for it).
     """
 
     layer: str
@@ -797,19 +798,10 @@ class _SparseMixin:
     def _sparse_forward(self, x: Tensor, gemm: Any) -> Tensor:
         return sparse_gemm(self.sparse_state, self.spec, gemm, x, self.weight, self.bias)
 
-    def _plain_gemm(self, x: Tensor, weight: Tensor) -> Tensor:
-        """The plain module's GEMM on these operands (its own bias)."""
-        raise NotImplementedError
-
     def _observed_plain_forward(self, x: Tensor) -> Tensor:
-        """The plain module's computation (a dense spec, or :func:`dense_mode`), reporting its operands to the
-        observers as the kernel does, every one dense (``after is before``). Only called when an observer is
-        registered: the plain forward costs nothing extra otherwise.
-
-        The backward operands come from tensor hooks on views that only this call uses: ``x``'s view receives this
-        layer's own dx (not the sum over every consumer of ``x``), the weight's view this call's dW, the output the
-        dy the GEMMs consume (a later in-place op on it does not change what its hook receives).
-        """
+        """The plain module's computation (dense spec, :func:`dense_mode`) reporting its operands, all dense, as the
+        kernel does; called only when an observer is registered. Backward events come from tensor hooks on views only
+        this call uses (``x``'s gets this layer's own dx, the weight's this call's dW) and on the output (dy)."""
         st = self.sparse_state
         name, owner, w = st.name, st.owner, self.weight
 
@@ -824,7 +816,9 @@ class _SparseMixin:
         if training and w.requires_grad:
             w_used = w.view_as(w)
             w_used.register_hook(emit("grad_weight"))
-        y = self._plain_gemm(x_used, w_used)
+        # The hooks above and below are the seam's own: they emit this layer's backward events.
+        y = F.linear(x_used, w_used, self.bias) if isinstance(self, nn.Linear) else self._conv_forward(
+            x_used, w_used, self.bias)
         events = [("weight", w), ("input", x), ("output", y)]
         if training:
             events += [("weight_for_grad_input", w), ("input_for_grad_weight", x)]
@@ -851,9 +845,6 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
             return self._observed_plain_forward(x) if _OBSERVERS else nn.Conv2d.forward(self, x)
         return self._sparse_forward(x, ConvGemm(self.stride, self.padding, self.dilation, self.groups))
 
-    def _plain_gemm(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self._conv_forward(x, weight, self.bias)
-
 
 class SparseLinear(_SparseMixin, nn.Linear):
     """``nn.Linear`` whose operands are sparsified by a :class:`LayerSpec`; same parameters and state_dict keys."""
@@ -862,9 +853,6 @@ class SparseLinear(_SparseMixin, nn.Linear):
         if self.spec.is_dense or _DENSE_MODE[0]:
             return self._observed_plain_forward(x) if _OBSERVERS else nn.Linear.forward(self, x)
         return self._sparse_forward(x, LinearGemm())
-
-    def _plain_gemm(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(x, weight, self.bias)
 
 
 SPARSE_TYPES: dict[type, type] = {nn.Conv2d: SparseConv2d, nn.Linear: SparseLinear}

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from sparsetrain import sparsifiers as sp
+from sparsetrain.formatting import is_number
 from sparsetrain.layers import INHERIT, OPERANDS, LayerSpec
 
 __all__ = [
@@ -52,7 +53,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _interval(name: str, v: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    ok = is_number(v)
     if ok:
         ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
@@ -182,7 +183,7 @@ class ThresholdConfig:
     def __post_init__(self) -> None:
         for k in ("weight_threshold", "activation_threshold"):
             v = getattr(self, k)
-            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+            if v is not None and not (is_number(v) and v >= 0):
                 raise ValueError(f"{k} must be a number >= 0, got {v!r}")
 
     def layer_spec(self, seed: int = 0) -> LayerSpec:

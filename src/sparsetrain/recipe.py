@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch.nn as nn
 
 from sparsetrain import sparsifiers as sp
+from sparsetrain.formatting import is_number
 from sparsetrain.layers import LayerSpec, counted_layer
 from sparsetrain.methods import (
     PRESETS,
@@ -200,7 +201,7 @@ class Recipe:
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise ValueError(f"threshold_period must be an integer >= 1, got {tp!r}")
         gt = d.get("gradient_threshold")
-        if gt is not None and not (isinstance(gt, (int, float)) and not isinstance(gt, bool) and gt >= 0):
+        if gt is not None and not (is_number(gt) and gt >= 0):
             raise ValueError(f"gradient_threshold must be a number >= 0, got {gt!r}")
         check_choice("gradient_threshold_scope", d.get("gradient_threshold_scope", DEFAULT_GRADIENT_THRESHOLD_SCOPE),
                     GRADIENT_THRESHOLD_SCOPES)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sparsetrain._scratch import scratch
+from sparsetrain.formatting import is_number
 
 __all__ = [
     "TopK",
@@ -68,16 +69,12 @@ def density_from(density: Any, sparsity: Any, where: str) -> float:
     if density is None and sparsity is None:
         raise ValueError(f"{where}: density (kept fraction) or sparsity is required")
     if sparsity is not None:
-        if not (_is_number(sparsity) and 0.0 <= sparsity < 1.0):
+        if not (is_number(sparsity) and 0.0 <= sparsity < 1.0):
             raise ValueError(f"{where}: sparsity must be in [0, 1), got {sparsity!r}")
         density = round(1.0 - float(sparsity), 12)
-    if not (_is_number(density) and 0.0 < density <= 1.0):
+    if not (is_number(density) and 0.0 < density <= 1.0):
         raise ValueError(f"{where}: density must be in (0, 1], got {density!r}")
     return float(density)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _resolve_density(obj: Any) -> None:

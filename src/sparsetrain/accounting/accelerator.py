@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsetrain.accounting.flops import is_counted_layer
+from sparsetrain.layers import counted_layer, is_sparse_layer
 
 __all__ = [
     "PASSES",
@@ -411,20 +411,21 @@ def _event_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def _capturing(model: nn.Module) -> Iterator[dict[str, dict[str, dict[str, Any]]]]:
+def _capturing(model: nn.Module) -> Iterator[dict[str, Any]]:
     """Record the operands every conv/linear GEMM uses during one forward+backward.
 
-    Every counted layer gets a forward hook and a tensor hook on its output (the module input, its weight and the
-    gradient reaching its output). A sparse layer also reports the operands its GEMMs actually use through the
-    public seam (:func:`sparsetrain.layers.observe`); where it did, those replace the hook's. Sparse layers whose
-    spec is dense emit no events and run the plain module's forward, so the hooks describe them exactly.
+    A sparse layer reports the operands its GEMMs actually use through the public seam
+    (:func:`sparsetrain.layers.observe`; dense ones when its spec is dense). A plain module runs no sparsetrain code,
+    so it gets a forward hook and a tensor hook on its output (its input, its weight and the gradient reaching its
+    output). ``order`` holds every layer's name in first-call order.
     """
     from sparsetrain.layers import observe
 
     hooked: dict[str, dict[str, Any]] = {}
     observed: dict[str, dict[str, Any]] = {}
+    order: dict[str, None] = {}
     handles: list[Any] = []
-    names = {id(m): n for n, m in model.named_modules() if is_counted_layer(m)}
+    names = {id(m): n for n, m in model.named_modules() if counted_layer(m)}
     layer_names = set(names.values())
 
     def dense_hook(name: str) -> Callable[..., None]:
@@ -432,6 +433,7 @@ def _capturing(model: nn.Module) -> Iterator[dict[str, dict[str, dict[str, Any]]
             x = inputs[0]
             rec = {"module": m, "x": x.detach(), "w": m.weight.detach(), "needs_dx": x.requires_grad}
             hooked[name] = rec
+            order.setdefault(name)
             if output.requires_grad:
 
                 def grad_hook(g: Tensor) -> None:
@@ -439,7 +441,7 @@ def _capturing(model: nn.Module) -> Iterator[dict[str, dict[str, dict[str, Any]]
                     rec["x_gw"] = rec["x"] if m.weight.requires_grad else None
                     rec["w_gi"] = rec["w"] if rec["needs_dx"] else None
 
-                output.register_hook(grad_hook)
+                output.register_hook(grad_hook)  # a plain module: no seam reports its dy
 
         return hook
 
@@ -447,6 +449,7 @@ def _capturing(model: nn.Module) -> Iterator[dict[str, dict[str, dict[str, Any]]
         name = names.get(id(ev.module)) if ev.module is not None else (ev.layer if ev.layer in layer_names else None)
         if name is None:  # a sparse layer of another model
             return
+        order.setdefault(name)
         key = _EVENT_KEYS.get(ev.operand)
         rec = observed.get(name)
         if rec is None or (key in _FORWARD_KEYS and key in rec):  # a new forward call replaces the last one
@@ -460,11 +463,12 @@ def _capturing(model: nn.Module) -> Iterator[dict[str, dict[str, dict[str, Any]]
             rec["ran_dw"] = True
 
     for name, m in model.named_modules():
-        if is_counted_layer(m):
+        if counted_layer(m) and not is_sparse_layer(m):
+            # Not the seam: a plain module runs no sparsetrain code, so only hooks see its operands.
             handles.append(m.register_forward_hook(dense_hook(name)))
     try:
         with observe(on_event):
-            yield {"hooked": hooked, "observed": observed}
+            yield {"hooked": hooked, "observed": observed, "order": order}
     finally:
         for h in handles:
             h.remove()
@@ -515,9 +519,9 @@ def capture_step(
         loss = loss_fn(out, targets) if targets is not None else out.float().sum()
         loss.backward()
     hooked, observed = records["hooked"], records["observed"]
-    # Every counted layer's forward hook fired (sparse layers too), so the hooks give the first-call order.
     return [
-        _to_capture(name, _event_record(observed[name]) if name in observed else hooked[name]) for name in hooked
+        _to_capture(name, _event_record(observed[name]) if name in observed else hooked[name])
+        for name in records["order"]
     ]
 
 

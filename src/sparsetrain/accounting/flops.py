@@ -55,13 +55,12 @@ from sparsetrain.accounting.non_gemm import (
     record_non_gemm,
     selection_macs,
 )
-from sparsetrain.layers import OPERANDS, counted_layer, dense_mode
+from sparsetrain.layers import OPERANDS, OperandEvent, counted_layer, dense_mode, is_sparse_layer, observe
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONVENTION",
-    "OPERANDS",
     "LayerFlops",
     "FlopReport",
     "count_flops",
@@ -69,7 +68,6 @@ __all__ = [
     "format_non_gemm",
     "format_table",
     "layer_density",
-    "is_counted_layer",
 ]
 
 
@@ -82,14 +80,6 @@ CONVENTION = (
     "Act reduction = masked fraction of conv/linear input elements saved for grad-weight. "
     "Compression = conv/linear weights / non-zero weights."
 )
-
-
-def is_counted_layer(module: nn.Module) -> bool:
-    """True for the layers whose GEMMs are counted: ``nn.Conv2d`` and ``nn.Linear``, subclasses included.
-
-    The same test as everywhere else in sparsetrain (:func:`sparsetrain.layers.counted_layer`).
-    """
-    return counted_layer(module)
 
 
 def layer_density(densities: Mapping[str, Mapping[str, float]] | None, name: str, operand: str) -> float:
@@ -380,18 +370,19 @@ def _trace_layers(
     batch_size: int,
     observer: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> tuple[dict[str, _Trace], list[str], str | None]:
-    """Run one real forward with hooks; return per-layer traces, call order and the last layer called.
+    """Run one real forward; return per-layer traces, call order and the last layer called.
 
-    ``observer()`` is entered around the forward call (the non-GEMM recorder), inside eval and dense mode.
+    Sparse layers report their input and output through the operand seam (:func:`sparsetrain.layers.observe`; they
+    compute as the plain modules under dense mode); plain modules, which run no sparsetrain code, through forward
+    hooks. ``observer()`` is entered around the forward call (the non-GEMM recorder), inside eval and dense mode.
     """
-    names = {id(m): n for n, m in model.named_modules() if is_counted_layer(m)}
+    names = {id(m): n for n, m in model.named_modules() if counted_layer(m)}
     traces: dict[str, _Trace] = {}
     order: list[str] = []
     last: list[str | None] = [None]
+    inputs: dict[int, tuple[torch.Tensor, bool]] = {}  # a sparse layer's input event, until its output event
 
-    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        x = inputs[0]
-        y = output[0] if isinstance(output, (tuple, list)) else output
+    def record(module: nn.Module, x: torch.Tensor, x_requires_grad: bool, y: torch.Tensor) -> None:
         name = names[id(module)]
         if name not in traces:
             traces[name] = _Trace(module)
@@ -400,7 +391,7 @@ def _trace_layers(
         macs = _layer_macs(module, x, y)
         t.forward_macs += macs
         # Autograd only computes dx when x needs a gradient, i.e. not for layers fed by the data.
-        t.grad_input_macs += macs if x.requires_grad else 0
+        t.grad_input_macs += macs if x_requires_grad else 0
         t.input_elements += x.numel() // batch_size
         # Rows of the 2-D view of the saved input: feature maps (channels) for a conv, GEMM rows for a linear layer.
         t.input_rows += (
@@ -409,7 +400,21 @@ def _trace_layers(
         t.calls += 1
         last[0] = name
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in names]
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        y = output[0] if isinstance(output, (tuple, list)) else output
+        record(module, args[0], args[0].requires_grad, y)
+
+    def on_event(ev: OperandEvent) -> None:
+        if ev.module is None or id(ev.module) not in names:  # a sparse layer of another model
+            return
+        if ev.operand == "input":
+            inputs[id(ev.module)] = (ev.before, ev.requires_grad)
+        elif ev.operand == "output":
+            x, x_requires_grad = inputs.pop(id(ev.module))
+            record(ev.module, x, x_requires_grad, ev.before)
+
+    # Not the seam: a plain module runs no sparsetrain code, so only a forward hook sees its shapes.
+    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in names and not is_sparse_layer(m)]
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -421,7 +426,8 @@ def _trace_layers(
         # requires_grad tells which layer inputs need a gradient. dense_mode(): only shapes matter here, and a
         # sparse layer's own forward would refresh its cached top-K thresholds from this random input.
         model.eval()
-        with torch.enable_grad(), dense_mode(), (observer() if observer else contextlib.nullcontext()):
+        extra = observer() if observer else contextlib.nullcontext()
+        with torch.enable_grad(), dense_mode(), observe(on_event), extra:
             model(x)
     finally:
         for m, mode in modes.items():

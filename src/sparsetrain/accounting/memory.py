@@ -50,8 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsetrain.accounting.flops import count_flops, is_counted_layer, layer_density
-from sparsetrain.layers import is_sparse_layer, observe
+from sparsetrain.accounting.flops import count_flops, layer_density
+from sparsetrain.layers import counted_layer, is_sparse_layer, observe
 
 __all__ = [
     "SPARSE_FORMATS",
@@ -406,7 +406,7 @@ def measure_saved_tensors(
     if fmt not in SPARSE_FORMATS:
         raise ValueError(f"unknown sparse storage format {fmt!r}; valid choices: {', '.join(SPARSE_FORMATS)}")
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    weight_shapes = {id(m): tuple(m.weight.shape) for m in model.modules() if is_counted_layer(m)}
+    weight_shapes = {id(m): tuple(m.weight.shape) for m in model.modules() if counted_layer(m)}
     stack: list[nn.Module] = []
     stats = SavedTensorStats(format=fmt)
     # Bytes counted so far per storage (a storage may be saved through several views; count its largest view once).
@@ -493,6 +493,7 @@ def measure_saved_tensors(
 
     handles = []
     for m in model.modules():
+        # Not the seam: these name the module (any type, BatchNorm included) that owns each saved tensor.
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
     loss_fn = loss_fn or F.cross_entropy
@@ -501,6 +502,7 @@ def measure_saved_tensors(
     try:
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
+        # Not the seam: what autograd saves (every module's tensors, parameters included) is not an operand event.
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack), observe(on_event):
             out = model(inputs)
             loss = loss_fn(out, targets) if targets is not None else out.float().sum()

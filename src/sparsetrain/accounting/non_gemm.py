@@ -294,7 +294,7 @@ def _window(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], inp: to
     return max(inp.numel() // max(out.numel(), 1), 1)  # adaptive pooling, mean over dims
 
 
-class _Recorder(TorchDispatchMode):
+class _Recorder(TorchDispatchMode):  # not the seam: it sees the ATen ops no layer reports (BN, ReLU, adds, ...)
     """Classifies every ATen op of a forward pass; see the module docstring for the per-element costs."""
 
     def __init__(self, stack: list[str]) -> None:
@@ -381,6 +381,7 @@ def record_non_gemm(model: nn.Module, out: dict[str, Any]) -> Iterator[None]:
         if module is model and isinstance(y, torch.Tensor):
             final.append(y)
 
+    # Not the seam: non-GEMM work happens outside conv/linear layers; these hooks name the module each op runs in.
     handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
     handles += [m.register_forward_hook(post) for m in model.modules()]
     try:

@@ -175,6 +175,7 @@ class SparsityCallback(pl.Callback):
         self._input_numel = {}
         for name, m in self._target.named_modules():
             if counted_layer(m):
+                # Not the seam: the input size of every conv/linear layer, plain ones included, weights the average.
                 hook = m.register_forward_pre_hook(self._count_input(name))
                 stack.callback(hook.remove)
         self._measuring = stack

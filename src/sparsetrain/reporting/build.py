@@ -22,8 +22,7 @@ from typing import Any
 
 import yaml
 
-from sparsetrain.formatting import finite_float as _num
-from sparsetrain.formatting import pct_cell
+from sparsetrain.formatting import finite_float, pct_cell
 from sparsetrain.layers import OPERANDS
 from sparsetrain.reporting.comparison import build_comparison_document
 from sparsetrain.reporting.document import (
@@ -87,7 +86,7 @@ class ReportResult:
 
 def _kv_value(key: str, value: Any) -> str:
     # Accuracies and measured densities are stored as fractions; people read them as percent.
-    if (key.endswith("_acc") or key.endswith("_density") or key.endswith("(last epoch)")) and _num(value) is not None:
+    if key.endswith(("_acc", "_density", "(last epoch)")) and finite_float(value) is not None:
         return f"{100.0 * float(value):.2f} %"
     return format_value(value)
 
@@ -109,7 +108,7 @@ def _summary_section(run: RunFiles) -> list[Block]:
     )
     last = run.last_metrics
     for key in ("weight_density", "activation_density"):
-        if _num(last.get(key)) is not None and key not in flat:
+        if finite_float(last.get(key)) is not None and key not in flat:
             flat[f"{key} (last epoch)"] = last[key]
     rows = [[f"`{k}`", _kv_value(k, v)] for k, v in flat.items()]
     blocks.append(Table(["Key", "Value"], rows, ["l", "r"]))
@@ -170,9 +169,9 @@ def _curves_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Path
         ("activation_density", "Act dens. (kept %)", lambda v: pct_cell(v, 1)),
         ("time_s", "Time (s)", lambda v: f"{v:.1f}"),
     ]
-    present = [c for c in columns if any(_num(m.get(c[0])) is not None for m in run.metrics)]
+    present = [c for c in columns if any(finite_float(m.get(c[0])) is not None for m in run.metrics)]
     # Epochs numbered from 1, as the console prints them ("epoch 1/8"); the records store 0-based `epoch`.
-    rows = [[str(epoch_number(m, i))] + [fmt(m[key]) if _num(m.get(key)) is not None else "—"
+    rows = [[str(epoch_number(m, i))] + [fmt(m[key]) if finite_float(m.get(key)) is not None else "—"
                                          for key, _, fmt in present] for i, m in enumerate(run.metrics)]
     blocks.append(Table(["Epoch"] + [title for _, title, _ in present], rows, ["r"] * (len(present) + 1)))
     if any("lr_end" in m for m in run.metrics):
@@ -189,7 +188,7 @@ def _layer_densities(run: RunFiles) -> tuple[dict[str, dict[str, float]], str, s
         dens = m.get("densities")
         if isinstance(dens, dict) and dens:
             table = {
-                str(layer): {op: float(v) for op, v in ops.items() if _num(v) is not None}
+                str(layer): {op: float(v) for op, v in ops.items() if finite_float(v) is not None}
                 for layer, ops in dens.items()
                 if isinstance(ops, dict)
             }
@@ -230,14 +229,14 @@ def _overall_density_text(run: RunFiles, kept: dict[str, dict[str, float]] | Non
     if not dense:
         return text + " Every conv/linear layer is sparse."
     names = ", ".join(f"`{r['name']}`" for r in dense)
-    total = sum(_num(r.get("saved_activation_elements")) or 0.0 for r in layers)
-    dense_share = sum(_num(r.get("saved_activation_elements")) or 0.0 for r in dense)
+    total = sum(finite_float(r.get("saved_activation_elements")) or 0.0 for r in layers)
+    dense_share = sum(finite_float(r.get("saved_activation_elements")) or 0.0 for r in dense)
     text += f" The dense layers ({names}) count as 100 %"
     sparse = [r for r in layers if r["name"] in kept]
-    n_sparse = sum(_num(r.get("saved_activation_elements")) or 0.0 for r in sparse)
+    n_sparse = sum(finite_float(r.get("saved_activation_elements")) or 0.0 for r in sparse)
     if total > 0 and n_sparse > 0:
-        alone = sum(kept[r["name"]].get("input_for_grad_weight", 1.0) * (_num(r.get("saved_activation_elements")) or 0)
-                    for r in sparse) / n_sparse
+        alone = sum(kept[r["name"]].get("input_for_grad_weight", 1.0)
+                    * (finite_float(r.get("saved_activation_elements")) or 0) for r in sparse) / n_sparse
         text += (f"; they hold {100 * dense_share / total:.1f} % of the saved activation elements. Over the sparse "
                  f"layers alone the activation density is {100 * alone:.2f} %.")
     else:
@@ -262,7 +261,7 @@ def _density_section(run: RunFiles, out_dir: Path, plots: bool, images: list[Pat
     blocks.append(Paragraph(DENSITY_DEFINITION))
     blocks.append(Paragraph(f"Source: {source}. Layers absent from the table are dense."))
     last = run.last_metrics
-    if _num(last.get("weight_density")) is not None or _num(last.get("activation_density")) is not None:
+    if finite_float(last.get("weight_density")) is not None or finite_float(last.get("activation_density")) is not None:
         blocks.append(Paragraph(_overall_density_text(run, table if measure == "kept" else None)))
     if plots:
         title = "Per-layer density (kept fraction)" if measure == "kept" else "Per-layer non-zero fraction"
@@ -380,7 +379,7 @@ def build_run_document(
         f"model `{s.get('model', run.config.get('model', '?'))}`",
         f"dataset `{s.get('dataset', run.config.get('dataset', '?'))}`",
         f"recipe `{recipe_label(s.get('recipe', run.config.get('recipe')))}`"
-        + (f" at density {format_value(density)}" if _num(density) is not None else ""),
+        + (f" at density {format_value(density)}" if finite_float(density) is not None else ""),
         f"seed {s.get('seed', run.config.get('seed', '?'))}",
         f"{len(run.metrics)} epoch(s) recorded",
     ]

@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from sparsetrain.formatting import pct_cell
+from sparsetrain.formatting import format_pct, pct_cell
 from sparsetrain.reporting.document import (
     Block,
     BulletList,
@@ -29,7 +29,6 @@ from sparsetrain.reporting.tables import (
     AGGREGATION_RULE,
     GroupRow,
     format_mean_sd,
-    format_pct,
     format_value,
     group_runs,
 )

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sparsetrain.formatting import is_number
 from sparsetrain.reporting.runfiles import TelemetrySeries
 
 __all__ = [
@@ -66,14 +67,10 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def epoch_number(m: dict, index: int) -> int:
     """The 1-based epoch number of a metrics record, as the console counts (records store 0-based ``epoch``)."""
     e = m.get("epoch")
-    return int(e) + 1 if _is_num(e) else index + 1
+    return int(e) + 1 if is_number(e) else index + 1
 
 
 def _series(metrics: Sequence[dict], key: str, scale: float = 1.0, x: str = "epoch") -> tuple[list[float], list[float]]:
@@ -81,10 +78,10 @@ def _series(metrics: Sequence[dict], key: str, scale: float = 1.0, x: str = "epo
     xs, ys = [], []
     for i, m in enumerate(metrics):
         v = m.get(key)
-        if not _is_num(v):
+        if not is_number(v):
             continue
         if x == "step":
-            if not _is_num(m.get("step")):
+            if not is_number(m.get("step")):
                 continue
             xs.append(float(m["step"]))
         else:
@@ -100,7 +97,7 @@ def _intra_epoch(metrics: Sequence[dict], key: str, scale: float) -> tuple[list[
         curve = m.get("curve")
         if isinstance(curve, dict) and isinstance(curve.get("step"), list) and isinstance(curve.get(key), list):
             for step, v in zip(curve["step"], curve[key]):
-                if _is_num(step) and _is_num(v):
+                if is_number(step) and is_number(v):
                     xs.append(float(step))
                     ys.append(float(v) * scale)
     return xs, ys
@@ -121,7 +118,7 @@ def plot_training_curves(metrics: Sequence[dict], path: Path) -> Path | None:
     panels = [("Accuracy (%)", "acc", 100.0), ("Loss", "loss", 1.0)]
     if not any(_series(metrics, f"{split}_{kind}")[0] for _, kind, _ in panels for split in ("train", "test")):
         return None
-    by_step = all(_is_num(m.get("step")) for m in metrics)
+    by_step = all(is_number(m.get("step")) for m in metrics)
     x = "step" if by_step else "epoch"
     fig = _new_figure(10.0, 3.8)
     axes = fig.subplots(1, 2)

@@ -20,13 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsetrain.formatting import finite_float
+from sparsetrain.formatting import finite_float, is_number
 from sparsetrain.runs import SUMMARY_FLOPS_KEYS, RunDir, RunDirectoryError
 
 __all__ = [
-    "REQUIRED_FILES",
-    "OPTIONAL_FILES",
-    "FLOPS_KEYS",
     "RunDirectoryError",
     "TelemetrySeries",
     "RunFiles",
@@ -36,9 +33,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = RunDir.REQUIRED
-OPTIONAL_FILES = RunDir.OPTIONAL
-# The run-level figures the papers' tables report: the summary's "flops" holds them, the FLOP file top level.
+# Only for reporting/tables.py, until it imports runs.SUMMARY_FLOPS_KEYS itself.
 FLOPS_KEYS = SUMMARY_FLOPS_KEYS
 
 
@@ -109,10 +104,11 @@ class RunFiles:
         return self.metrics[-1] if self.metrics else {}
 
     def flops_summary(self) -> dict[str, float | None]:
-        """The four run-level figures of :data:`FLOPS_KEYS` from the summary, falling back to the FLOP file."""
+        """The four run-level figures of :data:`~sparsetrain.runs.SUMMARY_FLOPS_KEYS` from the summary, falling back to
+        the FLOP file."""
         from_summary = self.summary.get("flops") or {}
         from_file = self.flops or {}
-        return {k: finite_float(from_summary.get(k, from_file.get(k))) for k in FLOPS_KEYS}
+        return {k: finite_float(from_summary.get(k, from_file.get(k))) for k in SUMMARY_FLOPS_KEYS}
 
 
 def recipe_label(recipe: Any) -> str:
@@ -178,7 +174,7 @@ def _dedupe_epochs(metrics: list[dict[str, Any]], notes: list[str]) -> list[dict
     no_epoch = []
     for m in metrics:
         e = m.get("epoch")
-        if isinstance(e, (int, float)) and not isinstance(e, bool):
+        if is_number(e):
             by_epoch[e] = m
         else:
             no_epoch.append(m)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 __all__ = [
     "TOTAL",
     "ELEMENT_WEIGHTED",
-    "LAST_LAYER",
     "Count",
     "auto_blocks",
     "block_members",
@@ -38,10 +37,9 @@ __all__ = [
 
 #: Name of the whole-model aggregate; parentheses cannot clash with a module-name prefix in practice.
 TOTAL = "(total)"
-#: Tensors aggregated element-weighted over a block's layers.
+#: Tensors aggregated element-weighted over a block's layers; the others (``input``, ``output``) take the value of
+#: the block's last layer.
 ELEMENT_WEIGHTED = ("weight", "grad_output", "grad_input", "grad_weight")
-#: Tensors whose block value is that of the block's last layer.
-LAST_LAYER = ("input", "output")
 
 
 @dataclass(frozen=True)

@@ -349,7 +349,7 @@ class Monitor:
         if torch.is_grad_enabled() and x.requires_grad:
             # An alias that only this layer consumes: its gradient is this layer's dx alone, even when x also
             # feeds a shortcut or another branch (a hook on x itself would see the summed gradient).
-            alias = x.view_as(x)
+            alias = x.view_as(x)  # (a plain module: no seam reports its dx)
             self._step_handles.append(alias.register_hook(functools.partial(self._grad_hook, name, "grad_input")))
             return (alias, *args[1:])
         return None
@@ -364,7 +364,7 @@ class Monitor:
             if torch.is_grad_enabled() and output.requires_grad:
                 # A tensor hook registered before a later in-place op (e.g. ReLU(inplace=True)) still receives the
                 # gradient of this version of the tensor, i.e. the dy the layer's backward consumes.
-                hook = functools.partial(self._grad_hook, name, "grad_output")
+                hook = functools.partial(self._grad_hook, name, "grad_output")  # a plain module: no seam
                 self._step_handles.append(output.register_hook(hook))
 
     def _block_hook(self, key: str, module: nn.Module, args: tuple, output: Any) -> None:
