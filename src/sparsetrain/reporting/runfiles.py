@@ -33,10 +33,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Only for reporting/tables.py, until it imports runs.SUMMARY_FLOPS_KEYS itself.
-FLOPS_KEYS = SUMMARY_FLOPS_KEYS
-
-
 @dataclass
 class TelemetrySeries:
     """Per-layer sparsity over training, from the ``kind == "layer"`` records of the run's telemetry.

@@ -18,8 +18,8 @@ from typing import Any
 
 from sparsetrain.formatting import finite_float as _num
 from sparsetrain.formatting import format_pct
-from sparsetrain.reporting.runfiles import FLOPS_KEYS, RunFiles, recipe_label
-from sparsetrain.runs import RECORD_KEYS
+from sparsetrain.reporting.runfiles import RunFiles, recipe_label
+from sparsetrain.runs import RECORD_KEYS, SUMMARY_FLOPS_KEYS
 
 __all__ = [
     "format_value",
@@ -353,7 +353,7 @@ def group_runs(runs: Sequence[RunFiles]) -> list[GroupRow]:
         head = members[0]
         accs = [a for a in (_num(r.summary.get("final_test_acc")) for r in members) if a is not None]
         acc_mean, acc_sd = mean_sd(accs) if accs else (None, None)
-        flops = {k: _mean([r.flops_summary()[k] for r in members]) for k in FLOPS_KEYS}
+        flops = {k: _mean([r.flops_summary()[k] for r in members]) for k in SUMMARY_FLOPS_KEYS}
         model, dataset = _model_dataset(head)
         rows.append(
             GroupRow(
