@@ -1,4 +1,4 @@
-"""The split compaction (``sparsifiers._compact``) against torch's serial CPU ``nonzero``, in one process.
+"""The split compaction (``sparsetrain._compaction.compact``) against torch's serial CPU ``nonzero``, in one process.
 
     python benchmarks/bench_compaction.py [--models resnet20 resnet18] [--rounds 9] [--threads 2]
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsetrain as st
-from sparsetrain import sparsifiers
+from sparsetrain import _compaction
 
 OFF = 1 << 62
 
@@ -43,18 +43,18 @@ def timed(fn) -> float:
 def compaction(repeats: int = 15) -> tuple[float, float]:
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(128 * 64 * 32 * 32, generator=g) < 0.14
-    orig = sparsifiers._SPLIT_MIN_NUMEL
+    orig = _compaction._SPLIT_MIN_NUMEL
     try:
-        split = sparsifiers._compact(mask)
+        split = _compaction.compact(mask)
         assert torch.equal(split, torch.nonzero(mask).view(-1)), "split compaction changed the positions"
         t_split, t_serial = [], []
         for _ in range(repeats):
-            sparsifiers._SPLIT_MIN_NUMEL = orig
-            t_split.append(timed(lambda: sparsifiers._compact(mask)))
-            sparsifiers._SPLIT_MIN_NUMEL = OFF
-            t_serial.append(timed(lambda: sparsifiers._compact(mask)))
+            _compaction._SPLIT_MIN_NUMEL = orig
+            t_split.append(timed(lambda: _compaction.compact(mask)))
+            _compaction._SPLIT_MIN_NUMEL = OFF
+            t_serial.append(timed(lambda: _compaction.compact(mask)))
     finally:
-        sparsifiers._SPLIT_MIN_NUMEL = orig
+        _compaction._SPLIT_MIN_NUMEL = orig
     return statistics.median(t_split), statistics.median(t_serial)
 
 
@@ -78,20 +78,20 @@ def step_ratios(model: str, rounds: int, batch: int = 64) -> tuple[float, float,
     dense, sparse = make(False), make(True)
     for f in (dense, sparse, dense, sparse):
         f()
-    orig = sparsifiers._SPLIT_MIN_NUMEL
+    orig = _compaction._SPLIT_MIN_NUMEL
     r_split, r_serial, t_dense = [], [], []
     try:
         for _ in range(rounds):
             td = timed(dense)
-            sparsifiers._SPLIT_MIN_NUMEL = orig
+            _compaction._SPLIT_MIN_NUMEL = orig
             ts = timed(sparse)
-            sparsifiers._SPLIT_MIN_NUMEL = OFF
+            _compaction._SPLIT_MIN_NUMEL = OFF
             tp = timed(sparse)
             r_split.append(ts / td)
             r_serial.append(tp / td)
             t_dense.append(td)
     finally:
-        sparsifiers._SPLIT_MIN_NUMEL = orig
+        _compaction._SPLIT_MIN_NUMEL = orig
     return statistics.median(r_split), statistics.median(r_serial), statistics.median(t_dense)
 
 
