@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sparsetrain.cli import EXIT_USAGE, main
-from sparsetrain.reporting.reproduce import RESULTS_FILE, render
+from sparsetrain.reporting.results import RESULTS_FILE, render
 from sparsetrain.reporting.tables import format_gap, gap_interval, interval_verdict
 
 

@@ -19,7 +19,7 @@ from sparsetrain.papers import (
     matched_width_mult,
     parse_experiment,
 )
-from sparsetrain.reporting.reproduce import RESULTS_FILE, SMOKE_BANNER, TABLES_FILE, regenerate, render
+from sparsetrain.reporting.results import RESULTS_FILE, SMOKE_BANNER, TABLES_FILE, regenerate, render
 from sparsetrain.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[1]

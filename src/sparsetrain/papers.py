@@ -10,7 +10,7 @@ Every point and seed is an ordinary ``sparsetrain train`` run directory below th
 sweep machinery (:func:`sparsetrain.commands.sweep.run_jobs`): a rerun skips finished runs and resumes interrupted
 ones. :func:`collect_results` then reads the run directories into one JSON-able record (``reproduce.json``) that
 holds every number the tables and plots show, so they can be regenerated from ``results/<paper>/`` alone
-(:mod:`sparsetrain.reporting.reproduce`, ``sparsetrain report results/<paper>``).
+(:mod:`sparsetrain.reporting.results`, ``sparsetrain report results/<paper>``).
 
 Example:
     >>> exp = load_experiment("swat")  # doctest: +SKIP
@@ -566,7 +566,7 @@ def collect_results(exp: Experiment, jobs: list[tuple[ExperimentPoint, int, Any,
                     quick: bool, base: dict[str, Any], widths: dict[str, dict[str, Any]], command: str,
                     analyses: dict[str, dict[str, Any]] | None = None, all_ops: bool = True) -> dict[str, Any]:
     """The results record of an experiment: protocol, every point's per-seed run records, analyses and the
-    published numbers (everything :mod:`sparsetrain.reporting.reproduce` renders)."""
+    published numbers (everything :mod:`sparsetrain.reporting.results` renders)."""
     points = []
     for p in exp.points:
         runs = [run_record(run, all_ops=all_ops) for (q, _, run, _) in jobs if q.name == p.name]

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-# atomic_write_text is also imported from here by reporting/reproduce.py (to move to sparsetrain.files).
+# atomic_write_text is also imported from here by reporting/results.py (to move to sparsetrain.files).
 from sparsetrain.files import (
     append_jsonl,
     atomic_write_bytes,

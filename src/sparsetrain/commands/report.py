@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Write the report; print the paths written. Returns 0, or 2 for a bad run directory, 1 without matplotlib."""
     from sparsetrain.reporting import MATPLOTLIB_HINT, RunDirectoryError, write_report
-    from sparsetrain.reporting.reproduce import is_results_folder
+    from sparsetrain.reporting.results import is_results_folder
 
     if any(is_results_folder(d) for d in args.run_dirs):
         return _regenerate(args)
@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _regenerate(args: argparse.Namespace) -> int:
     """Rewrite the tables and plots of ``sparsetrain reproduce`` results folders; print their Markdown tables."""
-    from sparsetrain.reporting.reproduce import is_results_folder, regenerate
+    from sparsetrain.reporting.results import is_results_folder, regenerate
 
     not_results = [d for d in args.run_dirs if not is_results_folder(d)]
     if not_results:

@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         point_jobs,
         resolve_widths,
     )
-    from sparsetrain.reporting.reproduce import write_results
+    from sparsetrain.reporting.results import write_results
     from sparsetrain.runs import RunDir
 
     if args.list:
@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
     analyses: dict[str, dict] = {}
     measure = exp.analyses.get("measure")
     if measure:
-        from sparsetrain.reporting.reproduce import write_json
+        from sparsetrain.reporting.results import write_json
 
         cache = out / "_analysis"
         for p, seed, run, _ in jobs:

@@ -1,6 +1,6 @@
 """Each paper's results tables and plots, laid out from a results record (``reproduce.json``) alone.
 
-One renderer per experiment (``_RENDERERS``, keyed by the record's ``paper``); :func:`sparsetrain.reporting.reproduce.
+One renderer per experiment (``_RENDERERS``, keyed by the record's ``paper``); :func:`sparsetrain.reporting.results.
 render` picks one. Shared pieces (tables, per-point statistics, gaps and their intervals) are in
 :mod:`sparsetrain.reporting.result_tables`.
 """

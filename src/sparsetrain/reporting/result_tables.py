@@ -1,6 +1,6 @@
 """The pieces every paper's results tables share: the table types, per-point statistics and gaps, plot helpers.
 
-:mod:`sparsetrain.reporting.paper_results` lays each paper's tables out with them; :mod:`sparsetrain.reporting.reproduce`
+:mod:`sparsetrain.reporting.paper_results` lays each paper's tables out with them; :mod:`sparsetrain.reporting.results`
 renders and writes a results record.
 """
 
