@@ -21,7 +21,6 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from sparsetrain._compaction import compact as _compact
 from sparsetrain._scratch import scratch
 from sparsetrain.formatting import is_number
 
@@ -437,7 +436,7 @@ def _bracket_candidates(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | No
     cand = torch.ge(a, lo, out=scratch("candidates", n, torch.bool, a.device))
     # Eager CPU only (see _use_bracket): the count is on the host for free, and torch's CPU nonzero_static is nonzero
     # plus a copy (1.8x its time here), so the compaction is sized by the data.
-    pos = _compact(cand)
+    pos = torch.nonzero(cand).view(-1)
     if pos.numel() > cap:
         return None  # more candidates than the sample predicted: the band is too wide to be worth it
     vals = a.index_select(0, pos)
@@ -562,7 +561,7 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
         thr = a.kthvalue(n - k + 1).values if _direct(a) else _radix_threshold(a, k)
         if _eager_cpu(a):
             keep = a >= thr if bool(thr > 0) else a > 0  # as in the bracket: every tie, no zeros
-            pos = _compact(keep)
+            pos = torch.nonzero(keep).view(-1)
         else:
             pos = _int32(_tie_rule_positions(a, thr, k, n), n)
             return thr, pos, flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
