@@ -146,3 +146,19 @@ def test_a_file_system_without_locks_is_not_reported_as_a_holder(tmp_path, monke
     assert not isinstance(info.value, RunLockedError)
     monkeypatch.setattr(fcntl, "flock", real_flock)
     RunDir(tmp_path).lock().release()
+
+
+def test_a_run_still_training_is_in_use_not_finished(tmp_path):
+    """A second `train --out` on a directory whose run has checkpointed but still holds the lock is told the
+    directory is in use (by whom), not that it "already holds a run" to --resume: resuming it would fail too."""
+    run = RunDir(tmp_path / "run")
+    with run.lock():
+        run.checkpoint_path.write_bytes(b"")  # the first epoch's checkpoint of the run holding the lock
+        proc = subprocess.run([sys.executable, "-m", "sparsetrain", "train", "--out", str(run.path), "--quiet"],
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "in use by" in proc.stderr and "already holds a run" not in proc.stderr
+    # once the lock is free, the finished-run message is the right one
+    proc = subprocess.run([sys.executable, "-m", "sparsetrain", "train", "--out", str(run.path), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr

@@ -119,6 +119,8 @@ def open_run(cfg: TrainConfig, resume, epochs: int | None) -> tuple[TrainConfig,
             raise FileExistsError(f"--out {run_dir.path} is an existing file, not a folder; a run directory is a "
                                   "folder: choose another --out")
         if run_dir.has_checkpoint():
+            # A run still training there is "in use" (the lock names it), not "already holds a run": ask the lock.
+            run_dir.lock().release()
             raise FileExistsError(f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} "
                                   "or choose another --out")
         top = next(p for p in (run_dir.path, *run_dir.path.parents) if p.exists())
