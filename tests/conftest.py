@@ -71,3 +71,11 @@ def require_dataset(data_root: Path) -> Callable[[str], Path]:
         return folder
 
     return require
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Build (or load) the native CPU kernels once, before any test: a fresh machine compiles them here (under a
+    # minute) instead of inside the first test that trains, whose subprocess deadlines do not allow for it.
+    from sparsetrain._native import build_native
+
+    build_native()

@@ -65,6 +65,7 @@ def test_the_install_is_imported_not_the_source_tree(installed):
     # the package data came along: the bundled dataset and the example recipes
     assert (site / "sparsetrain" / "_data" / "fashion_mnist_small.npz").is_file()
     assert (site / "sparsetrain" / "recipes" / "ablation-freeze-topology.yaml").is_file()
+    assert (site / "sparsetrain" / "_native" / "sparsetrain_cpu.cpp").is_file()  # the native kernels' source
 
 
 def test_default_job_named_recipe_report_and_export_from_outside_the_tree(installed):

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from sparsetrain._eager_topk import bracket_candidates, direct, eager_cpu, native_select, use_bracket
 from sparsetrain._scratch import scratch
 from sparsetrain.formatting import is_number
 
@@ -376,84 +377,6 @@ def flat_memory_order(t: Tensor) -> Tensor:
     return t.reshape(-1) if perm is None else t.permute(perm).reshape(-1)
 
 
-# On CPU the k-th value is first bracketed from a fixed sample: reading a count back is free there, and a
-# selection among the few elements inside the band beats full histogram passes (3-6x at density <= 0.2).
-_BRACKET_MIN_NUMEL = 1 << 16
-_SAMPLE = 1 << 13
-_sample_index: dict[tuple[int, str], Tensor] = {}
-
-
-def _sample(n: int, device: torch.device) -> Tensor:
-    """A fixed pseudo-random set of indices into ``n`` elements (cached per size: thresholds stay deterministic)."""
-    key = (n, str(device))
-    idx = _sample_index.get(key)
-    if idx is None:
-        g = torch.Generator().manual_seed(n)
-        # Sorted indices: the gather walks memory forwards (a cache-friendlier read of a large tensor).
-        idx = torch.randint(0, n, (_SAMPLE,), generator=g).sort().values.to(device)
-        if len(_sample_index) > 256:
-            _sample_index.clear()
-        _sample_index[key] = idx
-    return idx
-
-
-def _eager_cpu(a: Tensor) -> bool:
-    """Eager CPU code, where reading a count back to the host costs nothing (elsewhere it is a sync or untraceable)."""
-    return a.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _direct(a: Tensor) -> bool:
-    """Select the k-th value with one ``kthvalue`` call: float64 (64-bit patterns), tiny tensors, and on eager CPU
-    every tensor below the bracket's size (cheaper than the radix select's two 32k/64k-bin histograms)."""
-    n = a.numel()
-    return a.dtype == torch.float64 or n < 4096 or (n < _BRACKET_MIN_NUMEL and _eager_cpu(a))
-
-
-def _use_bracket(a: Tensor, k: int) -> bool:
-    # Eager CPU only: the bracket reads counts back (free on CPU, a sync elsewhere) and sizes a buffer from the
-    # sample, which a compiler cannot trace; compiled and accelerator code takes the static radix select.
-    return a.numel() >= _BRACKET_MIN_NUMEL and k > 1 and _eager_cpu(a)
-
-
-def _bracket_candidates(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The exact k-th largest of the non-negative flat ``a``, with every position that can hold a top-k value.
-
-    A fixed sample brackets the k-th value in a band of about +-6 standard errors of the sample quantile; one pass
-    compacts the positions at or above the band's low edge, and the k-th value is selected among the few inside
-    the band. Returns ``(thr, pos, vals)``: the threshold, the candidate positions and their values, or None when
-    the band misses (many ties at its edge, e.g. ReLU zeros when k reaches into them) or holds far more candidates
-    than the sample predicted; the caller then runs the radix select.
-    """
-    n, m = a.numel(), _SAMPLE
-    q = 1.0 - k / n  # the k-th largest sits at this quantile
-    half = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
-    sample = a[_sample(n, a.device)]
-    i_lo = max(0, math.floor((q - half) * m))
-    lo = sample.kthvalue(i_lo + 1).values  # two selections in the sample: cheaper than sorting it
-    hi = sample.kthvalue(min(m - 1, math.ceil((q + half) * m)) + 1).values
-    # Candidates: a >= lo. Expected count (m - i_lo) / m * n; the buffer has room for 1.25x that plus slack.
-    cap = min(n, int((m - i_lo) / m * n * 1.25) + 1024)
-    cand = torch.ge(a, lo, out=scratch("candidates", n, torch.bool, a.device))
-    # Eager CPU only (see _use_bracket): the count is on the host for free, and torch's CPU nonzero_static is nonzero
-    # plus a copy (1.8x its time here), so the compaction is sized by the data.
-    pos = torch.nonzero(cand).view(-1)
-    if pos.numel() > cap:
-        return None  # more candidates than the sample predicted: the band is too wide to be worth it
-    vals = a.index_select(0, pos)
-    above = int(torch.count_nonzero(vals > hi))  # strictly above the band: all kept
-    if above >= k:
-        return None
-    if bool(lo == hi):
-        # A band of one value (ties, e.g. the zeros of a ReLU output): it is the k-th value if it reaches k.
-        if k > int(torch.count_nonzero(vals >= lo)):
-            return None
-        return lo, pos, vals
-    band = vals[vals <= hi]
-    if k > above + band.numel():
-        return None
-    return band.kthvalue(band.numel() - (k - above) + 1).values, pos, vals
-
-
 def _radix_threshold(a: Tensor, k: int) -> Tensor:
     """The exact k-th largest of the non-negative float32 ``a`` by two histogram passes on its bit pattern."""
     bits = a.view(torch.int32)  # non-negative floats: ordered like their bit patterns read as integers
@@ -494,11 +417,14 @@ def topk_threshold(score: Tensor, density: float) -> Tensor:
     k = min(n, max(1, math.ceil(density * n)))
     if torch.compiler.is_compiling() and flat.device.type == "cpu" and n >= 4096 and flat.dtype != torch.float64:
         return torch.ops.sparsetrain.topk_threshold_k(flat, k)  # the eager selection, opaque (see topk_select)
+    found = native_select(flat, k, threshold_only=True)
+    if found:
+        return found[0]
     a = _magnitudes(flat)
-    if _direct(a):
+    if direct(a):
         return a.kthvalue(n - k + 1).values
-    if _use_bracket(a, k):
-        found = _bracket_candidates(a, k)
+    if use_bracket(a, k):
+        found = bracket_candidates(a, k)
         if found is not None:
             return found[0]
     return _radix_threshold(a, k)
@@ -547,10 +473,13 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
         # graph has no break and Inductor does not run the slower histogram path on CPU.
         thr, pos = torch.ops.sparsetrain.topk_select_k(flat, k)
         return thr, pos, flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
+    found = native_select(flat, k)
+    if found:
+        return found[0], found[1], found[2]
     a = _magnitudes(flat)
     thr = pos = None
-    if not _direct(a) and _use_bracket(a, k):
-        found = _bracket_candidates(a, k)
+    if not direct(a) and use_bracket(a, k):
+        found = bracket_candidates(a, k)
         if found is not None:
             thr, cand, vals = found
             # Here a count read back is free, so every tie at the threshold is kept (|v| >= thr, as the mask
@@ -558,8 +487,8 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
             keep = vals >= thr if bool(thr > 0) else vals > 0
             pos = _int32(cand.index_select(0, torch.nonzero(keep).view(-1)), n)
     if pos is None:
-        thr = a.kthvalue(n - k + 1).values if _direct(a) else _radix_threshold(a, k)
-        if _eager_cpu(a):
+        thr = a.kthvalue(n - k + 1).values if direct(a) else _radix_threshold(a, k)
+        if eager_cpu(a):
             keep = a >= thr if bool(thr > 0) else a > 0  # as in the bracket: every tie, no zeros
             pos = torch.nonzero(keep).view(-1)
         else:

@@ -1,0 +1,398 @@
+// sparsetrain's native CPU kernels: the exact top-K selection of an activation in two streaming passes, and the
+// 1-bit ReLU mask. Built on first use by sparsetrain/_native.py (torch.utils.cpp_extension); when no compiler is
+// available the pure-PyTorch path computes the same results. Every function here is bit-identical to that path:
+// tests/test_native.py compares them element for element.
+//
+// Why native: in eager PyTorch the selection is ~15 ops per activation (magnitudes, a compare, a compaction, gathers,
+// two selections), i.e. six passes over the activation plus dispatch; here it is two passes over chunks that fit in
+// cache, spread over torch's intra-op threads (at::parallel_for), with no magnitude buffer.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define SPARSETRAIN_MMAP 1
+#endif
+
+namespace {
+
+// A tensor that backward keeps (a selection's values and positions, a ReLU's bitmap), in pages of its own.
+// Why: glibc's malloc raises its mmap threshold as large tensors are freed, then serves the next ones from its heap;
+// tensors that stay alive across the step there pin the heap's high-water mark, so a process's peak RSS stays
+// that of a dense step although the live bytes are a third smaller. Mapped directly, they return to the system
+// when freed, and the heap holds only transients.
+constexpr int64_t kOwnPagesMin = 1 << 18;  // bytes; smaller tensors fit malloc's small bins
+
+torch::Tensor empty_kept(int64_t numel, const torch::TensorOptions& opts) {
+#if SPARSETRAIN_MMAP
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  if (bytes >= kOwnPagesMin) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED) {
+      return torch::from_blob(p, {numel}, [bytes](void* q) { munmap(q, bytes); }, opts);
+    }
+  }
+#endif
+  return torch::empty({numel}, opts);
+}
+
+constexpr int64_t kChunk = 1 << 15;  // elements per chunk: the partition is fixed, so results never depend on threads
+
+template <typename T>
+inline float mag(T v) { return std::fabs(static_cast<float>(v)); }
+
+// The k-th largest of v (1-based k <= v.size()), by selection.
+float kth_largest(std::vector<float>& v, int64_t k) {
+  auto it = v.begin() + (static_cast<int64_t>(v.size()) - k);
+  std::nth_element(v.begin(), it, v.end());
+  return *it;
+}
+
+struct ChunkStats {
+  int64_t above = 0;        // elements with |v| > hi
+  std::vector<float> band;  // magnitudes in [lo, hi]
+  int64_t kept = 0;         // elements kept, once the threshold is known
+  bool nan = false;
+};
+
+// One chunk of pass A: count |v| > hi, note NaNs, write the magnitudes inside [lo, hi] to bp; returns how many.
+// Branch-free (every magnitude is written, the slot advances only inside the band): a branch at the band's edges
+// mispredicts on about one element in ten.
+template <typename T>
+int64_t scan_chunk(const T* x, int64_t b, int64_t e, float lo, float hi, float* bp, int64_t& above, bool& nan) {
+  int64_t ab = 0, cnt = 0;
+  int nn = 0;
+  for (int64_t i = b; i < e; ++i) {
+    const float a = mag(x[i]);
+    ab += a > hi;
+    nn |= a != a;
+    bp[cnt] = a;
+    cnt += (a >= lo) & (a <= hi);
+  }
+  above = ab;
+  nan = nn != 0;
+  return cnt;
+}
+
+// One chunk of pass C: write position and value of every kept element from slot j on (at most end - j of them).
+template <typename T, typename I>
+void compact_chunk(const T* x, int64_t b, int64_t e, float thr, bool strict, int64_t j, int64_t end, I* pos, T* val) {
+  for (int64_t i = b; i < e && j < end; ++i) {
+    const float a = mag(x[i]);
+    pos[j] = static_cast<I>(i);
+    val[j] = x[i];
+    j += strict ? a > thr : a >= thr;
+  }
+}
+
+#if defined(__AVX512F__)
+// float32 with AVX-512: 16 elements per step; compaction by in-register compress and a masked store (the memory form
+// of vcompressps is slow on some cores, e.g. AMD Zen 4). Same results as the scalar code: same compares, same order.
+template <>
+int64_t scan_chunk<float>(const float* x, int64_t b, int64_t e, float lo, float hi, float* bp, int64_t& above,
+                          bool& nan) {
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  int64_t ab = 0, cnt = 0, i = b;
+  __mmask16 nn = 0;
+  for (; i + 16 <= e; i += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+    ab += __builtin_popcount(_mm512_cmp_ps_mask(a, vhi, _CMP_GT_OQ));
+    nn |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    const __mmask16 in = _mm512_cmp_ps_mask(a, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(a, vhi, _CMP_LE_OQ);
+    const int c = __builtin_popcount(in);
+    _mm512_mask_storeu_ps(bp + cnt, static_cast<__mmask16>((1u << c) - 1u), _mm512_maskz_compress_ps(in, a));
+    cnt += c;
+  }
+  bool nan2 = false;
+  for (; i < e; ++i) {
+    const float a = std::fabs(x[i]);
+    ab += a > hi;
+    nan2 |= a != a;
+    bp[cnt] = a;
+    cnt += (a >= lo) & (a <= hi);
+  }
+  above = ab;
+  nan = nn != 0 || nan2;
+  return cnt;
+}
+
+template <>
+void compact_chunk<float, int32_t>(const float* x, int64_t b, int64_t e, float thr, bool strict, int64_t j,
+                                   int64_t end, int32_t* pos, float* val) {
+  const __m512 vt = _mm512_set1_ps(thr);
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b)),
+                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  int64_t i = b;
+  for (; i + 16 <= e && j < end; i += 16, idx = _mm512_add_epi32(idx, step)) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512 a = _mm512_abs_ps(v);
+    const __mmask16 keep = strict ? _mm512_cmp_ps_mask(a, vt, _CMP_GT_OQ) : _mm512_cmp_ps_mask(a, vt, _CMP_GE_OQ);
+    const int c = __builtin_popcount(keep);
+    const __mmask16 head = static_cast<__mmask16>((1u << c) - 1u);
+    _mm512_mask_storeu_ps(val + j, head, _mm512_maskz_compress_ps(keep, v));
+    _mm512_mask_storeu_epi32(pos + j, head, _mm512_maskz_compress_epi32(keep, idx));
+    j += c;
+  }
+  for (; i < e && j < end; ++i) {
+    const float a = std::fabs(x[i]);
+    pos[j] = static_cast<int32_t>(i);
+    val[j] = x[i];
+    j += strict ? a > thr : a >= thr;
+  }
+}
+#endif
+
+// Pass A over every chunk: count |v| > hi, collect the magnitudes inside [lo, hi].
+template <typename T>
+void scan(const T* x, int64_t n, float lo, float hi, std::vector<ChunkStats>& st) {
+  const int64_t nchunks = static_cast<int64_t>(st.size());
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> buf(static_cast<size_t>(std::min(n, kChunk)) + 16);
+    for (int64_t c = c0; c < c1; ++c) {
+      ChunkStats& s = st[c];
+      const int64_t b = c * kChunk, e = std::min(n, b + kChunk);
+      const int64_t cnt = scan_chunk<T>(x, b, e, lo, hi, buf.data(), s.above, s.nan);
+      s.band.assign(buf.data(), buf.data() + cnt);
+    }
+  });
+}
+
+// Pass C: write the positions (memory order) and values of the kept elements, each chunk at its offset; a chunk
+// stops once its slots are full, so it never writes into the next chunk's.
+template <typename T, typename I>
+void compact(const T* x, int64_t n, float thr, bool strict, const std::vector<int64_t>& offset, I* pos, T* val) {
+  const int64_t nchunks = static_cast<int64_t>(offset.size()) - 1;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c * kChunk, e = std::min(n, b + kChunk);
+      compact_chunk<T, I>(x, b, e, thr, strict, offset[c], offset[c + 1], pos, val);
+    }
+  });
+}
+
+template <typename T>
+std::vector<torch::Tensor> select_impl(const torch::Tensor& flat, int64_t k, const torch::Tensor& sample,
+                                       bool threshold_only) {
+  const T* x = flat.data_ptr<T>();
+  const int64_t n = flat.numel();
+  const int64_t nchunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+  std::vector<ChunkStats> st(nchunks);
+
+  // Bracket the k-th largest from a fixed sample: [lo, hi] holds it with overwhelming probability; whether it does
+  // is checked from the counts below, so the result is exact either way (a miss widens the band to everything).
+  float lo = 0.0f, hi = INFINITY;
+  const int64_t m = sample.numel();
+  if (m > 0 && n >= (int64_t)1 << 16) {
+    const int64_t* idx = sample.data_ptr<int64_t>();
+    std::vector<float> s(m);
+    for (int64_t i = 0; i < m; ++i) s[i] = mag(x[idx[i]]);
+    const double q = 1.0 - static_cast<double>(k) / n;
+    const double half = 6.0 * std::sqrt(std::max(q * (1 - q), 1.0 / m) / m) + 2.0 / m;
+    const int64_t i_lo = std::max<int64_t>(0, static_cast<int64_t>(std::floor((q - half) * m)));
+    const int64_t i_hi = std::min<int64_t>(m - 1, static_cast<int64_t>(std::ceil((q + half) * m)));
+    std::nth_element(s.begin(), s.begin() + i_lo, s.end());
+    lo = s[i_lo];
+    std::nth_element(s.begin(), s.begin() + i_hi, s.end());
+    hi = s[i_hi];
+  }
+  scan(x, n, lo, hi, st);
+  int64_t above = 0, band = 0;
+  bool nan = false;
+  for (const auto& s : st) {
+    above += s.above;
+    band += static_cast<int64_t>(s.band.size());
+    nan |= s.nan;
+  }
+  if (nan) return {};  // NaN magnitudes: the caller takes the PyTorch path, which defines their order
+  if (above >= k || above + band < k) {  // the sample missed: the band becomes every element
+    lo = 0.0f;
+    hi = INFINITY;
+    scan(x, n, lo, hi, st);
+    above = 0;
+  }
+  std::vector<float> all;
+  all.reserve(band);
+  for (const auto& s : st) all.insert(all.end(), s.band.begin(), s.band.end());
+  const float thr = kth_largest(all, k - above);
+  auto thr_t = torch::full({}, thr, flat.options().dtype(torch::kFloat32));
+  if (threshold_only) return {thr_t};
+
+  // Kept: |v| >= thr, every tie; when thr is 0 the ties are zeros, which a GEMM does not need: |v| > 0.
+  const bool strict = !(thr > 0.0f);
+  std::vector<int64_t> offset(nchunks + 1, 0);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    int64_t kept = st[c].above;
+    for (float a : st[c].band) kept += strict ? a > thr : a >= thr;
+    offset[c + 1] = offset[c] + kept;
+  }
+  const int64_t total = offset[nchunks];
+  const bool i32 = n < ((int64_t)1 << 31) - 1;
+  auto pos = empty_kept(total, flat.options().dtype(i32 ? torch::kInt32 : torch::kInt64));
+  auto val = empty_kept(total, flat.options());
+  if (i32)
+    compact<T, int32_t>(x, n, thr, strict, offset, pos.data_ptr<int32_t>(), val.data_ptr<T>());
+  else
+    compact<T, int64_t>(x, n, thr, strict, offset, pos.data_ptr<int64_t>(), val.data_ptr<T>());
+  return {thr_t, pos, val};
+}
+
+// (thr, pos, values) of the exact top k of |flat|: every |v| >= thr kept (|v| > 0 when thr is 0), positions in
+// memory order. threshold_only: (thr,). Empty when a magnitude is NaN.
+std::vector<torch::Tensor> topk_select(torch::Tensor flat, int64_t k, torch::Tensor sample, bool threshold_only) {
+  TORCH_CHECK(flat.device().is_cpu() && flat.dim() == 1 && flat.is_contiguous(), "topk_select: a flat CPU tensor");
+  TORCH_CHECK(k >= 1 && k <= flat.numel(), "topk_select: k out of range");
+  TORCH_CHECK(sample.scalar_type() == torch::kInt64, "topk_select: int64 sample indices");
+  std::vector<torch::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "topk_select", [&] {
+    out = select_impl<scalar_t>(flat, k, sample, threshold_only);
+  });
+  return out;
+}
+
+// The 1-bit mask of out > 0 (bit i of byte i / 8 = element i), as packing.packbits(flat > 0) writes it.
+torch::Tensor pack_positive(torch::Tensor flat) {
+  TORCH_CHECK(flat.device().is_cpu() && flat.dim() == 1 && flat.is_contiguous(), "pack_positive: a flat CPU tensor");
+  const int64_t n = flat.numel(), nbytes = (n + 7) / 8;
+  auto bits = empty_kept(nbytes, flat.options().dtype(torch::kUInt8));
+  uint8_t* o = bits.data_ptr<uint8_t>();
+#if defined(__AVX512F__)
+  if (flat.scalar_type() == torch::kFloat32) {  // one compare per 16 elements gives their 16 bits
+    const float* x = flat.data_ptr<float>();
+    const int64_t nvec = n / 16;
+    at::parallel_for(0, nvec, 1024, [&](int64_t v0, int64_t v1) {
+      const __m512 zero = _mm512_setzero_ps();
+      for (int64_t v = v0; v < v1; ++v) {
+        const uint16_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + v * 16), zero, _CMP_GT_OQ);
+        std::memcpy(o + v * 2, &m, 2);  // little-endian: bit i of the pair is element i
+      }
+    });
+    for (int64_t b = nvec * 2; b < nbytes; ++b) {
+      uint8_t byte = 0;
+      for (int64_t j = 0; j < 8 && b * 8 + j < n; ++j) byte |= static_cast<uint8_t>(x[b * 8 + j] > 0.0f) << j;
+      o[b] = byte;
+    }
+    return bits;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "pack_positive", [&] {
+    const scalar_t* x = flat.data_ptr<scalar_t>();
+    at::parallel_for(0, nbytes, 4096, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * 8;
+        uint8_t byte = 0;
+        if (i0 + 8 <= n) {
+          for (int j = 0; j < 8; ++j) byte |= static_cast<uint8_t>(static_cast<uint8_t>(static_cast<float>(x[i0 + j]) > 0.0f) << j);
+        } else {
+          for (int64_t j = 0; i0 + j < n; ++j) byte |= static_cast<uint8_t>(static_cast<float>(x[i0 + j]) > 0.0f) << j;
+        }
+        o[b] = byte;
+      }
+    });
+  });
+  return bits;
+}
+
+// ReLU's backward from its 1-bit mask: dy where the bit is set, +0 elsewhere (threshold_backward(dy, mask, 0)).
+// Branch-free on the bit patterns (an all-ones or all-zeros mask per element), so the compiler vectorises it.
+template <typename T, typename U>
+void relu_backward_bits_impl(const T* g_, const uint8_t* b, T* d_, int64_t n) {
+  static_assert(sizeof(T) == sizeof(U), "same width");
+  const U* g = reinterpret_cast<const U*>(g_);
+  U* d = reinterpret_cast<U*>(d_);
+  const int64_t nfull = n / 8;
+  at::parallel_for(0, nfull, 2048, [&](int64_t b0, int64_t b1) {
+    for (int64_t k = b0; k < b1; ++k) {
+      const U byte = b[k];
+      const int64_t i = k * 8;
+      for (int j = 0; j < 8; ++j) d[i + j] = g[i + j] & static_cast<U>(U(0) - ((byte >> j) & U(1)));
+    }
+  });
+  for (int64_t i = nfull * 8; i < n; ++i) d[i] = g[i] & static_cast<U>(U(0) - ((b[i >> 3] >> (i & 7)) & 1));
+}
+
+torch::Tensor relu_backward_bits(torch::Tensor dy_flat, torch::Tensor bits) {
+  TORCH_CHECK(dy_flat.device().is_cpu() && dy_flat.dim() == 1 && dy_flat.is_contiguous(),
+              "relu_backward_bits: a flat CPU tensor");
+  const int64_t n = dy_flat.numel();
+  TORCH_CHECK(bits.numel() * 8 >= n, "relu_backward_bits: bitmap too short");
+  auto dx = torch::empty_like(dy_flat);
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+#if defined(__AVX512F__)
+  if (dy_flat.element_size() == 4) {  // a masked move per 16 elements (+0 where the bit is clear)
+    const float* g = static_cast<const float*>(dy_flat.data_ptr());
+    float* d = static_cast<float*>(dx.data_ptr());
+    const int64_t nvec = n / 16;
+    at::parallel_for(0, nvec, 1024, [&](int64_t v0, int64_t v1) {
+      for (int64_t v = v0; v < v1; ++v) {
+        uint16_t m;
+        std::memcpy(&m, b + v * 2, 2);
+        _mm512_storeu_ps(d + v * 16, _mm512_maskz_mov_ps(m, _mm512_loadu_ps(g + v * 16)));
+      }
+    });
+    for (int64_t i = nvec * 16; i < n; ++i) d[i] = ((b[i >> 3] >> (i & 7)) & 1) ? g[i] : 0.0f;
+    return dx;
+  }
+#endif
+  switch (dy_flat.element_size()) {
+    case 4:
+      relu_backward_bits_impl<uint32_t, uint32_t>(static_cast<const uint32_t*>(dy_flat.data_ptr()), b,
+                                                  static_cast<uint32_t*>(dx.data_ptr()), n);
+      break;
+    case 2:
+      relu_backward_bits_impl<uint16_t, uint16_t>(static_cast<const uint16_t*>(dy_flat.data_ptr()), b,
+                                                  static_cast<uint16_t*>(dx.data_ptr()), n);
+      break;
+    case 8:
+      relu_backward_bits_impl<uint64_t, uint64_t>(static_cast<const uint64_t*>(dy_flat.data_ptr()), b,
+                                                  static_cast<uint64_t*>(dx.data_ptr()), n);
+      break;
+    default:
+      TORCH_CHECK(false, "relu_backward_bits: unsupported dtype");
+  }
+  return dx;
+}
+
+// buf[:n] = 0, then buf[pos[j]] = val[j]: the unpacking of a selection into a reused buffer, in one parallel pass
+// each (pos may hold the padding position n: buf has a spare element).
+void scatter_into(torch::Tensor buf, torch::Tensor pos, torch::Tensor val) {
+  TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous() && pos.is_contiguous() && val.is_contiguous(),
+              "scatter_into: contiguous CPU tensors");
+  TORCH_CHECK(buf.scalar_type() == val.scalar_type(), "scatter_into: dtypes differ");
+  const int64_t n = buf.numel(), m = pos.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "scatter_into", [&] {
+    scalar_t* o = buf.data_ptr<scalar_t>();
+    const scalar_t* v = val.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+      std::memset(static_cast<void*>(o + i0), 0, (i1 - i0) * sizeof(scalar_t));
+    });
+    auto put = [&](auto* p) {
+      at::parallel_for(0, m, 1 << 14, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t i = static_cast<int64_t>(p[j]);
+          TORCH_CHECK(i >= 0 && i < n, "scatter_into: position out of range");
+          o[i] = v[j];
+        }
+      });
+    };
+    if (pos.scalar_type() == torch::kInt32) put(pos.data_ptr<int32_t>());
+    else put(pos.data_ptr<int64_t>());
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("topk_select", &topk_select, "exact top-k of |flat|: (thr, pos, values) or (thr,)");
+  m.def("pack_positive", &pack_positive, "1-bit mask of flat > 0");
+  m.def("relu_backward_bits", &relu_backward_bits, "ReLU backward from a 1-bit mask");
+  m.def("scatter_into", &scatter_into, "zero buf, then buf[pos] = val");
+}
