@@ -17,34 +17,14 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__unix__) || defined(__APPLE__)
-#include <sys/mman.h>
-#define SPARSETRAIN_MMAP 1
-#endif
 
 namespace {
 
-// A tensor that backward keeps (a selection's values and positions, a ReLU's bitmap), in pages of its own.
-// Why: glibc's malloc raises its mmap threshold as large tensors are freed, then serves the next ones from its heap;
-// tensors that stay alive across the step there pin the heap's high-water mark, so a process's peak RSS stays
-// that of a dense step although the live bytes are a third smaller. Mapped directly, they return to the system
-// when freed, and the heap holds only transients.
-constexpr int64_t kOwnPagesMin = 1 << 18;  // bytes; smaller tensors fit malloc's small bins
-
-torch::Tensor empty_kept(int64_t numel, const torch::TensorOptions& opts) {
-#if SPARSETRAIN_MMAP
-  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
-  if (bytes >= kOwnPagesMin) {
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p != MAP_FAILED) {
-      return torch::from_blob(p, {numel}, [bytes](void* q) { munmap(q, bytes); }, opts);
-    }
-  }
-#endif
-  return torch::empty({numel}, opts);
-}
-
 constexpr int64_t kChunk = 1 << 15;  // elements per chunk: the partition is fixed, so results never depend on threads
+// Fewer chunks than this run on the calling thread: waking the intra-op pool costs more than a small tensor's pass
+// (a 37k-element weight took 5x longer on 2 threads than on 1).
+constexpr int64_t kSerialChunks = 8;
+constexpr int64_t kSerialElems = kSerialChunks * kChunk;  // the same rule for the elementwise kernels
 
 template <typename T>
 inline float mag(T v) { return std::fabs(static_cast<float>(v)); }
@@ -54,6 +34,29 @@ float kth_largest(std::vector<float>& v, int64_t k) {
   auto it = v.begin() + (static_cast<int64_t>(v.size()) - k);
   std::nth_element(v.begin(), it, v.end());
   return *it;
+}
+
+// The k-th largest of the band v, all inside [lo, hi]. A large band is first narrowed by a histogram of 1024
+// equal-width bins: the bin index is a monotone function of the value (one expression, evaluated identically in
+// both passes), so every value in a higher bin is larger than every value in a lower one, and the k-th largest is
+// the right rank inside one bin. nth_element over the whole band was most of an activation's selection time.
+float kth_largest_in_band(std::vector<float>& v, int64_t k, float lo, float hi) {
+  constexpr int kBins = 1024;
+  const int64_t m = static_cast<int64_t>(v.size());
+  if (m < 4096 || !(hi > lo) || !std::isfinite(hi) || !std::isfinite(lo)) return kth_largest(v, k);
+  const float scale = static_cast<float>(kBins) / (hi - lo);
+  if (!std::isfinite(scale)) return kth_largest(v, k);
+  auto bin = [&](float a) { return std::min(kBins - 1, static_cast<int>((a - lo) * scale)); };
+  std::vector<int64_t> hist(kBins, 0);
+  for (float a : v) ++hist[bin(a)];
+  int target = kBins - 1;
+  int64_t above = 0;  // values in bins above target
+  while (above + hist[target] < k) above += hist[target--];
+  std::vector<float> in;
+  in.reserve(hist[target]);
+  for (float a : v)
+    if (bin(a) == target) in.push_back(a);
+  return kth_largest(in, k - above);
 }
 
 struct ChunkStats {
@@ -155,7 +158,7 @@ void compact_chunk<float, int32_t>(const float* x, int64_t b, int64_t e, float t
 template <typename T>
 void scan(const T* x, int64_t n, float lo, float hi, std::vector<ChunkStats>& st) {
   const int64_t nchunks = static_cast<int64_t>(st.size());
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, nchunks, kSerialChunks, [&](int64_t c0, int64_t c1) {
     std::vector<float> buf(static_cast<size_t>(std::min(n, kChunk)) + 16);
     for (int64_t c = c0; c < c1; ++c) {
       ChunkStats& s = st[c];
@@ -171,7 +174,7 @@ void scan(const T* x, int64_t n, float lo, float hi, std::vector<ChunkStats>& st
 template <typename T, typename I>
 void compact(const T* x, int64_t n, float thr, bool strict, const std::vector<int64_t>& offset, I* pos, T* val) {
   const int64_t nchunks = static_cast<int64_t>(offset.size()) - 1;
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, nchunks, kSerialChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c * kChunk, e = std::min(n, b + kChunk);
       compact_chunk<T, I>(x, b, e, thr, strict, offset[c], offset[c + 1], pos, val);
@@ -222,7 +225,7 @@ std::vector<torch::Tensor> select_impl(const torch::Tensor& flat, int64_t k, con
   std::vector<float> all;
   all.reserve(band);
   for (const auto& s : st) all.insert(all.end(), s.band.begin(), s.band.end());
-  const float thr = kth_largest(all, k - above);
+  const float thr = kth_largest_in_band(all, k - above, lo, hi);
   auto thr_t = torch::full({}, thr, flat.options().dtype(torch::kFloat32));
   if (threshold_only) return {thr_t};
 
@@ -236,8 +239,8 @@ std::vector<torch::Tensor> select_impl(const torch::Tensor& flat, int64_t k, con
   }
   const int64_t total = offset[nchunks];
   const bool i32 = n < ((int64_t)1 << 31) - 1;
-  auto pos = empty_kept(total, flat.options().dtype(i32 ? torch::kInt32 : torch::kInt64));
-  auto val = empty_kept(total, flat.options());
+  auto pos = torch::empty({total}, flat.options().dtype(i32 ? torch::kInt32 : torch::kInt64));
+  auto val = torch::empty({total}, flat.options());
   if (i32)
     compact<T, int32_t>(x, n, thr, strict, offset, pos.data_ptr<int32_t>(), val.data_ptr<T>());
   else
@@ -262,13 +265,13 @@ std::vector<torch::Tensor> topk_select(torch::Tensor flat, int64_t k, torch::Ten
 torch::Tensor pack_positive(torch::Tensor flat) {
   TORCH_CHECK(flat.device().is_cpu() && flat.dim() == 1 && flat.is_contiguous(), "pack_positive: a flat CPU tensor");
   const int64_t n = flat.numel(), nbytes = (n + 7) / 8;
-  auto bits = empty_kept(nbytes, flat.options().dtype(torch::kUInt8));
+  auto bits = torch::empty({nbytes}, flat.options().dtype(torch::kUInt8));
   uint8_t* o = bits.data_ptr<uint8_t>();
 #if defined(__AVX512F__)
   if (flat.scalar_type() == torch::kFloat32) {  // one compare per 16 elements gives their 16 bits
     const float* x = flat.data_ptr<float>();
     const int64_t nvec = n / 16;
-    at::parallel_for(0, nvec, 1024, [&](int64_t v0, int64_t v1) {
+    at::parallel_for(0, nvec, kSerialElems / 16, [&](int64_t v0, int64_t v1) {
       const __m512 zero = _mm512_setzero_ps();
       for (int64_t v = v0; v < v1; ++v) {
         const uint16_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + v * 16), zero, _CMP_GT_OQ);
@@ -285,7 +288,7 @@ torch::Tensor pack_positive(torch::Tensor flat) {
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "pack_positive", [&] {
     const scalar_t* x = flat.data_ptr<scalar_t>();
-    at::parallel_for(0, nbytes, 4096, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, nbytes, kSerialElems / 8, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t i0 = b * 8;
         uint8_t byte = 0;
@@ -309,7 +312,7 @@ void relu_backward_bits_impl(const T* g_, const uint8_t* b, T* d_, int64_t n) {
   const U* g = reinterpret_cast<const U*>(g_);
   U* d = reinterpret_cast<U*>(d_);
   const int64_t nfull = n / 8;
-  at::parallel_for(0, nfull, 2048, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, nfull, kSerialElems / 8, [&](int64_t b0, int64_t b1) {
     for (int64_t k = b0; k < b1; ++k) {
       const U byte = b[k];
       const int64_t i = k * 8;
@@ -331,7 +334,7 @@ torch::Tensor relu_backward_bits(torch::Tensor dy_flat, torch::Tensor bits) {
     const float* g = static_cast<const float*>(dy_flat.data_ptr());
     float* d = static_cast<float*>(dx.data_ptr());
     const int64_t nvec = n / 16;
-    at::parallel_for(0, nvec, 1024, [&](int64_t v0, int64_t v1) {
+    at::parallel_for(0, nvec, kSerialElems / 16, [&](int64_t v0, int64_t v1) {
       for (int64_t v = v0; v < v1; ++v) {
         uint16_t m;
         std::memcpy(&m, b + v * 2, 2);
@@ -371,11 +374,11 @@ void scatter_into(torch::Tensor buf, torch::Tensor pos, torch::Tensor val) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "scatter_into", [&] {
     scalar_t* o = buf.data_ptr<scalar_t>();
     const scalar_t* v = val.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, n, kSerialElems, [&](int64_t i0, int64_t i1) {
       std::memset(static_cast<void*>(o + i0), 0, (i1 - i0) * sizeof(scalar_t));
     });
     auto put = [&](auto* p) {
-      at::parallel_for(0, m, 1 << 14, [&](int64_t j0, int64_t j1) {
+      at::parallel_for(0, m, kSerialElems / 4, [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t i = static_cast<int64_t>(p[j]);
           TORCH_CHECK(i >= 0 && i < n, "scatter_into: position out of range");
