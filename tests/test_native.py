@@ -47,7 +47,7 @@ def _tensor(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     return x.to(dtype)
 
 
-SHAPES = [(5,), (3, 5), (1000,), (70_000,), (64, 16, 32, 32), (64, 64, 8, 8), (300_001,)]
+SHAPES = [(5,), (3, 5), (1000,), (4096,), (64, 64, 3, 3), (70_000,), (64, 16, 32, 32), (64, 64, 8, 8), (300_001,)]
 
 
 @needs_native
@@ -163,3 +163,18 @@ def test_sparsetrain_native_0_disables_it_in_a_fresh_process():
     assert out.returncode == 0, out.stderr
     assert "disabled by SPARSETRAIN_NATIVE=0" in out.stdout
     assert "unavailable" not in out.stderr  # turning it off is not a warning
+
+
+@needs_native
+def test_mask_by_threshold_equals_the_pytorch_ops():
+    from sparsetrain._eager_topk import masked_by_threshold
+
+    w = torch.randn(64, 64, 3, 3)
+    w.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, -1e-30])
+    thr = sp.topk_threshold(w.nan_to_num(), 0.1)
+    got = masked_by_threshold(w, thr)
+    with _native.native_disabled():
+        want = masked_by_threshold(w, thr)
+    assert torch.equal(got.isnan(), want.isnan())
+    real = ~want.isnan()
+    assert torch.equal(got[real], want[real]) and torch.equal(got.signbit()[real], want.signbit()[real])

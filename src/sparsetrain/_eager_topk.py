@@ -104,3 +104,11 @@ def native_select(flat: Tensor, k: int, threshold_only: bool = False) -> list[Te
 
 
 _NO_SAMPLE = torch.empty(0, dtype=torch.int64)
+
+
+def masked_by_threshold(t: Tensor, thr: Tensor) -> Tensor:
+    """``t * (|t| >= thr)`` (a top-K weight from its threshold): one native pass for a float32 CPU tensor in eager
+    code, else the PyTorch ops; the same values either way."""
+    if t.dtype == torch.float32 and t.is_contiguous() and eager_cpu(t) and (nat := native()) is not None:
+        return nat.mask_by_threshold(t.reshape(-1), thr.float()).view(t.shape)
+    return t * (t.abs() >= thr.to(t.dtype)).to(t.dtype)

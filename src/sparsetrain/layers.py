@@ -26,6 +26,7 @@ from torch import Tensor
 
 from sparsetrain import packing
 from sparsetrain import sparsifiers as sp
+from sparsetrain._eager_topk import masked_by_threshold
 
 __all__ = [
     "LayerSpec",
@@ -280,6 +281,9 @@ def sparsify_operand(state: LayerState, op: str, t: Tensor, cfg: sp.SparsifierCo
         state.record(op, thr, fixed=e.fixed)
         c = state.cache[op]
     thr = c.thr
+    if type(cfg) is sp.TopK and not weight_op and not need_keep and need_dense and thr is not None:
+        # The common case (SWAT's weight): only the masked tensor is asked for, in one pass; no bool mask.
+        return Sparsified(masked_by_threshold(t, thr), None, None, thr)
     if e.keep is not None:
         if weight_op:
             if c.mask is None:
@@ -517,7 +521,7 @@ def _load(slots: tuple[Slot, ...], saved: tuple[Tensor, ...]) -> list[Tensor | N
             out.append(packing.scatter(ts[1], ts[0], s.shape, s.perm, reuse="dense"))
         elif s.kind == "weight_thr":  # the forward's top-K weight, recomputed from the weight and its threshold
             w, thr = ts
-            out.append(_cast(w * (w.abs() >= thr.to(w.dtype)), s.cast))
+            out.append(_cast(masked_by_threshold(w, thr), s.cast))
         elif s.kind == "weight_keep":
             w, keep = ts
             out.append(_cast(w * keep.to(w.dtype), s.cast))

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -43,7 +44,13 @@ float kth_largest(std::vector<float>& v, int64_t k) {
 float kth_largest_in_band(std::vector<float>& v, int64_t k, float lo, float hi) {
   constexpr int kBins = 1024;
   const int64_t m = static_cast<int64_t>(v.size());
-  if (m < 4096 || !(hi > lo) || !std::isfinite(hi) || !std::isfinite(lo)) return kth_largest(v, k);
+  if (m < 4096) return kth_largest(v, k);
+  if (!std::isfinite(hi)) {  // no bracket (a small tensor, or the sample missed): the band's own range
+    const auto mm = std::minmax_element(v.begin(), v.end());
+    lo = *mm.first;
+    hi = *mm.second;
+  }
+  if (!(hi > lo) || !std::isfinite(hi) || !std::isfinite(lo)) return kth_largest(v, k);
   const float scale = static_cast<float>(kBins) / (hi - lo);
   if (!std::isfinite(scale)) return kth_largest(v, k);
   auto bin = [&](float a) { return std::min(kBins - 1, static_cast<int>((a - lo) * scale)); };
@@ -159,12 +166,12 @@ template <typename T>
 void scan(const T* x, int64_t n, float lo, float hi, std::vector<ChunkStats>& st) {
   const int64_t nchunks = static_cast<int64_t>(st.size());
   at::parallel_for(0, nchunks, kSerialChunks, [&](int64_t c0, int64_t c1) {
-    std::vector<float> buf(static_cast<size_t>(std::min(n, kChunk)) + 16);
+    std::unique_ptr<float[]> buf(new float[static_cast<size_t>(std::min(n, kChunk)) + 16]);  // (not zeroed)
     for (int64_t c = c0; c < c1; ++c) {
       ChunkStats& s = st[c];
       const int64_t b = c * kChunk, e = std::min(n, b + kChunk);
-      const int64_t cnt = scan_chunk<T>(x, b, e, lo, hi, buf.data(), s.above, s.nan);
-      s.band.assign(buf.data(), buf.data() + cnt);
+      const int64_t cnt = scan_chunk<T>(x, b, e, lo, hi, buf.get(), s.above, s.nan);
+      s.band.assign(buf.get(), buf.get() + cnt);
     }
   });
 }
@@ -192,12 +199,19 @@ std::vector<torch::Tensor> select_impl(const torch::Tensor& flat, int64_t k, con
 
   // Bracket the k-th largest from a fixed sample: [lo, hi] holds it with overwhelming probability; whether it does
   // is checked from the counts below, so the result is exact either way (a miss widens the band to everything).
+  // The sample: the caller's fixed random indices for large tensors; for small ones (weights) 1024 evenly strided
+  // elements, where sorting out the whole tensor would cost more than the two passes.
   float lo = 0.0f, hi = INFINITY;
-  const int64_t m = sample.numel();
-  if (m > 0 && n >= (int64_t)1 << 16) {
-    const int64_t* idx = sample.data_ptr<int64_t>();
+  const bool given = sample.numel() > 0 && n >= (int64_t)1 << 16;
+  const int64_t m = given ? sample.numel() : (n >= 4096 ? 1024 : 0);
+  if (m > 0) {
     std::vector<float> s(m);
-    for (int64_t i = 0; i < m; ++i) s[i] = mag(x[idx[i]]);
+    if (given) {
+      const int64_t* idx = sample.data_ptr<int64_t>();
+      for (int64_t i = 0; i < m; ++i) s[i] = mag(x[idx[i]]);
+    } else {
+      for (int64_t i = 0; i < m; ++i) s[i] = mag(x[i * n / m]);
+    }
     const double q = 1.0 - static_cast<double>(k) / n;
     const double half = 6.0 * std::sqrt(std::max(q * (1 - q), 1.0 / m) / m) + 2.0 / m;
     const int64_t i_lo = std::max<int64_t>(0, static_cast<int64_t>(std::floor((q - half) * m)));
@@ -364,6 +378,21 @@ torch::Tensor relu_backward_bits(torch::Tensor dy_flat, torch::Tensor bits) {
   return dx;
 }
 
+// flat * (|flat| >= thr): a top-K weight from its threshold, in one pass (as PyTorch's four ops compute it: the
+// product by 1 or 0, so a dropped negative value is -0 and a dropped NaN stays NaN).
+torch::Tensor mask_by_threshold(torch::Tensor flat, torch::Tensor thr) {
+  TORCH_CHECK(flat.device().is_cpu() && flat.dim() == 1 && flat.is_contiguous() &&
+              flat.scalar_type() == torch::kFloat32, "mask_by_threshold: a flat float32 CPU tensor");
+  const float t = thr.item<float>();
+  auto out = torch::empty_like(flat);
+  const float* x = flat.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, flat.numel(), kSerialElems, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) o[i] = x[i] * static_cast<float>(std::fabs(x[i]) >= t);
+  });
+  return out;
+}
+
 // buf[:n] = 0, then buf[pos[j]] = val[j]: the unpacking of a selection into a reused buffer, in one parallel pass
 // each (pos may hold the padding position n: buf has a spare element).
 void scatter_into(torch::Tensor buf, torch::Tensor pos, torch::Tensor val) {
@@ -398,4 +427,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_positive", &pack_positive, "1-bit mask of flat > 0");
   m.def("relu_backward_bits", &relu_backward_bits, "ReLU backward from a 1-bit mask");
   m.def("scatter_into", &scatter_into, "zero buf, then buf[pos] = val");
+  m.def("mask_by_threshold", &mask_by_threshold, "flat * (|flat| >= thr)");
 }
