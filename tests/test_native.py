@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import sparsetrain
 from sparsetrain import _native, packing
 from sparsetrain import sparsifiers as sp
+from sparsetrain._relu_mask import pack_positive, relu_backward
 
 HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
 
@@ -97,12 +98,12 @@ def test_channels_last_and_nan_inputs_equal_the_pytorch_path():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_relu_mask_and_backward_equal_autograd(n, dtype):
     out = torch.randn(n).relu().to(dtype)
-    meta, (bits,) = packing.pack_positive(out)
+    meta, (bits,) = pack_positive(out)
     assert torch.equal(bits, packing.packbits(out > 0))
     dy = torch.randn(n).to(dtype)
     dy[::5] = float("nan")
     want = torch.ops.aten.threshold_backward(dy, out, 0)
-    got = packing.relu_backward(dy, meta, bits)
+    got = relu_backward(dy, meta, bits)
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
     real = ~want.isnan()  # (a NaN's sign bit is not a value; bf16 NaNs differ there)

@@ -25,10 +25,11 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["native", "native_status", "build_native", "native_disabled"]
+__all__ = ["NATIVE_DTYPES", "native", "native_status", "build_native", "native_disabled"]
 
 _SOURCE = Path(__file__).parent / "_native" / "sparsetrain_cpu.cpp"
 _LOCK = threading.Lock()
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels take (float64 stays in PyTorch)
 _STATE: dict[str, object] = {"tried": False, "module": None, "why": "not built yet"}
 _OFF: list[bool] = []  # non-empty inside native_disabled()
 

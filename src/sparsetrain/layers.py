@@ -27,6 +27,7 @@ from torch import Tensor
 from sparsetrain import packing
 from sparsetrain import sparsifiers as sp
 from sparsetrain._eager_topk import masked_by_threshold
+from sparsetrain._relu_mask import pack_positive, relu_backward
 
 __all__ = [
     "LayerSpec",
@@ -737,14 +738,14 @@ class _PackedReLUFn(torch.autograd.Function):
             out = torch.relu_(x)
         else:
             out = torch.relu(x)
-        meta, ts = packing.pack_positive(out)
+        meta, ts = pack_positive(out)
         ctx.save_for_backward(*ts)
         ctx.meta = meta
         return out
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, None]:
-        return packing.relu_backward(dy, ctx.meta, ctx.saved_tensors[0]), None
+        return relu_backward(dy, ctx.meta, ctx.saved_tensors[0]), None
 
 
 class PackedReLU(nn.ReLU):

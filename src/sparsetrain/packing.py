@@ -20,13 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsetrain._native import native
+from sparsetrain._native import NATIVE_DTYPES, native
 from sparsetrain._scratch import scratch
 from sparsetrain.sparsifiers import dense_order
 
 __all__ = ["Packed", "pack", "unpack", "pack_mask", "unpack_mask", "packbits", "unpackbits", "unpackbits_bytes",
-           "scatter", "unflat",
-           "pack_positive", "relu_backward"]
+           "scatter", "unflat"]
 
 # Multiply-and-shift bit tricks on 8 bools (bytes 0/1) read as one int64: 3 streaming ops per 8 elements instead
 # of a shift per bit plus a reduction. The products wrap modulo 2**64 by design. Byte order is little-endian.
@@ -142,36 +141,12 @@ def scatter(pos: Tensor, values: Tensor, shape: tuple[int, ...], perm: tuple[int
         flat = values.new_zeros(n + 1)
     else:
         flat = scratch(reuse, n + 1, values.dtype, values.device)
-        if values.dtype in _NATIVE_DTYPES and values.device.type == "cpu" and (nat := native()) is not None:
+        if values.dtype in NATIVE_DTYPES and values.device.type == "cpu" and (nat := native()) is not None:
             nat.scatter_into(flat, pos.contiguous(), values.contiguous())  # zero + scatter, on the intra-op threads
             return unflat(flat[:n], shape, perm)
         flat.zero_()
     flat.index_put_((pos,), values)
     return unflat(flat[:n], shape, perm)
-
-
-_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def pack_positive(t: Tensor) -> tuple[Packed, tuple[Tensor, ...]]:
-    """``pack_mask(t > 0)`` (a ReLU output's sign), in one native pass on eager CPU."""
-    perm = dense_order(t)
-    if (perm is None or t.dtype not in _NATIVE_DTYPES or t.device.type != "cpu"
-            or (nat := native()) is None):
-        return pack_mask(t > 0)
-    flat = t.permute(perm).reshape(-1)
-    return Packed("mask", tuple(t.shape), torch.bool, perm, flat.numel()), (nat.pack_positive(flat),)
-
-
-def relu_backward(dy: Tensor, meta: Packed, bits: Tensor) -> Tensor:
-    """ReLU's backward from its packed sign mask: ``dy`` where the output was positive, 0 elsewhere (autograd's
-    ``threshold_backward``, bit-identical)."""
-    if (dy.dtype in _NATIVE_DTYPES and dy.device.type == "cpu" and dense_order(dy) == meta.perm
-            and (nat := native()) is not None):
-        assert meta.perm is not None
-        return unflat(nat.relu_backward_bits(dy.permute(meta.perm).reshape(-1), bits), meta.shape, meta.perm)
-    mask = unflat(unpackbits_bytes(bits, meta.numel), meta.shape, meta.perm)
-    return torch.ops.aten.threshold_backward(dy, mask, 0)
 
 
 def pack_mask(mask: Tensor) -> tuple[Packed, tuple[Tensor, ...]]:

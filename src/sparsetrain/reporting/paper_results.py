@@ -8,6 +8,7 @@ render` picks one. Shared pieces (tables, per-point statistics, gaps and their i
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,20 @@ def _grad_sparsity_total(run: dict[str, Any]) -> float | None:
     return num / den if den else None
 
 
+def _seed_cell(values: list[float | None], digits: int) -> str:
+    """One table cell over seeds: the value, or mean ± sample SD when several; "—" when there is none."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "—"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _render_tensorquant(rec: dict[str, Any]) -> Rendered:
     from sparsetrain.telemetry.blocks import TOTAL
 
@@ -293,7 +308,10 @@ def _render_tensorquant(rec: dict[str, Any]) -> Rendered:
                     if pt["group"] == g and any(r["run"] in analyses for r in pt["runs"])}
         if not measured:
             continue
-        res = {k: analyses[pt["runs"][0]["run"]] for k, pt in measured.items()}
+        # One search per seed: the cells are the mean ± SD over the seeds searched (their names and settings are
+        # the same; the first seed's analysis gives them).
+        every = {k: [analyses[r["run"]] for r in pt["runs"] if r["run"] in analyses] for k, pt in measured.items()}
+        res = {k: v[0] for k, v in every.items()}
         kinds = [k for k in ("L2", "L1") if k in res]
         for what, title in (("layers", "per layer"), ("blocks", "per block")):
             names = [r["name"] for r in res[kinds[0]].get("weight", res[kinds[0]]["natural"])["report"][what]] \
@@ -305,39 +323,47 @@ def _render_tensorquant(rec: dict[str, Any]) -> Rendered:
             searched_acts = any("activation" in res[k] for k in kinds)
             if searched_acts:
                 cols += [f"{k} activations (searched)" for k in kinds]
+            def weight(a: dict[str, Any], n: str) -> float | None:
+                rw = _row(a.get("weight", {}).get("report", {}), what, n)
+                return None if rw is None else rw.get("weight_enforced", rw["weight_sparsity"])
+
+            def natural(a: dict[str, Any], n: str) -> float | None:
+                rn = _row(a["natural"], what, n)
+                return None if rn is None else rn.get("input_sparsity")
+
+            def searched(a: dict[str, Any], n: str) -> float | None:
+                ra = _row(a.get("activation", {}).get("report", {}), what, n)
+                return None if ra is None else ra.get("input_enforced")
+
             rows = []
             for n in names:
                 cells = [n]
-                for k in kinds:
-                    rw = _row(res[k].get("weight", {}).get("report", {}), what, n)
-                    cells.append("—" if rw is None else f"{rw.get('weight_enforced', rw['weight_sparsity']):.3f}")
-                for k in kinds:
-                    rn = _row(res[k]["natural"], what, n)
-                    cells.append("—" if rn is None or rn.get("input_sparsity") is None
-                                 else f"{rn['input_sparsity']:.3f}")
-                for k in kinds if searched_acts else ():
-                    ra = _row(res[k].get("activation", {}).get("report", {}), what, n)
-                    v = None if ra is None else ra.get("input_enforced")
-                    cells.append("—" if v is None else f"{v:.3f}")
+                for get in (weight, natural) + ((searched,) if searched_acts else ()):
+                    cells += [_seed_cell([get(a, n) for a in every[k]], 3) for k in kinds]
                 rows.append(cells)
-            accs = []
-            base_l2 = res.get("L2", res[kinds[0]])["natural"]["baseline_accuracy"]
-            for k in kinds:
-                rep = res[k].get("weight", {}).get("report")
-                if rep and rep.get("enforced_accuracy") is not None and base_l2:
-                    accs.append(f"{k} {100 * rep['enforced_accuracy'] / base_l2:.1f}%")
-            tot = []
-            for k in kinds:
-                rep = res[k].get("weight", {}).get("report")
-                total = _row(rep, "blocks", TOTAL) if rep else None
-                if total is not None:
-                    tot.append(f"{k} {total.get('weight_enforced', total['weight_sparsity']):.3f}")
+
+            def relative(a: dict[str, Any], base: dict[str, Any]) -> float | None:
+                rep, b = a.get("weight", {}).get("report"), base["natural"]["baseline_accuracy"]
+                return None if not rep or rep.get("enforced_accuracy") is None or not b else \
+                    100 * rep["enforced_accuracy"] / b
+
+            def total(a: dict[str, Any]) -> float | None:
+                rep = a.get("weight", {}).get("report")
+                t = _row(rep, "blocks", TOTAL) if rep else None
+                return None if t is None else t.get("weight_enforced", t["weight_sparsity"])
+
+            bases = every.get("L2", every[kinds[0]])  # vs L2 unsparsified, seed by seed
+            accs = [f"{k} {_seed_cell([relative(a, b) for a, b in zip(every[k], bases)], 1)}%" for k in kinds
+                    if any(relative(a, b) is not None for a, b in zip(every[k], bases))]
+            tot = [f"{k} {_seed_cell([total(a) for a in every[k]], 3)}" for k in kinds
+                   if any(total(a) is not None for a in every[k])]
             note = (f"Weights: sparsity after the per-layer halving weight-threshold search (margin "
                     f"{res[kinds[0]].get('margin')}, all thresholds applied at once); activations: the natural "
                     "sparsity of the input activation each layer consumes (after the previous ReLU/pooling; "
                     "TensorQuant did not threshold activations either)"
                     + (", and after the activation-threshold search" if searched_acts else "") + ", on the first "
-                    f"{res[kinds[0]].get('num_samples')} test images. Relative test accuracy with the searched "
+                    f"{res[kinds[0]].get('num_samples')} test images; mean ± SD over "
+                    f"{_plural(min(len(v) for v in every.values()), 'searched seed')}. Relative test accuracy with the searched "
                     f"weight thresholds (vs L2 unsparsified): {', '.join(accs) or '—'}. Total weight sparsity "
                     f"(TensorQuant Table 6): {', '.join(tot) or '—'}.")
             tables.append(Table(f"tensorquant_{g}_{what}", f"Ours: {g}, weight and activation sparsity {title}",
