@@ -144,12 +144,17 @@ def test_gaps_carry_intervals_and_the_papers_gap():
     gaps = {t.key: t for t in render(rec).tables}["swat_gaps"]
     rows = {r[0]: dict(zip(gaps.columns, r)) for r in gaps.rows}
     u90 = rows["SWAT-U 90%"]
-    # 2 + 2 runs: t(0.975, 2) * pooled SD * sqrt(1/2 + 1/2), with the pooled SD of the two points' accuracies
-    assert re.fullmatch(r"-2\.52 \[-\d+\.\d\d, \+\d+\.\d\d\]", u90["gap to dense [95 % CI] (pp)"])
+    # n + n runs: the gap is the difference of the means, inside t(0.975, 2n - 2) * pooled SD * sqrt(2/n) of it
+    acc = {p["name"]: [100 * r["final_test_acc"] for r in p["runs"]] for p in rec["points"]}
+    gap = statistics.mean(acc["swat-u-90"]) - statistics.mean(acc["dense"])
+    m = re.fullmatch(r"([-+]\d+\.\d\d) \[([-+]\d+\.\d\d), ([-+]\d+\.\d\d)\]", u90["gap to dense [95 % CI] (pp)"])
+    assert m and m.group(1) == f"{gap:+.2f}" and float(m.group(2)) < gap < float(m.group(3))
     assert "-1.35 (VGG-16)" in u90["paper's gap (pp, row)"]
-    assert u90["what the interval supports"].startswith("consistent with no gap")
-    frozen = next(r for k, r in rows.items() if "frozen" in k)
-    assert frozen["vs SWAT-U 90% [95 % CI] (pp)"].endswith("no difference resolved")
+    assert u90["what the interval supports"].startswith(
+        "consistent with no gap" if float(m.group(2)) <= 0 <= float(m.group(3)) else ("below" if gap < 0 else "above"))
+    frozen = next(r for k, r in rows.items() if "frozen" in k)["vs SWAT-U 90% [95 % CI] (pp)"]
+    lo, hi = (float(v) for v in re.search(r"\[([-+]\d+\.\d\d), ([-+]\d+\.\d\d)\]", frozen).groups())
+    assert frozen.endswith("no difference resolved" if lo <= 0 <= hi else ("lower" if hi < 0 else "higher"))
 
 
 @pytest.mark.parametrize("paper", sorted(p.name for p in (REPO / "results").glob("*") if (p / RESULTS_FILE).is_file()))
