@@ -123,7 +123,8 @@ def native() -> ModuleType | None:
 
 
 def native_status() -> str:
-    """``"built"`` or why the native kernels are not used (for ``sparsetrain info`` and bug reports)."""
+    """``"built"`` or why the native kernels are not used (for bug reports: ``python -c "import sparsetrain._native as n;
+    n.build_native(); print(n.native_status())"``)."""
     return str(_STATE["why"])
 
 
