@@ -78,6 +78,7 @@ def train(cfg: TrainConfig, resume=None, epochs: int | None = None) -> dict[str,
             if s.tb_writer is not None:
                 s.tb_writer.close()
         summary = finalize(s)
+        parallel.unwrap(s)  # DDP's Reducer is freed while every rank is still here (see unwrap)
         parallel.barrier(s.env)
         return summary
 

@@ -9,6 +9,7 @@ summed, and rank 0 alone writes the run directory.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from typing import Any
 
@@ -29,7 +30,7 @@ from sparsetrain.distributed import (
 )
 
 __all__ = ["DistEnv", "ConsistencyError", "all_reduce_sum", "barrier", "broadcast_buffers", "broadcast_object",
-           "check_consistency", "gather_objects", "rank_seed", "join", "lock_run", "shard", "wrap", "loss",
+           "check_consistency", "gather_objects", "rank_seed", "join", "lock_run", "shard", "wrap", "unwrap", "loss",
            "comm_stats"]
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,15 @@ def wrap(model: nn.Module, cfg: Any, env: DistEnv, device: torch.device) -> tupl
 
         comm = register_topk_hook(net, density=cfg.grad_compression)
     return net, comm
+
+
+def unwrap(s: Any) -> None:
+    """Drop the DDP wrapper (and a compiled one) while every rank is still in the group. Its Reducer holds the process
+    group: freed only at interpreter exit, after the group was left and a peer may be gone, gloo's destructor can
+    wait for that peer forever (seen once in CI: rank 0 hung in ``~ProcessGroupGloo`` after a finished run)."""
+    if s.net is not s.model:
+        s.net = s.eager_net = s.model
+        gc.collect()  # the Reducer is freed here, with every rank alive, not at exit
 
 
 def sync_batchnorm(model: nn.Module, cfg: Any, env: DistEnv) -> nn.Module:
