@@ -21,6 +21,7 @@ from sparsetrain._scratch import scratch
 _BRACKET_MIN_NUMEL = 1 << 16
 _SAMPLE = 1 << 13
 _SAMPLES: dict[tuple[int, str], Tensor] = {}
+_NO_SAMPLE = torch.empty(0, dtype=torch.int64)  # below the bracket's size the native kernel strides its own sample
 
 
 def sample_index(n: int, device: torch.device) -> Tensor:
@@ -101,9 +102,6 @@ def native_select(flat: Tensor, k: int, threshold_only: bool = False) -> list[Te
         return None
     return nat.topk_select(flat, k, sample_index(flat.numel(), flat.device) if flat.numel() >= _BRACKET_MIN_NUMEL
                            else _NO_SAMPLE, threshold_only) or None
-
-
-_NO_SAMPLE = torch.empty(0, dtype=torch.int64)
 
 
 def masked_by_threshold(t: Tensor, thr: Tensor) -> Tensor:

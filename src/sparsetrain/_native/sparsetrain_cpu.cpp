@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -69,18 +70,33 @@ float kth_largest_in_band(std::vector<float>& v, int64_t k, float lo, float hi) 
 struct ChunkStats {
   int64_t above = 0;        // elements with |v| > hi
   std::vector<float> band;  // magnitudes in [lo, hi]
-  int64_t kept = 0;         // elements kept, once the threshold is known
   bool nan = false;
 };
 
 // One chunk of pass A: count |v| > hi, note NaNs, write the magnitudes inside [lo, hi] to bp; returns how many.
 // Branch-free (every magnitude is written, the slot advances only inside the band): a branch at the band's edges
-// mispredicts on about one element in ten.
+// mispredicts on about one element in ten. float32 with AVX-512 takes 16 elements per step first; compaction by
+// in-register compress and a masked store (the memory form of vcompressps is slow on some cores, e.g. AMD Zen 4).
+// Same results either way: same compares, same order.
 template <typename T>
 int64_t scan_chunk(const T* x, int64_t b, int64_t e, float lo, float hi, float* bp, int64_t& above, bool& nan) {
-  int64_t ab = 0, cnt = 0;
+  int64_t ab = 0, cnt = 0, i = b;
   int nn = 0;
-  for (int64_t i = b; i < e; ++i) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    for (; i + 16 <= e; i += 16) {
+      const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+      ab += __builtin_popcount(_mm512_cmp_ps_mask(a, vhi, _CMP_GT_OQ));
+      nn |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0;
+      const __mmask16 in = _mm512_cmp_ps_mask(a, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(a, vhi, _CMP_LE_OQ);
+      const int c = __builtin_popcount(in);
+      _mm512_mask_storeu_ps(bp + cnt, static_cast<__mmask16>((1u << c) - 1u), _mm512_maskz_compress_ps(in, a));
+      cnt += c;
+    }
+  }
+#endif
+  for (; i < e; ++i) {
     const float a = mag(x[i]);
     ab += a > hi;
     nn |= a != a;
@@ -92,74 +108,36 @@ int64_t scan_chunk(const T* x, int64_t b, int64_t e, float lo, float hi, float* 
   return cnt;
 }
 
-// One chunk of pass C: write position and value of every kept element from slot j on (at most end - j of them).
+// One chunk of pass C: write position and value of every kept element from slot j on (at most end - j of them);
+// float32 with int32 positions and AVX-512 takes 16 elements per step first, as in pass A.
 template <typename T, typename I>
 void compact_chunk(const T* x, int64_t b, int64_t e, float thr, bool strict, int64_t j, int64_t end, I* pos, T* val) {
-  for (int64_t i = b; i < e && j < end; ++i) {
+  int64_t i = b;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t>) {
+    const __m512 vt = _mm512_set1_ps(thr);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b)),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (; i + 16 <= e && j < end; i += 16, idx = _mm512_add_epi32(idx, step)) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      const __m512 a = _mm512_abs_ps(v);
+      const __mmask16 keep = strict ? _mm512_cmp_ps_mask(a, vt, _CMP_GT_OQ) : _mm512_cmp_ps_mask(a, vt, _CMP_GE_OQ);
+      const int c = __builtin_popcount(keep);
+      const __mmask16 head = static_cast<__mmask16>((1u << c) - 1u);
+      _mm512_mask_storeu_ps(val + j, head, _mm512_maskz_compress_ps(keep, v));
+      _mm512_mask_storeu_epi32(pos + j, head, _mm512_maskz_compress_epi32(keep, idx));
+      j += c;
+    }
+  }
+#endif
+  for (; i < e && j < end; ++i) {
     const float a = mag(x[i]);
     pos[j] = static_cast<I>(i);
     val[j] = x[i];
     j += strict ? a > thr : a >= thr;
   }
 }
-
-#if defined(__AVX512F__)
-// float32 with AVX-512: 16 elements per step; compaction by in-register compress and a masked store (the memory form
-// of vcompressps is slow on some cores, e.g. AMD Zen 4). Same results as the scalar code: same compares, same order.
-template <>
-int64_t scan_chunk<float>(const float* x, int64_t b, int64_t e, float lo, float hi, float* bp, int64_t& above,
-                          bool& nan) {
-  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
-  int64_t ab = 0, cnt = 0, i = b;
-  __mmask16 nn = 0;
-  for (; i + 16 <= e; i += 16) {
-    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
-    ab += __builtin_popcount(_mm512_cmp_ps_mask(a, vhi, _CMP_GT_OQ));
-    nn |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-    const __mmask16 in = _mm512_cmp_ps_mask(a, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(a, vhi, _CMP_LE_OQ);
-    const int c = __builtin_popcount(in);
-    _mm512_mask_storeu_ps(bp + cnt, static_cast<__mmask16>((1u << c) - 1u), _mm512_maskz_compress_ps(in, a));
-    cnt += c;
-  }
-  bool nan2 = false;
-  for (; i < e; ++i) {
-    const float a = std::fabs(x[i]);
-    ab += a > hi;
-    nan2 |= a != a;
-    bp[cnt] = a;
-    cnt += (a >= lo) & (a <= hi);
-  }
-  above = ab;
-  nan = nn != 0 || nan2;
-  return cnt;
-}
-
-template <>
-void compact_chunk<float, int32_t>(const float* x, int64_t b, int64_t e, float thr, bool strict, int64_t j,
-                                   int64_t end, int32_t* pos, float* val) {
-  const __m512 vt = _mm512_set1_ps(thr);
-  const __m512i step = _mm512_set1_epi32(16);
-  __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b)),
-                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  int64_t i = b;
-  for (; i + 16 <= e && j < end; i += 16, idx = _mm512_add_epi32(idx, step)) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    const __m512 a = _mm512_abs_ps(v);
-    const __mmask16 keep = strict ? _mm512_cmp_ps_mask(a, vt, _CMP_GT_OQ) : _mm512_cmp_ps_mask(a, vt, _CMP_GE_OQ);
-    const int c = __builtin_popcount(keep);
-    const __mmask16 head = static_cast<__mmask16>((1u << c) - 1u);
-    _mm512_mask_storeu_ps(val + j, head, _mm512_maskz_compress_ps(keep, v));
-    _mm512_mask_storeu_epi32(pos + j, head, _mm512_maskz_compress_epi32(keep, idx));
-    j += c;
-  }
-  for (; i < e && j < end; ++i) {
-    const float a = std::fabs(x[i]);
-    pos[j] = static_cast<int32_t>(i);
-    val[j] = x[i];
-    j += strict ? a > thr : a >= thr;
-  }
-}
-#endif
 
 // Pass A over every chunk: count |v| > hi, collect the magnitudes inside [lo, hi].
 template <typename T>
@@ -320,11 +298,8 @@ torch::Tensor pack_positive(torch::Tensor flat) {
 
 // ReLU's backward from its 1-bit mask: dy where the bit is set, +0 elsewhere (threshold_backward(dy, mask, 0)).
 // Branch-free on the bit patterns (an all-ones or all-zeros mask per element), so the compiler vectorises it.
-template <typename T, typename U>
-void relu_backward_bits_impl(const T* g_, const uint8_t* b, T* d_, int64_t n) {
-  static_assert(sizeof(T) == sizeof(U), "same width");
-  const U* g = reinterpret_cast<const U*>(g_);
-  U* d = reinterpret_cast<U*>(d_);
+template <typename U>
+void relu_backward_bits_impl(const U* g, const uint8_t* b, U* d, int64_t n) {
   const int64_t nfull = n / 8;
   at::parallel_for(0, nfull, kSerialElems / 8, [&](int64_t b0, int64_t b1) {
     for (int64_t k = b0; k < b1; ++k) {
@@ -359,21 +334,17 @@ torch::Tensor relu_backward_bits(torch::Tensor dy_flat, torch::Tensor bits) {
     return dx;
   }
 #endif
-  switch (dy_flat.element_size()) {
+  switch (dy_flat.element_size()) {  // the float types sparsetrain passes: float32, and bf16 / fp16
     case 4:
-      relu_backward_bits_impl<uint32_t, uint32_t>(static_cast<const uint32_t*>(dy_flat.data_ptr()), b,
-                                                  static_cast<uint32_t*>(dx.data_ptr()), n);
+      relu_backward_bits_impl(static_cast<const uint32_t*>(dy_flat.data_ptr()), b,
+                              static_cast<uint32_t*>(dx.data_ptr()), n);
       break;
     case 2:
-      relu_backward_bits_impl<uint16_t, uint16_t>(static_cast<const uint16_t*>(dy_flat.data_ptr()), b,
-                                                  static_cast<uint16_t*>(dx.data_ptr()), n);
-      break;
-    case 8:
-      relu_backward_bits_impl<uint64_t, uint64_t>(static_cast<const uint64_t*>(dy_flat.data_ptr()), b,
-                                                  static_cast<uint64_t*>(dx.data_ptr()), n);
+      relu_backward_bits_impl(static_cast<const uint16_t*>(dy_flat.data_ptr()), b,
+                              static_cast<uint16_t*>(dx.data_ptr()), n);
       break;
     default:
-      TORCH_CHECK(false, "relu_backward_bits: unsupported dtype");
+      TORCH_CHECK(false, "relu_backward_bits: float32, bfloat16 or float16 only");
   }
   return dx;
 }

@@ -8,7 +8,6 @@ render` picks one. Shared pieces (tables, per-point statistics, gaps and their i
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -286,11 +285,7 @@ def _grad_sparsity_total(run: dict[str, Any]) -> float | None:
 def _seed_cell(values: list[float | None], digits: int) -> str:
     """One table cell over seeds: the value, or mean ± sample SD when several; "—" when there is none."""
     v = [x for x in values if x is not None]
-    if not v:
-        return "—"
-    if len(v) == 1:
-        return f"{v[0]:.{digits}f}"
-    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+    return format_mean_sd(*mean_sd(v), digits=digits) if v else "—"
 
 
 def _plural(n: int, word: str) -> str:
