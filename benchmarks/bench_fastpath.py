@@ -13,9 +13,10 @@ Figures (each a ratio to the dense model measured in the same process, or in the
   per-round ratios. With ``--baseline-src`` the same SWAT-U step of that source tree runs in a child process
   (same batch, same round count) so the previous commit is measured in the same run.
 * ``rss``: peak RSS growth over 3 steps (the high-water mark ``VmHWM`` after 3 steps minus after a 2-image warm-up
-  forward; ``ru_maxrss`` would inherit this process's own peak across fork + exec), a
-  fresh process per mode, the default allocator (no ``MALLOC_*`` variables), ResNet-18 batch 128 -- what a user's
-  process shows; and the same with :func:`sparsetrain.lean_allocator` called first (the CLI's setting).
+  forward; ``ru_maxrss`` would inherit this process's own peak across fork + exec), a fresh process per mode, no
+  ``MALLOC_*`` variables, ResNet-18 batch 128, three rows (``RSS_MODES``): what a user's two processes show (dense
+  PyTorch under glibc; ``sparsify_`` installs sparsetrain's caching allocator), both under that allocator (the CLI's
+  setting), and both under glibc (``SPARSETRAIN_ALLOCATOR=default``; what earlier commits measured).
 * ``topk``: the exact top-K threshold of an 8.4M-element post-ReLU activation (``relu(randn(128, 64, 32, 32))``,
   d = 0.1) vs ``kthvalue``; the values must be identical.
 * ``compile``: ``torch.compile(fullgraph=True)`` of a SWAT-U conv stack (forward and backward equal eager), then
@@ -188,26 +189,36 @@ print(hwm() - base)
 '''
 
 
+# What each row runs: the allocator of the dense and of the SWAT-U process, and an environment for both.
+RSS_MODES = {
+    # a user's two scripts: dense PyTorch under glibc; sparsify_ installs the caching allocator
+    "default": ("as a user's processes: dense under glibc, SWAT-U under the allocator `sparsify_` installs", {}),
+    # the same allocator on both sides (the CLI's setting: `sparsetrain train` installs it for dense runs too)
+    "lean": ("both after `sparsetrain.lean_allocator()` (the CLI's setting)", {}),
+    # both under glibc: what the previous commits measured
+    "glibc": ("both under glibc (`SPARSETRAIN_ALLOCATOR=default`)", {"SPARSETRAIN_ALLOCATOR": "default"}),
+}
+
+
 def bench_rss(args) -> None:
     print("\n## Peak RSS growth over 3 steps, ResNet-18 batch 128 (fresh process per mode, no MALLOC_* variables)")
-    print("| allocator | dense MiB | SWAT-U(0.1) MiB | SWAT-U / dense | load |")
+    print("| allocators | dense MiB | SWAT-U(0.1) MiB | SWAT-U / dense | load |")
     print("|---|---:|---:|---:|---:|")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "SPARSETRAIN_ALLOCATOR"))}
     out = {}
-    for alloc in ("default", "lean"):
+    for alloc, (name, extra) in RSS_MODES.items():
         la = check_load(args, f"rss {alloc}")
         mem = {}
         for mode in ("dense", "swat"):
             vals = []
             for _ in range(args.rss_repeats):
                 r = subprocess.run([sys.executable, "-c", RSS_CHILD, "resnet18", mode, "128", str(args.threads), alloc],
-                                   capture_output=True, text=True, env=env)
+                                   capture_output=True, text=True, env={**base_env, **extra})
                 if r.returncode:
                     raise SystemExit(f"rss child failed: {r.stderr[-500:]}")
                 vals.append(int(r.stdout.split()[-1]) / 1024)
             mem[mode] = statistics.median(vals)
         ratio = mem["swat"] / mem["dense"]
-        name = "default (glibc, as a user's process)" if alloc == "default" else "`sparsetrain.lean_allocator()`"
         print(f"| {name} | {mem['dense']:.0f} | {mem['swat']:.0f} | {ratio:.3f} | {max(la, load()):.2f} |",
               flush=True)
         out[alloc] = {"dense_mib": mem["dense"], "swat_mib": mem["swat"], "ratio": ratio}

@@ -33,10 +33,12 @@ _EXPORTS: dict[str, str] = {
     "list_models": "sparsetrain.models",
     "register_model": "sparsetrain.models",
     "lean_allocator": "sparsetrain.allocator",
+    "restore_allocator": "sparsetrain.allocator",
+    "allocator_stats": "sparsetrain.allocator",
     "release_scratch": "sparsetrain._scratch",
 }
 _SUBMODULES = ("data", "sparsifiers", "layers", "handle", "recipe", "methods", "packing", "models", "telemetry",
-               "accounting", "analysis", "reporting", "runs", "training")
+               "accounting", "analysis", "reporting", "runs", "training", "allocator")
 
 __all__ = ["__version__", *sorted(_EXPORTS), "data", "sparsifiers"]
 

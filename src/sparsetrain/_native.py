@@ -27,7 +27,7 @@ import torch
 
 __all__ = ["NATIVE_DTYPES", "native", "native_status", "build_native", "native_disabled"]
 
-_SOURCE = Path(__file__).parent / "_native" / "sparsetrain_cpu.cpp"
+_SOURCES = [Path(__file__).parent / "_native" / f for f in ("sparsetrain_cpu.cpp", "allocator.cpp")]
 _LOCK = threading.Lock()
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels take (float64 stays in PyTorch)
 _STATE: dict[str, object] = {"tried": False, "module": None, "why": "not built yet"}
@@ -46,7 +46,7 @@ def _name(flags: list[str]) -> str:
     # The source, the torch build, the compiler flags and the CPU's instruction sets all go into the name: a cached
     # library built against another torch (headers, ABI), from an older source, or for another CPU (-march=native,
     # e.g. a home directory shared between machines) is never loaded.
-    key = b"\0".join([_SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+    key = b"\0".join([*(p.read_bytes() for p in _SOURCES), torch.__version__.encode(), sys.version.encode(),
                        " ".join(flags).encode(), platform.machine().encode(), _cpu_flags()])
     return f"sparsetrain_cpu_{hashlib.sha256(key).hexdigest()[:12]}"
 
@@ -63,7 +63,7 @@ def _load(flags: list[str], verbose: bool, retry: bool) -> ModuleType:
         print(f"sparsetrain: compiling the native CPU kernels once (under a minute; cached in {build_dir})",
               file=sys.stderr, flush=True)
     try:
-        mod = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, verbose=verbose)
+        mod = cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags, verbose=verbose)
         failed.unlink(missing_ok=True)
         return mod
     except Exception as e:

@@ -16,8 +16,9 @@ _ENABLED = [True]
 
 
 def set_scratch(enabled: bool) -> None:
-    """Turn buffer reuse on or off (off frees them): with :func:`sparsetrain.lean_allocator` the allocator already
-    returns large transients to the system, and keeping them would only add their size to the peak."""
+    """Turn buffer reuse on or off (off frees them): under :func:`sparsetrain.lean_allocator` the allocator itself
+    reuses large blocks (its cache) or returns them (glibc thresholds), and keeping them would only add their size to
+    the peak."""
     _ENABLED[0] = bool(enabled)
     if not enabled:
         release_scratch()

@@ -1,19 +1,26 @@
-"""One documented call that makes a process's resident memory follow its live tensors (glibc only).
+"""A CPU allocator under which a process's resident memory follows its live tensors (and steps stop page-faulting).
 
-PyTorch's CPU tensors come from ``malloc``. glibc serves large blocks with ``mmap`` and gives them back on ``free``
-only above a threshold that it *raises by itself* as a program runs (up to 32 MiB); below it, freed tensors stay
-in the heap, fragmented between the small tensors that are still alive, and the process's resident set (RSS) is
-the heap's high-water mark, not its live tensors. A sparse step keeps many small packed tensors alive between
-large transients, so it suffers from this more than a dense step: the memory it saves is real in live tensors
-(``sparsetrain flops --memory`` counts them) but a default process may not show it.
+PyTorch's CPU tensors come from ``malloc``. glibc keeps freed blocks below a threshold that it *raises by itself* as
+a program runs (up to 32 MiB) in its heap, fragmented between the blocks still alive, and unmaps the larger ones on
+``free``. The first makes a process's peak resident set (RSS) the heap's high-water mark instead of its live
+tensors: a sparse step frees each dense activation early, and a default process showed none of the memory it saves
+(peak RSS growth 0.97x dense for ResNet-18, batch 128). The second makes every reuse of a large block fault its
+pages in again: ~500k page faults, about a second of system time, per ResNet-18 step -- dense or sparse.
 
-:func:`lean_allocator` fixes glibc's mmap and trim thresholds, which also stops the automatic raising: blocks of at
-least ``threshold`` bytes are mapped when allocated and unmapped when freed, and the kernel's reused transient
-buffers (:func:`sparsetrain._scratch.scratch`) are no longer kept between layers. The cost is a page fault per 4 KiB
-the first time each new block is written (a few percent of a CNN step at CIFAR batch sizes; see
-docs/performance.md). ``sparsetrain train`` calls it at start-up (``--no-lean-allocator`` turns it off); a library
-user calls it once, early, before the tensors it should govern exist. Importing sparsetrain never calls it.
-The environment variables ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do the same from outside.
+:func:`lean_allocator` installs sparsetrain's caching CPU allocator (``_native/allocator.cpp``): each block of at
+least ``threshold`` bytes is its own mapping, cached after ``free`` and handed out again for the next request of
+its size class; the cache is bounded so that live + cached stays within 1/16 of the largest live total seen, so the
+process's peak RSS is its live peak. A training step repeats its sizes, so after the first step almost nothing
+faults. Smaller blocks keep c10's aligned ``malloc``. Where the native build is unavailable it falls back to fixing
+glibc's mmap and trim thresholds with ``mallopt`` (RSS follows the live tensors, but large blocks fault on every
+reuse); elsewhere (macOS, Windows without the build) nothing changes.
+
+Who calls it: :func:`sparsetrain.sparsify_` does, once per process, for a model with CPU parameters (what the
+memory figures in docs/performance.md measure); ``sparsetrain train`` does at start-up for every run, dense ones
+included, so its comparisons share one allocator (``--no-lean-allocator`` turns it off). Importing sparsetrain never
+does. ``SPARSETRAIN_ALLOCATOR=default`` in the environment keeps PyTorch's allocator everywhere (an explicit call
+then returns False). Only tensors allocated after the call are served by it; :func:`restore_allocator` puts the
+previous allocator back for new tensors (those already allocated return to the cache when freed).
 """
 
 from __future__ import annotations
@@ -21,43 +28,124 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 
 from sparsetrain._scratch import set_scratch
 
-__all__ = ["lean_allocator"]
+__all__ = ["lean_allocator", "restore_allocator", "allocator_stats", "empty_cache", "allocator_kind"]
 
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-DEFAULT_THRESHOLD = 1 << 20
+DEFAULT_THRESHOLD = 128 << 10  # blocks from here up get their own mapping (glibc's initial mmap threshold)
+_MALLOPT_THRESHOLD = 1 << 20  # the fallback's: below ~1 MiB a fault per reuse costs more than it saves
+SLACK = 1.0 / 16
+_KIND: list[str] = ["default"]
 
 
-def lean_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
-    """Fix glibc malloc's mmap and trim thresholds at ``threshold`` bytes (default 1 MiB).
+def _opted_out() -> bool:
+    return os.environ.get("SPARSETRAIN_ALLOCATOR", "").strip().lower() in ("default", "system", "0", "off")
 
-    Returns True when applied, False where the C library is not glibc (macOS, musl, Windows: nothing is changed).
+
+def lean_allocator(threshold: int | None = None) -> bool:
+    """Serve new CPU tensors from sparsetrain's caching allocator (glibc ``mallopt`` thresholds where it is not built).
+
+    Args:
+        threshold: bytes from which a block gets its own mapping (default 128 KiB; the ``mallopt`` fallback's
+            default is 1 MiB).
+
+    Returns:
+        True when an allocator setting is in effect (now or from an earlier call), False where nothing was changed
+        (``SPARSETRAIN_ALLOCATOR=default``, no native build and no glibc).
 
     Example:
         >>> import sparsetrain
         >>> sparsetrain.lean_allocator()  # doctest: +SKIP
         True
     """
-    if not isinstance(threshold, int) or threshold < 4096:
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 4096):
         raise ValueError(f"lean_allocator: threshold must be an integer number of bytes >= 4096, got {threshold!r}")
+    if _opted_out():
+        log.info("lean_allocator: SPARSETRAIN_ALLOCATOR=default; the allocator is unchanged")
+        return False
+    from sparsetrain._native import native
+
+    nat = native()
+    if nat is not None and hasattr(nat, "allocator_install"):
+        if nat.allocator_install(threshold or DEFAULT_THRESHOLD, SLACK):
+            _installed("caching")
+            return True
+        log.info("lean_allocator: another CPU allocator holds a higher priority; trying glibc's thresholds")
+    if _KIND[0] == "mallopt":
+        return True
+    if _mallopt(threshold or _MALLOPT_THRESHOLD):
+        _installed("mallopt")
+        return True
+    return False
+
+
+def _installed(kind: str) -> None:
+    if _KIND[0] != kind:
+        log.debug("lean_allocator: %s allocator in effect for new CPU tensors", kind)
+    _KIND[0] = kind
+    # Large transients now leave the process (mallopt) or come back from the allocator's cache (caching): the
+    # kernel's own reuse of them across layers would only add their size to the peak.
+    set_scratch(False)
+
+
+def _mallopt(threshold: int) -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        log.info("lean_allocator: no glibc mallopt here; the allocator is unchanged")
+        log.info("lean_allocator: no native build and no glibc mallopt here; the allocator is unchanged")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, threshold) == 1
-    if not ok:
+    if not (mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, threshold) == 1):
         log.info("lean_allocator: mallopt refused the thresholds; the allocator is unchanged")
         return False
-    # Large transients now go back to the system when freed: reusing them across layers would only add their size
-    # to the peak (the reuse exists to keep glibc's own heap from fragmenting).
-    set_scratch(False)
     return True
+
+
+def allocator_kind() -> str:
+    """``"caching"`` (sparsetrain's allocator serves new CPU tensors), ``"mallopt"`` (glibc thresholds fixed) or
+    ``"default"``."""
+    return _KIND[0]
+
+
+def restore_allocator() -> bool:
+    """Serve new CPU tensors from the allocator that was installed before :func:`lean_allocator` (True if it was the
+    caching one; glibc thresholds, once fixed, stay). Blocks already allocated return to the cache when freed."""
+    from sparsetrain._native import native
+
+    nat = native()
+    if _KIND[0] != "caching" or nat is None or not nat.allocator_uninstall():
+        return False
+    nat.allocator_empty_cache()
+    _KIND[0] = "default"
+    set_scratch(True)
+    return True
+
+
+def allocator_stats() -> dict[str, int]:
+    """The caching allocator's counters: ``mapped_bytes`` (live + cached), ``cached_bytes``, ``live_bytes``,
+    ``peak_live_bytes``, ``hits`` / ``misses`` (requests served from the cache / newly mapped) and ``unmapped``
+    (blocks given back to the system); empty when it is not in use. Blocks below the threshold are not counted."""
+    from sparsetrain._native import native
+
+    nat = native()
+    if _KIND[0] != "caching" or nat is None:
+        return {}
+    return dict(nat.allocator_stats())
+
+
+def empty_cache() -> None:
+    """Give every cached block back to the system (e.g. after evaluating at a larger batch size); the bound on the
+    cache restarts from the live total."""
+    from sparsetrain._native import native
+
+    nat = native()
+    if _KIND[0] == "caching" and nat is not None:
+        nat.allocator_empty_cache()

@@ -54,6 +54,10 @@ def sparsify_(model: nn.Module, recipe: Any = "swat-u", **overrides: Any) -> "Sp
     Returns:
         The :class:`SparsityHandle`; call ``handle.step()`` after every ``optimizer.step()``.
 
+    On a model with CPU parameters it also installs sparsetrain's caching CPU allocator, once per process
+    (:func:`sparsetrain.lean_allocator`): under glibc's default a process's peak RSS does not show the memory a
+    sparse step saves. ``SPARSETRAIN_ALLOCATOR=default`` in the environment keeps PyTorch's allocator.
+
     Example:
         >>> import torch, torch.nn as nn
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
@@ -65,7 +69,14 @@ def sparsify_(model: nn.Module, recipe: Any = "swat-u", **overrides: Any) -> "Sp
         raise ValueError("model is already sparsified; call handle.remove() on the existing handle first")
     r = Recipe.load(recipe, **overrides)
     resolved = resolve_layers(model, r)
-    return SparsityHandle(model, r, resolved)
+    handle = SparsityHandle(model, r, resolved)
+    if any(p.device.type == "cpu" for p in model.parameters()):
+        # The memory a sparse step saves shows in the process only under an allocator that does not keep freed
+        # activations in a fragmented heap (see sparsetrain.allocator; SPARSETRAIN_ALLOCATOR=default opts out).
+        from sparsetrain.allocator import lean_allocator
+
+        lean_allocator()
+    return handle
 
 
 def _with_density(spec: LayerSpec, density: float) -> LayerSpec:

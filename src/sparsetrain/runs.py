@@ -99,7 +99,7 @@ SUMMARY_FLOPS_KEYS = (
 #: these and the seed are seeds of one experiment: ``sparsetrain report`` pools them into one row, and a sweep rerun
 #: accepts a run directory that differs only in these.
 RECORD_KEYS = ("out", "quiet", "data_dir", "device", "log_every", "telemetry_every", "tensorboard",
-               "checkpoint_every")
+               "checkpoint_every", "lean_allocator")
 
 class RunDirectoryError(ValueError):
     """The path is not a readable sparsetrain run directory, or one of its files is malformed."""

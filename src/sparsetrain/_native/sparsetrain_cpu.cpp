@@ -393,10 +393,13 @@ void scatter_into(torch::Tensor buf, torch::Tensor pos, torch::Tensor val) {
 
 }  // namespace
 
+void register_allocator(pybind11::module& m);  // allocator.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_select", &topk_select, "exact top-k of |flat|: (thr, pos, values) or (thr,)");
   m.def("pack_positive", &pack_positive, "1-bit mask of flat > 0");
   m.def("relu_backward_bits", &relu_backward_bits, "ReLU backward from a 1-bit mask");
   m.def("scatter_into", &scatter_into, "zero buf, then buf[pos] = val");
   m.def("mask_by_threshold", &mask_by_threshold, "flat * (|flat| >= thr)");
+  register_allocator(m);
 }

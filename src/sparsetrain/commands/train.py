@@ -85,9 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the training step (one graph, no graph breaks; the steps that measure "
                         "densities or sample telemetry run eager)")
-    g.add_argument("--lean-allocator", action="store_true", default=None,
-                   help="make the process's RSS follow its live tensors (glibc mallopt; costs time: see "
-                        "docs/performance.md)")
+    g.add_argument("--lean-allocator", action=argparse.BooleanOptionalAction, default=None,
+                   help="sparsetrain's caching CPU allocator: the process's RSS follows its live tensors and steps "
+                        "stop page-faulting (default on, for dense runs too; see docs/performance.md)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"],
                    help="mixed precision: forward and loss under torch.autocast (fp16 needs CUDA); default none")

@@ -99,7 +99,36 @@ def _render_swat(rec: dict[str, Any]) -> Rendered:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         _save(fig, ax, path)
 
-    return Rendered([ours, gaps, *_published_tables(rec)], {"swat_accuracy_vs_flops.png": plot})
+    # Figs. 1-2 style: SWAT-U (unstructured, uniform) accuracy against its measured weight sparsity, dense at 0.
+    curve = [pt for pt in rec["points"] if pt is base or (pt["config"].get("recipe") == "swat-u-90"
+                                                          and not pt.get("compare_with"))]
+
+    def sparsity_curve(path: Path) -> None:
+        fig = _require_figure(figsize=(6.0, 4.0))
+        ax = fig.add_subplot()
+        pts = []
+        for pt in curve:
+            st = point_stats(pt)
+            if st["acc"] is not None:
+                w = 0.0 if pt is base or st["weight_density"] is None else 100 * (1 - st["weight_density"])
+                pts.append((w, 100 * st["acc"], 100 * (st["sd"] or 0.0), st["n"]))
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label="SWAT-U (0 % = dense), mean ± SD over seeds")
+        bs = point_stats(base) if base is not None else None
+        if bs and bs["acc"] is not None:
+            ax.axhspan(100 * (bs["acc"] - (bs["sd"] or 0.0)), 100 * (bs["acc"] + (bs["sd"] or 0.0)), alpha=0.15,
+                       label="dense ± SD")
+        ax.set_xlabel("weight (and activation) sparsity (%), measured")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("SWAT-U accuracy vs sparsity, ResNet-20 on CIFAR-10 at CPU scale", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+        _save(fig, ax, path)
+
+    plots = {"swat_accuracy_vs_flops.png": plot}
+    if len(curve) >= 3:
+        plots["swat_sparsity_curve.png"] = sparsity_curve
+    return Rendered([ours, gaps, *_published_tables(rec)], plots)
 
 
 # ---------------------------------------------------------------------------------------------- Ye et al.
@@ -382,6 +411,8 @@ def _render_tensorquant(rec: dict[str, Any]) -> Rendered:
         gt_rows.append([pt["group"], f"{thr:g}", format_mean_sd(st["acc"], st["sd"], scale=100.0), str(st["n"]),
                         _gap_text(gap), rel, _verdict(gap, pt),
                         "—" if not sp else f"{sum(sp) / len(sp):.3f}", _minutes(st["time_s"])])
+    # Each model's rows in threshold order, whatever order the experiment file lists its points in.
+    gt_rows.sort(key=lambda r: (groups.index(r[0]), float(r[1])))
     tables.append(Table("tensorquant_gradient_threshold", "Ours: gradient-threshold sweep (TensorQuant Fig. 2)",
                         ["Model", "gradient threshold", "test acc (%)", "seeds", "gap to threshold 0 [95 % CI] (pp)",
                          "relative to threshold 0 (%)", "what the interval supports", "gradient sparsity at the end",

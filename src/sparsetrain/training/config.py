@@ -80,7 +80,7 @@ class TrainConfig:
     deterministic: bool = False
     channels_last: bool = False
     compile: bool = False  # torch.compile the training step's model (observed steps run eager)
-    lean_allocator: bool = False  # glibc: RSS follows the live tensors (sparsetrain.lean_allocator), at a time cost
+    lean_allocator: bool = True  # sparsetrain.lean_allocator(): RSS follows the live tensors, fewer page faults
     device: str = "cpu"
     telemetry_every: int | None = None  # steps; 0 disables the sparsity monitor; None: ~TELEMETRY_POINTS per run
     tensorboard: bool = False
