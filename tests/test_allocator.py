@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 import sparsetrain as st
 from sparsetrain._native import build_native

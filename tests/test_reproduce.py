@@ -24,7 +24,7 @@ from sparsetrain.reporting.results import RESULTS_FILE, SMOKE_BANNER, TABLES_FIL
 from sparsetrain.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
-PAPERS = ("channel", "grad-prune", "swat", "swat-convergence", "tensorquant")
+PAPERS = ("channel", "channel-mnist", "grad-prune", "swat", "swat-convergence", "tensorquant")
 
 
 @pytest.fixture(scope="module")

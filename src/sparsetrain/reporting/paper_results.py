@@ -521,8 +521,9 @@ def _render_channel(rec: dict[str, Any]) -> Rendered:
                   ["Sparse point", "params sparse", "params depth multiplier", "sparse acc (%)",
                    "depth-multiplier acc (%)", "sparse − depth multiplier [95 % CI] (pp)",
                    "what the interval supports"], prows,
-                  "The paper's claim (section 5.2.1, Fig. 3): sparse networks are as accurate or more accurate than "
-                  "depth-multiplier networks of the same parameter count; Fig. 3 gives curves, no numbers. 'higher': "
+                  "The paper's claim (section 5.2.1, Figs. 2-3): sparse networks are as accurate or more accurate "
+                  "than depth-multiplier networks of the same parameter count; the figures give curves, no numbers. "
+                  "'higher': "
                   "the interval excludes 0 on the sparse side. " + _statistics_line(rec))
 
     def plot(path: Path) -> None:
@@ -629,6 +630,6 @@ def _render_convergence(rec: dict[str, Any]) -> Rendered:
 
 _RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
     "swat": _render_swat, "grad-prune": _render_grad_prune, "tensorquant": _render_tensorquant,
-    "channel": _render_channel, "swat-convergence": _render_convergence,
+    "channel": _render_channel, "channel-mnist": _render_channel, "swat-convergence": _render_convergence,
 }
 
