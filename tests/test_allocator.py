@@ -76,6 +76,14 @@ def test_opt_out_and_sparsify_installs_once_on_cpu_models():
     assert _run(code, SPARSETRAIN_ALLOCATOR="default") == "default"
     assert _run("import sparsetrain as st; print(st.lean_allocator())", SPARSETRAIN_ALLOCATOR="default") == "False"
     assert _run("import torch, sparsetrain; print(sparsetrain.allocator.allocator_kind())") == "default"  # import
+    with pytest.warns(RuntimeWarning, match="SPARSETRAIN_ALLOCATOR='defualt' is not one of default, system"):
+        os.environ["SPARSETRAIN_ALLOCATOR"] = "defualt"
+        try:
+            from sparsetrain.allocator import _opted_out
+
+            assert _opted_out() is False
+        finally:
+            del os.environ["SPARSETRAIN_ALLOCATOR"]
 
 
 def test_bad_threshold_is_a_clear_error():

@@ -29,6 +29,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import warnings
 
 from sparsetrain._scratch import set_scratch
 
@@ -44,8 +45,16 @@ SLACK = 1.0 / 16
 _KIND: list[str] = ["default"]
 
 
+_OFF_VALUES = ("default", "system", "0", "off")
+_ON_VALUES = ("", "caching", "lean", "1", "on")
+
+
 def _opted_out() -> bool:
-    return os.environ.get("SPARSETRAIN_ALLOCATOR", "").strip().lower() in ("default", "system", "0", "off")
+    value = os.environ.get("SPARSETRAIN_ALLOCATOR", "").strip().lower()
+    if value not in _OFF_VALUES + _ON_VALUES:
+        warnings.warn(f"SPARSETRAIN_ALLOCATOR={value!r} is not one of {', '.join(v for v in _OFF_VALUES + _ON_VALUES if v)}"
+                      "; using sparsetrain's caching allocator", RuntimeWarning, stacklevel=3)
+    return value in _OFF_VALUES
 
 
 def lean_allocator(threshold: int | None = None) -> bool:
