@@ -81,7 +81,7 @@ def lean_allocator(threshold: int | None = None) -> bool:
     from sparsetrain._native import native
 
     nat = native()
-    if nat is not None and hasattr(nat, "allocator_install"):
+    if nat is not None:
         if nat.allocator_install(threshold or DEFAULT_THRESHOLD, SLACK):
             _installed("caching")
             return True
@@ -124,13 +124,20 @@ def allocator_kind() -> str:
     return _KIND[0]
 
 
+def _caching_native():
+    """The native module when the caching allocator is the one in effect, else None."""
+    if _KIND[0] != "caching":
+        return None
+    from sparsetrain._native import native
+
+    return native()
+
+
 def restore_allocator() -> bool:
     """Serve new CPU tensors from the allocator that was installed before :func:`lean_allocator` (True if it was the
     caching one; glibc thresholds, once fixed, stay). Blocks already allocated return to the cache when freed."""
-    from sparsetrain._native import native
-
-    nat = native()
-    if _KIND[0] != "caching" or nat is None or not nat.allocator_uninstall():
+    nat = _caching_native()
+    if nat is None or not nat.allocator_uninstall():
         return False
     nat.allocator_empty_cache()
     _KIND[0] = "default"
@@ -142,19 +149,13 @@ def allocator_stats() -> dict[str, int]:
     """The caching allocator's counters: ``mapped_bytes`` (live + cached), ``cached_bytes``, ``live_bytes``,
     ``peak_live_bytes``, ``hits`` / ``misses`` (requests served from the cache / newly mapped) and ``unmapped``
     (blocks given back to the system); empty when it is not in use. Blocks below the threshold are not counted."""
-    from sparsetrain._native import native
-
-    nat = native()
-    if _KIND[0] != "caching" or nat is None:
-        return {}
-    return dict(nat.allocator_stats())
+    nat = _caching_native()
+    return {} if nat is None else dict(nat.allocator_stats())
 
 
 def empty_cache() -> None:
     """Give every cached block back to the system (e.g. after evaluating at a larger batch size); the bound on the
     cache restarts from the live total."""
-    from sparsetrain._native import native
-
-    nat = native()
-    if _KIND[0] == "caching" and nat is not None:
+    nat = _caching_native()
+    if nat is not None:
         nat.allocator_empty_cache()

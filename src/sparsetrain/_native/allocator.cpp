@@ -33,7 +33,7 @@ namespace {
 
 #ifdef SPARSETRAIN_HAVE_MMAP
 
-constexpr size_t kHeader = 64;  // before the data: its kind and mapped size; keeps the data 64-byte aligned
+constexpr size_t kHeader = 64;  // before the data: a Header; keeps the data 64-byte aligned
 constexpr uint64_t kMappedTag = 0x7370617273654d31ull, kHeapTag = 0x7370617273654831ull;
 struct Header {
   uint64_t tag;
@@ -217,8 +217,6 @@ bool uninstall() {
   return true;
 }
 
-bool installed() { return c10::GetCPUAllocator() == g_alloc; }
-
 std::unordered_map<std::string, int64_t> stats() {
   std::lock_guard<std::mutex> g(g_alloc->mu);
   const auto& a = *g_alloc;
@@ -233,7 +231,6 @@ void empty_cache() { g_alloc->release(); }
 
 bool install(int64_t, double) { return false; }
 bool uninstall() { return false; }
-bool installed() { return false; }
 std::unordered_map<std::string, int64_t> stats() { return {}; }
 void empty_cache() {}
 
@@ -244,7 +241,6 @@ void empty_cache() {}
 void register_allocator(pybind11::module& m) {
   m.def("allocator_install", &install, "install the caching CPU allocator (min_size bytes, slack)");
   m.def("allocator_uninstall", &uninstall, "restore the allocator that was installed before");
-  m.def("allocator_installed", &installed, "whether the caching CPU allocator serves new CPU tensors");
   m.def("allocator_stats", &stats, "mapped / cached / live / peak-live bytes, hits, misses, unmapped blocks");
   m.def("allocator_empty_cache", &empty_cache, "unmap every cached block");
 }
