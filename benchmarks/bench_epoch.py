@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,12 @@ def _data(args) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(0, 10, (args.images,), generator=g))
 
 
-def time_epoch(mode: str, x: torch.Tensor, y: torch.Tensor, args) -> tuple[float, float]:
-    """(samples per wall-clock second, samples per CPU second of this process) after ``args.warmup`` batches."""
+def epoch_steps(mode: str, x: torch.Tensor, y: torch.Tensor, args) -> Iterator[int]:
+    """One epoch of ``mode``, a training step per ``next()`` (loading the batch included); yields its sample count.
+
+    A generator so that modes can be interleaved in chunks in one process (``bench_fastpath.py``): slow drifts of a
+    shared machine then hit every mode alike.
+    """
     torch.manual_seed(0)
     info = dataset_info("cifar10")
     model = sparsetrain.create_model(args.model, num_classes=10)
@@ -59,18 +64,22 @@ def time_epoch(mode: str, x: torch.Tensor, y: torch.Tensor, args) -> tuple[float
     loader = BatchLoader(x, y, batch_size=args.batch_size, mean=info.mean, std=info.std, shuffle=True,
                          seed=0, crop_padding=info.crop_padding, hflip=info.hflip)
     model.train()
-    seen = 0
-    start = cpu_start = None
-    for i, (xb, yb) in enumerate(loader):
-        if i == args.warmup:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            seen = 0
+    for xb, yb in loader:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(xb), yb).backward()
         opt.step()
         if handle is not None:
             handle.step(opt)
-        seen += len(yb)
+        yield len(yb)
+
+
+def time_epoch(mode: str, x: torch.Tensor, y: torch.Tensor, args) -> tuple[float, float]:
+    """(samples per wall-clock second, samples per CPU second of this process) after ``args.warmup`` batches."""
+    steps = epoch_steps(mode, x, y, args)
+    for _ in range(args.warmup):
+        next(steps, None)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    seen = sum(steps)
     return seen / (time.perf_counter() - start), seen / (time.process_time() - cpu_start)
 
 

@@ -1,6 +1,6 @@
 """The 1-bit ReLU sign mask :class:`sparsetrain.layers.PackedReLU` saves: packed from the output and read by backward
-in one native pass each on eager CPU (:mod:`sparsetrain._native`), else by :mod:`sparsetrain.packing`'s PyTorch ops;
-bit-identical either way."""
+in one native pass each on CPU (:mod:`sparsetrain._native`; compiled CPU code calls them as opaque
+``torch.library`` ops), else by :mod:`sparsetrain.packing`'s PyTorch ops; bit-identical either way."""
 
 from __future__ import annotations
 
@@ -9,13 +9,25 @@ from torch import Tensor
 
 from sparsetrain import packing
 from sparsetrain._native import NATIVE_DTYPES, native
-from sparsetrain.sparsifiers import dense_order
+from sparsetrain.sparsifiers import dense_order, selection_order
 
 __all__ = ["pack_positive", "relu_backward"]
 
 
+def _compiled_cpu(t: Tensor) -> bool:
+    # Inductor on CPU would store a traced bool mask one byte at a time (slower than the whole ReLU), and the
+    # bit tricks of packing.packbits as int64 arithmetic: the native passes as opaque ops instead.
+    return torch.compiler.is_compiling() and t.device.type == "cpu" and t.dtype in NATIVE_DTYPES
+
+
 def pack_positive(t: Tensor) -> tuple[packing.Packed, tuple[Tensor, ...]]:
-    """``pack_mask(t > 0)`` (a ReLU output's sign), in one native pass on eager CPU."""
+    """``pack_mask(t > 0)`` (a ReLU output's sign), in one native pass on CPU."""
+    if _compiled_cpu(t):
+        perm = selection_order(t)  # the order Inductor stores an activation in: no transposing copy
+        assert perm is not None
+        flat = t.permute(perm).reshape(-1)
+        meta = packing.Packed("mask", tuple(t.shape), torch.bool, perm, flat.numel())
+        return meta, (torch.ops.sparsetrain.pack_positive(flat),)
     perm = dense_order(t)
     if (perm is None or t.dtype not in NATIVE_DTYPES or t.device.type != "cpu"
             or (nat := native()) is None):
@@ -27,9 +39,38 @@ def pack_positive(t: Tensor) -> tuple[packing.Packed, tuple[Tensor, ...]]:
 def relu_backward(dy: Tensor, meta: packing.Packed, bits: Tensor) -> Tensor:
     """ReLU's backward from its packed sign mask: ``dy`` where the output was positive, 0 elsewhere (autograd's
     ``threshold_backward``, bit-identical)."""
+    assert meta.perm is not None
+    if _compiled_cpu(dy):
+        flat = dy.permute(meta.perm).reshape(-1)
+        return packing.unflat(torch.ops.sparsetrain.relu_backward_bits(flat, bits), meta.shape, meta.perm)
     if (dy.dtype in NATIVE_DTYPES and dy.device.type == "cpu" and dense_order(dy) == meta.perm
             and (nat := native()) is not None):
-        assert meta.perm is not None
         return packing.unflat(nat.relu_backward_bits(dy.permute(meta.perm).reshape(-1), bits), meta.shape, meta.perm)
     mask = packing.unflat(packing.unpackbits_bytes(bits, meta.numel), meta.shape, meta.perm)
     return torch.ops.aten.threshold_backward(dy, mask, 0)
+
+
+@torch.library.custom_op("sparsetrain::pack_positive", mutates_args=())
+def _pack_positive_op(flat: Tensor) -> Tensor:
+    """``packing.packbits(flat > 0)`` of a flat tensor (compiled CPU code)."""
+    nat = native()
+    return packing.packbits(flat > 0) if nat is None else nat.pack_positive(flat.contiguous())
+
+
+@_pack_positive_op.register_fake
+def _(flat: Tensor) -> Tensor:
+    return flat.new_empty(((flat.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("sparsetrain::relu_backward_bits", mutates_args=())
+def _relu_backward_bits_op(dy: Tensor, bits: Tensor) -> Tensor:
+    """``dy`` (flat) where the bit is set, +0 elsewhere (compiled CPU code)."""
+    nat = native()
+    if nat is not None:
+        return nat.relu_backward_bits(dy.contiguous(), bits)
+    return torch.ops.aten.threshold_backward(dy, packing.unpackbits_bytes(bits, dy.numel()), 0)
+
+
+@_relu_backward_bits_op.register_fake
+def _(dy: Tensor, bits: Tensor) -> Tensor:
+    return torch.empty_like(dy)

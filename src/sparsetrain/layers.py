@@ -245,7 +245,7 @@ class Sparsified(NamedTuple):
 def _keep_from(t: Tensor, pos: Tensor) -> Tensor:
     """The bool mask of the positions ``pos`` (memory order, padded with numel) in ``t``'s shape."""
     return packing.scatter(pos, torch.ones((), dtype=torch.bool, device=t.device).expand(pos.shape), tuple(t.shape),
-                           sp.dense_order(t))
+                           sp.selection_order(t))
 
 
 def sparsify_operand(state: LayerState, op: str, t: Tensor, cfg: sp.SparsifierConfig | None, *,
@@ -275,7 +275,7 @@ def sparsify_operand(state: LayerState, op: str, t: Tensor, cfg: sp.SparsifierCo
         # every step, and a reused threshold lets the kept fraction drift far from the target. An activation is a
         # new tensor every step, so it can only reuse the threshold; its drift is what handle.measuring() reports.
         state.record(op, thr, keep if weight_op else None)
-        dense = packing.scatter(pos, values, tuple(t.shape), sp.dense_order(t)) if need_dense else None
+        dense = packing.scatter(pos, values, tuple(t.shape), sp.selection_order(t)) if need_dense else None
         return Sparsified(dense, keep, (pos, values), thr)
     if due:
         thr = e.threshold(t, cfg, key=state.name)
@@ -475,7 +475,7 @@ def _save(tensors: list[Tensor], t: Tensor | None, *, sel: tuple[Tensor, Tensor]
         pos, values = sel  # positions already int32 where they fit (sparsifiers.topk_select)
         assert like is not None
         tensors += [_cast(values, dtype), pos]
-        return Slot("selection", 2, tuple(like.shape), sp.dense_order(like))
+        return Slot("selection", 2, tuple(like.shape), sp.selection_order(like))
     if t is None:
         return Slot("none")
     if mask and pack:
@@ -679,7 +679,7 @@ def sparse_gemm(state: LayerState, spec: LayerSpec, gemm: Any, x: Tensor, weight
         x_sparse = spec.resolved("input_for_grad_weight") is not None
         if obs:
             xb_dense = xb.dense if xb.dense is not None or xb.sel is None else packing.scatter(
-                xb.sel[0], xb.sel[1], tuple(x.shape), sp.dense_order(xd))
+                xb.sel[0], xb.sel[1], tuple(x.shape), sp.selection_order(xd))
             events += [("weight_for_grad_input", weight, wb.dense if spec.resolved("weight_for_grad_input") else weight),
                        ("input_for_grad_weight", x, xb_dense if x_sparse else x)]
 

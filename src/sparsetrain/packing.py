@@ -137,6 +137,10 @@ def scatter(pos: Tensor, values: Tensor, shape: tuple[int, ...], perm: tuple[int
     ``reuse`` the result lives in a :func:`scratch` buffer of that tag: valid only until the next such call.
     """
     n = math.prod(shape)
+    if torch.compiler.is_compiling() and values.device.type == "cpu" and values.dtype in NATIVE_DTYPES:
+        # One opaque op: Inductor would fuse a traced zero-fill and scalar scatter into the neighbouring
+        # normalisation kernels (a serial loop there); the op runs the native parallel kernel.
+        return unflat(torch.ops.sparsetrain.scatter_k(pos, values, n)[:n], shape, perm)
     if reuse is None:
         flat = values.new_zeros(n + 1)
     else:
@@ -147,6 +151,21 @@ def scatter(pos: Tensor, values: Tensor, shape: tuple[int, ...], perm: tuple[int
         flat.zero_()
     flat.index_put_((pos,), values)
     return unflat(flat[:n], shape, perm)
+
+
+@torch.library.custom_op("sparsetrain::scatter_k", mutates_args=())
+def _scatter_k(pos: Tensor, values: Tensor, n: int) -> Tensor:
+    """``n + 1`` elements: ``values`` at ``pos`` (padding slots hold ``n``), zeros elsewhere (compiled CPU code)."""
+    flat = values.new_empty(n + 1)
+    if (nat := native()) is not None:
+        nat.scatter_into(flat, pos.contiguous(), values.contiguous())
+        return flat
+    return flat.zero_().index_put_((pos,), values)
+
+
+@_scatter_k.register_fake
+def _(pos: Tensor, values: Tensor, n: int) -> Tensor:
+    return values.new_empty(n + 1)
 
 
 def pack_mask(mask: Tensor) -> tuple[Packed, tuple[Tensor, ...]]:

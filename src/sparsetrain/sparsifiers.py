@@ -51,6 +51,7 @@ __all__ = [
     "density_from",
     "flat_memory_order",
     "dense_order",
+    "selection_order",
     "entry",
     "nominal_density",
     "has_density",
@@ -368,12 +369,26 @@ def dense_order(t: Tensor) -> tuple[int, ...] | None:
     return perm if t.permute(perm).is_contiguous() else None
 
 
+def selection_order(t: Tensor) -> tuple[int, ...] | None:
+    """The order a top-K selection of ``t`` numbers its positions in: ``t``'s memory order (:func:`dense_order`),
+    except in compiled CPU code, where a 4-D activation is taken channels_last.
+
+    Inductor lays conv activations out channels_last on CPU, which a traced program cannot see (it traces the eager
+    layout). Positions in the order Inductor stores the tensor need no transposing copy on the way into the selection
+    and out of the unpacking; NCHW positions cost a strided gather of the whole activation each way, as much as the
+    selection itself. The same program gives the same positions wherever the layout is decided.
+    """
+    if t.dim() == 4 and t.device.type == "cpu" and torch.compiler.is_compiling():
+        return (0, 2, 3, 1)
+    return dense_order(t)
+
+
 def flat_memory_order(t: Tensor) -> Tensor:
-    """``t``'s elements as a 1-D view in memory order (no copy for contiguous or channels_last tensors).
+    """``t``'s elements as a 1-D tensor in :func:`selection_order` (a view for contiguous or channels_last tensors).
 
     Top-K and packing do not care about element order, and ``reshape(-1)`` of a channels_last tensor would copy it.
     """
-    perm = dense_order(t)
+    perm = selection_order(t)
     return t.reshape(-1) if perm is None else t.permute(perm).reshape(-1)
 
 
@@ -471,8 +486,9 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
     if torch.compiler.is_compiling() and flat.device.type == "cpu" and flat.is_floating_point():
         # Compiled CPU code: the eager selection as one opaque op with static output sizes (exactly k slots), so the
         # graph has no break and Inductor does not run the slower histogram path on CPU.
-        thr, pos = torch.ops.sparsetrain.topk_select_k(flat, k)
-        return thr, pos, flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
+        # The values come out of the op too: a gather traced beside it would be recomputed in backward from the
+        # dense activation by the partitioner, and fused into the backward's normalisation kernels.
+        return torch.ops.sparsetrain.topk_select_k(flat, k)
     found = native_select(flat, k)
     if found:
         return found[0], found[1], found[2]
@@ -499,19 +515,21 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @torch.library.custom_op("sparsetrain::topk_select_k", mutates_args=())
-def _topk_select_k(flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``(thr, pos)`` of the exact top k of the flat ``flat``, ``pos`` with exactly k int32 slots (tie rule).
+def _topk_select_k(flat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(thr, pos, values)`` of the exact top k of the flat ``flat``, ``pos`` with exactly k int32 slots (tie
+    rule), ``values`` the kept values (0 at the padding).
 
     The eager selection (:func:`topk_select`) wrapped for compiled code: its sizes are static, so a compiler takes
     it as one op. More kept values than k (ties) are cut by the tie rule; fewer (zeros left out) are padded with
     ``numel``.
     """
     n = flat.numel()
-    thr, pos, _ = topk_select(flat, (k - 0.5) / n)  # ceil((k - 0.5) / n * n) == k, free of rounding
+    thr, pos, values = topk_select(flat, (k - 0.5) / n)  # ceil((k - 0.5) / n * n) == k, free of rounding
     if pos.numel() != k:
         a = flat.abs() if flat.dtype in (torch.float32, torch.float64) else flat.float().abs()
         pos = _int32(_tie_rule_positions(a, thr.to(a.dtype), k, n), n)
-    return thr.float(), pos
+        values = flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
+    return thr.float(), pos, values
 
 
 @torch.library.custom_op("sparsetrain::topk_threshold_k", mutates_args=())
@@ -526,9 +544,9 @@ def _(flat: Tensor, k: int) -> Tensor:
 
 
 @_topk_select_k.register_fake
-def _(flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    return flat.new_empty((), dtype=torch.float32), flat.new_empty((k,), dtype=torch.int32 if flat.numel() < 2**31 - 1
-                                                                     else torch.int64)
+def _(flat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    index = torch.int32 if flat.numel() < 2**31 - 1 else torch.int64
+    return flat.new_empty((), dtype=torch.float32), flat.new_empty((k,), dtype=index), flat.new_empty((k,))
 
 
 def _topk_thr(x: Tensor, cfg: TopK, *, key: str = "") -> Tensor | None:
