@@ -22,8 +22,10 @@ Figures (each a ratio to the dense model measured in the same process, or in the
 * ``compile``: ``torch.compile(fullgraph=True)`` of a SWAT-U conv stack (forward and backward equal eager), then
   ResNet-20 SWAT-U(0.1) vs dense, both compiled with Inductor: graph breaks, recompiles after warm-up, step ratio.
 * ``epoch``: a real-loader epoch of ResNet-20 on CIFAR-10 (``bench_epoch.epoch_steps``: ``BatchLoader``, crop + flip,
-  SGD momentum + weight decay, 5120 images, batch 128, 2 warm-up batches), samples/s of SWAT-U at d = 0.1 and 0.2
-  against dense (``bench_epoch.py`` says when it falls back to synthetic images).
+  SGD momentum + weight decay, batch 128, all 50,000 images by default, 2 warm-up batches), samples/s of SWAT-U at
+  d = 0.1 and 0.2 against dense. Each mode trains in its own process (as a user's run: dense under PyTorch's
+  allocator, SWAT-U under the one ``sparsify_`` installs); the processes take turns of 4 batches, one at a time
+  (``bench_epoch.py`` says when it falls back to synthetic images).
 
 Timing needs an idle machine: the 1-minute load average is printed next to every figure; the run warns (and with
 ``--strict`` stops) when it is above 1 at start, or later above 1 plus this run's own threads. Threads: 2 (``--threads``), the setting users have.
@@ -316,42 +318,62 @@ def bench_compile(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- epoch
+EPOCH_CHILD = r'''
+import sys, time, types, torch
+sys.path.insert(0, sys.argv[1])
+from bench_epoch import _data, epoch_steps
+torch.set_num_threads(int(sys.argv[3]))
+opts = types.SimpleNamespace(model="resnet20", batch_size=128, images=int(sys.argv[4]), data_dir=sys.argv[5] or None,
+                             synthetic=False)
+x, y = _data(opts)
+steps = epoch_steps(sys.argv[2], x[:opts.images], y[:opts.images], opts)
+print("ready", flush=True)
+for line in sys.stdin:  # "n": run the next n batches (loading included), answer "samples seconds"
+    t0, seen = time.perf_counter(), 0
+    for _ in range(int(line)):
+        seen += next(steps, 0)
+    print(seen, time.perf_counter() - t0, flush=True)
+'''
+
+
 def bench_epoch(args) -> None:
-    import types
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_epoch import _data, epoch_steps  # bench_epoch.py's epoch (its loader, SGD, handle.step)
-
     print(f"\n## Real-loader epoch, ResNet-20 CIFAR-10 ({args.images} images, batch 128, crop + flip), samples/s",
           flush=True)
-    opts = types.SimpleNamespace(model="resnet20", batch_size=128, warmup=2, images=args.images,
-                                 data_dir=args.data_dir, synthetic=False)
-    x, y = _data(opts)
-    x, y = x[:args.images], y[:args.images]
     la = check_load(args, "epoch")
     modes = ("dense", "swat-u-0.1", "swat-u-0.2")
-    # The three epochs advance in turns of a few batches each (each mode its own model, loader and optimizer): a
-    # drift of the machine over the minutes an epoch takes then falls on every mode alike.
-    runs = {m: epoch_steps(m, x, y, opts) for m in modes}
+    # Each mode trains in its own process, as a user's run does (its own allocator state: the dense one PyTorch's,
+    # the sparse ones the allocator sparsify_ installs), and the processes take turns of a few batches, one at a time:
+    # a drift of the machine over the minutes an epoch takes then falls on every mode alike.
+    here = os.path.dirname(os.path.abspath(__file__))
+    procs = {m: subprocess.Popen([sys.executable, "-c", EPOCH_CHILD, here, m, str(args.threads), str(args.images),
+                                  args.data_dir or ""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for m in modes}
+
+    def run(m: str, n: int) -> tuple[int, float]:
+        procs[m].stdin.write(f"{n}\n")
+        procs[m].stdin.flush()
+        seen, dt = procs[m].stdout.readline().split()
+        return int(seen), float(dt)
     for m in modes:
-        for _ in range(opts.warmup):
-            next(runs[m])
+        for line in procs[m].stdout:  # what the worker says before it is ready (e.g. a synthetic-data fallback)
+            if line.strip() == "ready":
+                break
+            print(f"[{m}] {line.strip()}")
+        else:
+            sys.exit(f"epoch worker {m} failed")
+        run(m, 2)  # warm-up batches
     seen, spent, turns = dict.fromkeys(modes, 0), dict.fromkeys(modes, 0.0), {m: [] for m in modes}
-    done = False
-    while not done:
-        for m in modes:
-            t0, n = time.perf_counter(), 0
-            for _ in range(4):
-                k = next(runs[m], 0)
-                if not k:
-                    done = True
-                    break
-                n += k
-            if n:
-                dt = time.perf_counter() - t0
-                seen[m] += n
-                spent[m] += dt
-                turns[m].append(n / dt)
+    while True:
+        got = {m: run(m, 4) for m in modes}
+        if any(n < 4 * 128 for n, _ in got.values()):  # the end of the epoch: a short turn is left out
+            break
+        for m, (n, dt) in got.items():
+            seen[m] += n
+            spent[m] += dt
+            turns[m].append(n / dt)
+    for p in procs.values():
+        p.stdin.close()
+        p.wait()
     rates = {m: seen[m] / spent[m] for m in modes}
     ratio = {m: statistics.median(a / b for a, b in zip(turns[m], turns["dense"])) for m in modes}
     la = max(la, load())
@@ -359,7 +381,7 @@ def bench_epoch(args) -> None:
           f"(**{rates['swat-u-0.1'] / rates['dense']:.3f}x**; median of {len(turns['dense'])} turns "
           f"{ratio['swat-u-0.1']:.3f}); SWAT-U 0.2: {rates['swat-u-0.2']:.0f}/s "
           f"(**{rates['swat-u-0.2'] / rates['dense']:.3f}x**; {ratio['swat-u-0.2']:.3f}) (load {la:.2f})", flush=True)
-    RESULTS["epoch"] = rates
+    RESULTS["epoch"] = {"rates": rates, "turn_ratio_median": ratio}
 
 
 def main() -> None:
@@ -370,7 +392,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--rss-repeats", type=int, default=3)
     p.add_argument("--topk-repeats", type=int, default=11)
-    p.add_argument("--images", type=int, default=5120)
+    p.add_argument("--images", type=int, default=50_000, help="epoch images (default: all of CIFAR-10)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir")
     p.add_argument("--baseline-src", help="a previous commit's src/ folder, timed in the same run")

@@ -6,7 +6,8 @@ torch's intra-op threads, bit-identical to the PyTorch path (``tests/test_native
 ``torch.utils.cpp_extension`` the first time a process needs it (about a minute, once per machine and torch
 version; cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Without a C++ compiler, or
 with ``SPARSETRAIN_NATIVE=0``, or when the build fails, everything runs on the PyTorch path (slower, same numbers)
-and a warning says why once. Compiled (``torch.compile``) and accelerator code never calls it.
+and a warning says why once. Accelerator code never calls it; compiled CPU code calls it only through the opaque
+``torch.library`` ops ``sparsetrain::*`` (their bodies run eagerly, outside the traced graph).
 """
 
 from __future__ import annotations
