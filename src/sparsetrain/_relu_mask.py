@@ -9,43 +9,41 @@ from torch import Tensor
 
 from sparsetrain import packing
 from sparsetrain._native import NATIVE_DTYPES, native
-from sparsetrain.sparsifiers import dense_order, selection_order
+from sparsetrain.sparsifiers import selection_order
 
 __all__ = ["pack_positive", "relu_backward"]
 
 
-def _compiled_cpu(t: Tensor) -> bool:
-    # Inductor on CPU would store a traced bool mask one byte at a time (slower than the whole ReLU), and the
-    # bit tricks of packing.packbits as int64 arithmetic: the native passes as opaque ops instead.
-    return torch.compiler.is_compiling() and t.device.type == "cpu" and t.dtype in NATIVE_DTYPES
+def _kernels(t: Tensor):
+    """Where the two native passes come from for ``t``: the opaque ``sparsetrain::`` ops in compiled CPU code, the
+    native module in eager CPU code (both name them ``pack_positive`` and ``relu_backward_bits``); None elsewhere.
+
+    Compiled code calls the ops because Inductor on CPU would store a traced bool mask one byte at a time (slower
+    than the whole ReLU), and the bit tricks of packing.packbits as int64 arithmetic.
+    """
+    if t.device.type != "cpu" or t.dtype not in NATIVE_DTYPES:
+        return None
+    return torch.ops.sparsetrain if torch.compiler.is_compiling() else native()
 
 
 def pack_positive(t: Tensor) -> tuple[packing.Packed, tuple[Tensor, ...]]:
     """``pack_mask(t > 0)`` (a ReLU output's sign), in one native pass on CPU."""
-    if _compiled_cpu(t):
-        perm = selection_order(t)  # the order Inductor stores an activation in: no transposing copy
-        assert perm is not None
-        flat = t.permute(perm).reshape(-1)
-        meta = packing.Packed("mask", tuple(t.shape), torch.bool, perm, flat.numel())
-        return meta, (torch.ops.sparsetrain.pack_positive(flat),)
-    perm = dense_order(t)
-    if (perm is None or t.dtype not in NATIVE_DTYPES or t.device.type != "cpu"
-            or (nat := native()) is None):
+    perm = selection_order(t)  # in compiled code the order Inductor stores an activation in: no transposing copy
+    kernels = _kernels(t)
+    if perm is None or kernels is None:
         return packing.pack_mask(t > 0)
     flat = t.permute(perm).reshape(-1)
-    return packing.Packed("mask", tuple(t.shape), torch.bool, perm, flat.numel()), (nat.pack_positive(flat),)
+    return packing.Packed("mask", tuple(t.shape), torch.bool, perm, flat.numel()), (kernels.pack_positive(flat),)
 
 
 def relu_backward(dy: Tensor, meta: packing.Packed, bits: Tensor) -> Tensor:
     """ReLU's backward from its packed sign mask: ``dy`` where the output was positive, 0 elsewhere (autograd's
     ``threshold_backward``, bit-identical)."""
     assert meta.perm is not None
-    if _compiled_cpu(dy):
+    kernels = _kernels(dy)
+    if kernels is not None and selection_order(dy) == meta.perm:
         flat = dy.permute(meta.perm).reshape(-1)
-        return packing.unflat(torch.ops.sparsetrain.relu_backward_bits(flat, bits), meta.shape, meta.perm)
-    if (dy.dtype in NATIVE_DTYPES and dy.device.type == "cpu" and dense_order(dy) == meta.perm
-            and (nat := native()) is not None):
-        return packing.unflat(nat.relu_backward_bits(dy.permute(meta.perm).reshape(-1), bits), meta.shape, meta.perm)
+        return packing.unflat(kernels.relu_backward_bits(flat, bits), meta.shape, meta.perm)
     mask = packing.unflat(packing.unpackbits_bytes(bits, meta.numel), meta.shape, meta.perm)
     return torch.ops.aten.threshold_backward(dy, mask, 0)
 

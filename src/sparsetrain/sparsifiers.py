@@ -460,6 +460,12 @@ def _tie_rule_positions(a: Tensor, thr: Tensor, k: int, fill: int) -> Tensor:
     return torch.where(j < n_gt, pos_gt, pos_eq.gather(0, (j - n_gt).clamp(min=0)))
 
 
+def _padded_values(flat: Tensor, pos: Tensor) -> Tensor:
+    """The values of ``flat`` at ``pos``, 0 at the padding slots (position ``numel``) of a static-size selection."""
+    n = flat.numel()
+    return flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
+
+
 def _int32(pos: Tensor, n: int) -> Tensor:
     """Positions as a new int32 tensor (half the bytes of int64; index ops take either) when ``n`` allows."""
     return pos.to(torch.int32, copy=True) if n < 2**31 - 1 else pos.clone()
@@ -509,7 +515,7 @@ def topk_select(x: Tensor, density: float) -> tuple[Tensor, Tensor, Tensor]:
             pos = torch.nonzero(keep).view(-1)
         else:
             pos = _int32(_tie_rule_positions(a, thr, k, n), n)
-            return thr, pos, flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
+            return thr, pos, _padded_values(flat, pos)
         pos = _int32(pos, n)
     return thr, pos, flat.index_select(0, pos)  # eager CPU: no padding
 
@@ -528,7 +534,7 @@ def _topk_select_k(flat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     if pos.numel() != k:
         a = flat.abs() if flat.dtype in (torch.float32, torch.float64) else flat.float().abs()
         pos = _int32(_tie_rule_positions(a, thr.to(a.dtype), k, n), n)
-        values = flat.index_select(0, pos.clamp(max=n - 1)).masked_fill_(pos == n, 0)
+        values = _padded_values(flat, pos)
     return thr.float(), pos, values
 
 
