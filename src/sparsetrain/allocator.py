@@ -8,10 +8,11 @@ tensors: a sparse step frees each dense activation early, and a default process 
 pages in again: ~500k page faults, about a second of system time, per ResNet-18 step -- dense or sparse.
 
 :func:`lean_allocator` installs sparsetrain's caching CPU allocator (``_native/allocator.cpp``): each block of at
-least ``threshold`` bytes is its own mapping, cached after ``free`` and handed out again for the next request of
-its size class; the cache is bounded so that live + cached stays within 1/16 of the largest live total seen, so the
-process's peak RSS is its live peak. A training step repeats its sizes, so after the first step almost nothing
-faults. Smaller blocks keep c10's aligned ``malloc``. Where the native build is unavailable it falls back to fixing
+least ``threshold`` bytes is anonymous memory of its own, cached after ``free`` and handed out again for the next
+request of its size class; a request no cached block matches is composed of cached pages of other sizes (``mremap``
+moves them into one range: no copy, no page fault). The cache is bounded so that live + cached stays within 1/16 of
+the largest live total seen, so the process's peak RSS is its live peak, and a step whose live total stays below
+that peak maps (and faults) almost nothing after its first steps. Smaller blocks keep c10's aligned ``malloc``. Where the native build is unavailable it falls back to fixing
 glibc's mmap and trim thresholds with ``mallopt`` (RSS follows the live tensors, but large blocks fault on every
 reuse); elsewhere (macOS, Windows without the build) nothing changes.
 
@@ -148,7 +149,8 @@ def restore_allocator() -> bool:
 def allocator_stats() -> dict[str, int]:
     """The caching allocator's counters: ``mapped_bytes`` (live + cached), ``cached_bytes``, ``live_bytes``,
     ``peak_live_bytes``, ``hits`` / ``misses`` (requests served from the cache / newly mapped) and ``unmapped``
-    (blocks given back to the system); empty when it is not in use. Blocks below the threshold are not counted."""
+    (blocks given back to the system), ``composed`` / ``moves`` (requests served by moving cached pages of other
+    sizes, and the page ranges moved); empty when it is not in use. Blocks below the threshold are not counted."""
     nat = _caching_native()
     return {} if nat is None else dict(nat.allocator_stats())
 

@@ -4,13 +4,19 @@
 // heap, fragmented between the blocks still alive, and unmaps the ones above it; the first costs resident memory (a
 // sparse step frees each dense activation early, and its process's peak RSS then shows none of the saving), the
 // second a page fault per 4 KiB each time a block is reused (ResNet-18 at batch 128: ~500k faults, a second of
-// system time, per step, dense or sparse). Here every block of at least `min_size` bytes is its own anonymous
-// mapping, kept after free in a cache keyed by its rounded size and handed out again for a request of that size
-// class or one down to 0.8x of it (a training step repeats its sizes, so after the first step few blocks fault). The cache is bounded so that live + cached stays within `1 + slack` times the largest live total seen so
-// far: the process's RSS is the live peak, not the heap's high-water mark. Older cached blocks are unmapped first
-// when a new mapping would pass that bound. Smaller blocks go to c10's own aligned malloc. Every data pointer is
-// 64-byte aligned and is its own context (the raw allocate/deallocate interface works). Measured trade-offs (looser
-// bounds, fits up to 2x) are in docs/performance.md.
+// system time, per step, dense or sparse).
+//
+// Here every block of at least `min_size` bytes is anonymous memory of its own, kept after free in a cache and
+// handed out again for a request of its size class. A request no cached block matches is *composed* of cached pages
+// of other sizes: mremap moves their page-table entries into one new range, no copy and no page fault. So the cache
+// is one pool of resident pages, whatever sizes freed them, and a step whose live total never passes its peak maps
+// nothing new after warm-up. (Exact size classes alone needed 1.5x the live peak for SWAT's mix of sizes; bounded
+// below that, the cache evicted what the same step needed next: 47 new mappings and ~11k faults, ~40 ms, per
+// ResNet-20 step.) The cache is bounded so that live + cached stays within `1 + slack` times the largest live total
+// seen: the process's RSS is the live peak, not a heap's high-water mark; older blocks are unmapped first when new
+// pages would pass the bound. Smaller blocks go to c10's own aligned malloc. Every data pointer is 64-byte aligned
+// and is its own context (the raw allocate/deallocate interface works). Without mremap (macOS) a request takes only
+// its own size class.
 #include <torch/extension.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -26,6 +32,7 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #define SPARSETRAIN_HAVE_MMAP 1
 #endif
 
@@ -35,41 +42,54 @@ namespace {
 
 constexpr size_t kHeader = 64;  // before the data: a Header; keeps the data 64-byte aligned
 constexpr uint64_t kMappedTag = 0x7370617273654d31ull, kHeapTag = 0x7370617273654831ull;
+constexpr size_t kMaxPieces = 32;  // mappings one composed block may span (bounds the process's mapping count)
 struct Header {
   uint64_t tag;
-  size_t size;     // bytes mapped (kMappedTag) or allocated (kHeapTag), header included
-  size_t charged;  // the request's size class: what counts as live (a larger cached block's tail is released)
+  size_t size;  // bytes mapped (kMappedTag) or allocated (kHeapTag), header included
 };
 
+size_t page_size() {
+  static const size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return p;
+}
+
 // Sizes within 1/16 of a power of two share a class (at most ~6 % padding), so a step's many activation-sized
-// requests of one shape and its near neighbours reuse the same blocks.
+// requests of one shape and its near neighbours reuse the same blocks. Classes are whole pages (mremap moves pages).
 size_t size_class(size_t n) {
   const size_t need = n + kHeader;
   const size_t top = size_t(1) << (63 - __builtin_clzll(need));
-  const size_t step = std::max<size_t>(4096, top / 16);
+  const size_t step = std::max<size_t>(page_size(), top / 16 / page_size() * page_size());
   return (need + step - 1) / step * step;
 }
 
 struct CachingAllocator final : c10::Allocator {
   struct Block {
-    void* base;
+    char* base;
     size_t size;
+    std::vector<size_t> pieces;  // the lengths of the mappings it spans, in address order (one unless composed)
   };
   using Lru = std::list<Block>;
 
   std::mutex mu;
   Lru lru;  // cached blocks, least recently freed first
-  std::map<size_t, std::vector<Lru::iterator>> by_size;  // ordered: a request may take a larger cached block
+  std::map<size_t, std::vector<Lru::iterator>> by_size;  // ordered: a composition looks for the best fit
+  std::unordered_map<char*, std::vector<size_t>> spans;  // live blocks made of more than one mapping
   size_t min_size = size_t(128) << 10;
   double slack = 1.0 / 16;
-  size_t mapped = 0, cached = 0, live = 0, peak_live = 0;  // live: the charged size classes of blocks in use
-  uint64_t hits = 0, misses = 0, unmapped = 0;
+  size_t mapped = 0, cached = 0, live = 0, peak_live = 0;
+  uint64_t hits = 0, composed = 0, moves = 0, misses = 0, unmapped = 0;
 
   static void del(void* data);
 
-  void drop_locked(Lru::iterator it) {
-    auto& v = by_size[it->size];
+  void forget_size(Lru::iterator it) {
+    auto f = by_size.find(it->size);
+    auto& v = f->second;
     v.erase(std::find(v.begin(), v.end(), it));
+    if (v.empty()) by_size.erase(f);
+  }
+
+  void drop_locked(Lru::iterator it) {
+    forget_size(it);
     munmap(it->base, it->size);
     mapped -= it->size;
     cached -= it->size;
@@ -77,88 +97,173 @@ struct CachingAllocator final : c10::Allocator {
     lru.erase(it);
   }
 
-  // A cached block for a request of class `sz`: the smallest cached class from `sz` up to 1.25x it. Mapping a new
-  // block while a larger one sits in the cache would fault its pages in and push older blocks out; the larger
-  // block's tail beyond `sz` is released instead (allocate()), so resident memory grows by no more than `sz`.
-  // The bound: live + cached (cached blocks counted whole, an upper bound of their resident pages) stays within
-  // (1 + slack) times the largest live total seen; older cached blocks are unmapped first to keep it.
-  void* take(size_t sz, size_t* got) {
+  // Fill [dst, dst + sz) with cached pages, moving them with mremap: the page-table entries change address,
+  // nothing is copied or faulted. The smallest cached block that covers the rest gives its tail (usually one move;
+  // its front stays cached under its new size), else the largest block gives what it has: few moves, few pieces.
+  // Returns the bytes filled; `pieces` gets the lengths of the mappings used.
+  size_t gather(char* dst, size_t sz, std::vector<size_t>& pieces) {
+    size_t filled = 0;
+    while (filled < sz && !by_size.empty() && pieces.size() + 1 < kMaxPieces) {
+      auto f = by_size.lower_bound(sz - filled);
+      if (f == by_size.end()) f = std::prev(by_size.end());
+      auto it = f->second.back();
+      forget_size(it);
+      Block& b = *it;
+      bool failed = false;
+      while (filled < sz && !b.pieces.empty() && pieces.size() + 1 < kMaxPieces) {
+        const size_t n = std::min(b.pieces.back(), sz - filled);
+        char* src = b.base + b.size - n;
+#ifdef MREMAP_FIXED
+        if (mremap(src, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, dst + filled) == MAP_FAILED) {
+          failed = true;
+          break;
+        }
+#else
+        failed = true;  // no mremap (macOS): the cache serves its own sizes only
+        break;
+#endif
+        ++moves;
+        pieces.push_back(n);
+        filled += n;
+        b.size -= n;
+        cached -= n;
+        if ((b.pieces.back() -= n) == 0) b.pieces.pop_back();
+      }
+      if (b.size == 0) {
+        lru.erase(it);
+      } else if (b.size < min_size) {
+        // A remainder below the smallest request would only ever be a small piece of another block (a move of a
+        // few pages costs about what faulting them does): unmapped now, it splits no later composition.
+        by_size[b.size].push_back(it);
+        drop_locked(it);
+      } else {
+        by_size[b.size].push_back(it);  // what is left of it, cached under its new size
+      }
+      if (failed) break;  // map the rest
+    }
+    return filled;
+  }
+
+  // The cached block made of the most mappings (the oldest of those): the first to unmap when the bound needs room,
+  // so the cache heals from a pattern that split it (a composition stops at kMaxPieces and maps the rest anew).
+  Lru::iterator most_split() {
+    auto best = lru.begin();
+    for (auto it = lru.begin(); it != lru.end(); ++it)
+      if (it->pieces.size() > best->pieces.size()) best = it;
+    return best;
+  }
+
+  char* fresh(char* at, size_t n) {
+    void* p = mmap(at, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | (at ? MAP_FIXED : 0), -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+#ifdef MADV_HUGEPAGE
+    // One fault per 2 MiB instead of 512 where transparent huge pages are opt-in (madvise mode).
+    if (n >= (size_t(2) << 20)) madvise(p, n, MADV_HUGEPAGE);
+#endif
+    mapped += n;
+    return static_cast<char*>(p);
+  }
+
+  // A block of class `sz`: a cached one of that size (the most recently freed: its pages are the likeliest in the
+  // CPU cache), else one composed of cached pages (no page faults), else new pages for what the cache lacks. The
+  // bound: live + cached stays within (1 + slack) times the largest live total seen; older cached blocks are
+  // unmapped first to keep it (only new pages can pass it: a hit or a composition moves bytes from cached to live).
+  char* take(size_t sz) {
     std::lock_guard<std::mutex> g(mu);
     live += sz;
     peak_live = std::max(peak_live, live);
-    for (auto f = by_size.lower_bound(sz); f != by_size.end() && f->first <= sz + sz / 4; ++f) {
-      if (f->second.empty()) continue;
-      auto it = f->second.back();  // the most recently freed of its size: its pages are the likeliest in cache
+    if (auto f = by_size.find(sz); f != by_size.end()) {
+      auto it = f->second.back();
       f->second.pop_back();
-      void* base = it->base;
-      *got = it->size;
+      if (f->second.empty()) by_size.erase(f);
+      char* base = it->base;
+      if (it->pieces.size() > 1) spans[base] = std::move(it->pieces);
       lru.erase(it);
-      cached -= *got;
+      cached -= sz;
       ++hits;
       return base;
     }
-    *got = sz;
-    ++misses;
+    std::vector<size_t> pieces;
+    char* base = nullptr;
+    size_t filled = 0;
+    if (!lru.empty()) {
+      // Reserve the addresses first; the moves (and any new pages) replace the reservation piece by piece.
+      void* r = mmap(nullptr, sz, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (r != MAP_FAILED) {
+        base = static_cast<char*>(r);
+        filled = gather(base, sz, pieces);
+        if (filled < sz && pieces.size() + 1 >= kMaxPieces) {
+          // The cache is split too finely for this request: its pages go back to the system and the block is
+          // mapped whole (a new block appended to those pieces would only pass the splitting on).
+          munmap(base, sz);
+          mapped -= filled;
+          unmapped += pieces.size();
+          pieces.clear();
+          filled = 0;
+          base = nullptr;
+        }
+      }
+    }
     const auto bound = static_cast<size_t>(static_cast<double>(peak_live) * (1.0 + slack));
-    while (!lru.empty() && live + cached > bound) drop_locked(lru.begin());
-    mapped += sz;  // reserved before the mapping exists, so concurrent misses see it; undone if mmap fails
-    return nullptr;
-  }
-
-  void* map(size_t sz) {
-    void* base = mmap(nullptr, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED) {
-      release();  // the cache may be what stands between this request and the system's limit
-      base = mmap(nullptr, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    while (!lru.empty() && live + cached > bound) drop_locked(most_split());
+    if (filled == sz) {
+      ++composed;
+    } else {
+      ++misses;
+      char* tail = fresh(base ? base + filled : nullptr, sz - filled);
+      if (tail == nullptr) {
+        while (!lru.empty()) drop_locked(lru.begin());  // the cache may be what stands in the system's way
+        tail = fresh(base ? base + filled : nullptr, sz - filled);
+      }
+      if (tail == nullptr) {
+        if (base) munmap(base, sz);
+        mapped -= filled;
+        live -= sz;
+        return nullptr;
+      }
+      if (!base) base = tail;
+      pieces.push_back(sz - filled);
     }
-    if (base == MAP_FAILED) {
-      std::lock_guard<std::mutex> g(mu);
-      mapped -= sz;
-      live -= sz;
-      return nullptr;
-    }
-#ifdef MADV_HUGEPAGE
-    // One fault per 2 MiB instead of 512 where transparent huge pages are opt-in (madvise mode).
-    if (sz >= (size_t(2) << 20)) madvise(base, sz, MADV_HUGEPAGE);
-#endif
+    if (pieces.size() > 1) spans[base] = std::move(pieces);
     return base;
   }
 
   c10::DataPtr allocate(size_t n) override {
-    void* base = nullptr;
+    char* base = nullptr;
+    size_t size = n + kHeader;
+    uint64_t tag = kHeapTag;
     if (n < min_size) {
-      base = c10::alloc_cpu(n + kHeader);
-      auto* h = static_cast<Header*>(base);
-      h->tag = kHeapTag;
-      h->size = n + kHeader;
+      base = static_cast<char*>(c10::alloc_cpu(size));
     } else {
-      const size_t sz = size_class(n);
-      size_t got = sz;
-      base = take(sz, &got);
-      if (base == nullptr) base = map(sz);
+      size = size_class(n);
+      tag = kMappedTag;
+      base = take(size);
       if (base == nullptr) {
         c10::profiledCPUMemoryReporter().OutOfMemory(n);
-        TORCH_CHECK_WITH(OutOfMemoryError, false, "sparsetrain allocator: cannot map ", sz, " bytes (out of memory)");
+        TORCH_CHECK_WITH(OutOfMemoryError, false, "sparsetrain allocator: cannot map ", size, " bytes (out of memory)");
       }
-      // A larger cached block: its pages past this request go back to the system (they fault in again, zeroed,
-      // only if a later request needs them). Classes are multiples of 4 KiB, so the tail is page-aligned.
-      if (got > sz) madvise(static_cast<char*>(base) + sz, got - sz, MADV_DONTNEED);
-      auto* h = static_cast<Header*>(base);
-      h->tag = kMappedTag;
-      h->size = got;
-      h->charged = sz;
     }
-    void* data = static_cast<char*>(base) + kHeader;
+    auto* h = reinterpret_cast<Header*>(base);
+    h->tag = tag;
+    h->size = size;
+    void* data = base + kHeader;
     c10::profiledCPUMemoryReporter().New(data, n);
     return {data, data, &CachingAllocator::del, c10::Device(c10::DeviceType::CPU)};
   }
 
-  void give_back(void* base, size_t sz, size_t charged) {
+  void give_back(char* base, size_t sz) {
     std::lock_guard<std::mutex> g(mu);
-    auto it = lru.insert(lru.end(), Block{base, sz});
+    std::vector<size_t> pieces;
+    if (auto f = spans.find(base); f != spans.end()) {
+      pieces = std::move(f->second);
+      spans.erase(f);
+    } else {
+      pieces.push_back(sz);
+    }
+    auto it = lru.insert(lru.end(), Block{base, sz, std::move(pieces)});
     by_size[sz].push_back(it);
     cached += sz;
-    live -= charged;
+    live -= sz;
   }
 
   void release() {
@@ -183,7 +288,7 @@ void CachingAllocator::del(void* data) {
   if (h->tag == kHeapTag) {
     c10::free_cpu(base);
   } else {
-    g_alloc->give_back(base, h->size, h->charged);
+    g_alloc->give_back(static_cast<char*>(base), h->size);
   }
 }
 
@@ -222,7 +327,8 @@ std::unordered_map<std::string, int64_t> stats() {
   const auto& a = *g_alloc;
   return {{"mapped_bytes", int64_t(a.mapped)}, {"cached_bytes", int64_t(a.cached)},
           {"live_bytes", int64_t(a.live)}, {"peak_live_bytes", int64_t(a.peak_live)},
-          {"hits", int64_t(a.hits)}, {"misses", int64_t(a.misses)}, {"unmapped", int64_t(a.unmapped)}};
+          {"hits", int64_t(a.hits)}, {"composed", int64_t(a.composed)},
+          {"moves", int64_t(a.moves)}, {"misses", int64_t(a.misses)}, {"unmapped", int64_t(a.unmapped)}};
 }
 
 void empty_cache() { g_alloc->release(); }
