@@ -171,10 +171,15 @@ def _opcheck_cases():
         (torch.ops.sparsetrain.scatter_k, (pos, values, x.numel())),
         (torch.ops.sparsetrain.pack_positive, (x,)),
         (torch.ops.sparsetrain.relu_backward_bits, (torch.randn_like(x), torch.ops.sparsetrain.pack_positive(x))),
+        (torch.ops.sparsetrain.relu_backward_bits_transposed,
+         (torch.randn(2, 8, 16, 16), torch.ops.sparsetrain.pack_positive(x), True)),
+        (torch.ops.sparsetrain.relu_backward_bits_transposed,
+         (torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last),
+          torch.ops.sparsetrain.pack_positive(x), False)),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_custom_ops_pass_opcheck(case):
     """The opaque ops compiled CPU code calls: registered correctly (schema, fake kernel, no aliasing)."""
     op, args = _opcheck_cases()[case]
@@ -198,3 +203,29 @@ def test_custom_ops_give_the_eager_selection_and_unpacking():
     bits = torch.ops.sparsetrain.pack_positive(r)
     dy = torch.randn(1001)
     assert torch.equal(torch.ops.sparsetrain.relu_backward_bits(dy, bits), torch.where(r > 0, dy, torch.zeros(())))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 16, 5, 5), (2, 24, 8, 8)])
+@pytest.mark.parametrize("bits_channels_last", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_backward_reads_bits_packed_in_the_other_layout(shape, bits_channels_last, dtype):
+    """Compiled code packs a ReLU output channels_last; a gradient through a residual add arrives NCHW (and the
+    other way round): the kernel reads the bits transposed and returns dy's layout, equal to threshold_backward."""
+    from sparsetrain import packing
+    from sparsetrain._relu_mask import pack_positive, relu_backward
+
+    torch.manual_seed(0)
+    # odd sizes (bytes straddle planes and pixels), channels in groups of 8 (the transposed-tile path) with a pixel
+    # tail, and whole 16-pixel tiles
+    out = torch.relu(torch.randn(shape)).to(dtype)
+    perm = (0, 2, 3, 1) if bits_channels_last else (0, 1, 2, 3)
+    bits = torch.ops.sparsetrain.pack_positive(out.permute(perm).reshape(-1))
+    dy = torch.randn(shape).to(dtype)
+    if not bits_channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    want = torch.ops.aten.threshold_backward(dy, out, 0)
+    got = torch.ops.sparsetrain.relu_backward_bits_transposed(dy, bits, bits_channels_last)
+    assert torch.equal(got, want) and got.stride() == dy.stride()
+    meta = packing.Packed("mask", tuple(out.shape), torch.bool, perm, out.numel())
+    assert torch.equal(relu_backward(dy, meta, bits), want)  # the dispatching helper picks the same kernel
+    assert pack_positive(out)[0].perm is not None

@@ -13,10 +13,13 @@ from sparsetrain.sparsifiers import selection_order
 
 __all__ = ["pack_positive", "relu_backward"]
 
+_NCHW, _NHWC = (0, 1, 2, 3), (0, 2, 3, 1)
+
 
 def _kernels(t: Tensor):
     """Where the two native passes come from for ``t``: the opaque ``sparsetrain::`` ops in compiled CPU code, the
-    native module in eager CPU code (both name them ``pack_positive`` and ``relu_backward_bits``); None elsewhere.
+    native module in eager CPU code (both name them ``pack_positive``, ``relu_backward_bits`` and
+    ``relu_backward_bits_transposed``); None elsewhere.
 
     Compiled code calls the ops because Inductor on CPU would store a traced bool mask one byte at a time (slower
     than the whole ReLU), and the bit tricks of packing.packbits as int64 arithmetic.
@@ -41,9 +44,16 @@ def relu_backward(dy: Tensor, meta: packing.Packed, bits: Tensor) -> Tensor:
     ``threshold_backward``, bit-identical)."""
     assert meta.perm is not None
     kernels = _kernels(dy)
-    if kernels is not None and selection_order(dy) == meta.perm:
-        flat = dy.permute(meta.perm).reshape(-1)
-        return packing.unflat(kernels.relu_backward_bits(flat, bits), meta.shape, meta.perm)
+    if kernels is not None:
+        laid = dy.permute(meta.perm)
+        if laid.is_contiguous():  # dy is laid out in the bits' order: one flat pass
+            return packing.unflat(kernels.relu_backward_bits(laid.reshape(-1), bits), meta.shape, meta.perm)
+        if dy.dim() == 4 and meta.perm in (_NCHW, _NHWC):
+            # Laid out the other way (compiled code packs channels_last, but a gradient through a residual add is
+            # NCHW): the kernel reads the bits transposed; a transposing copy of dy costs more than the backward.
+            bits_cl = meta.perm == _NHWC
+            if dy.is_contiguous(memory_format=torch.contiguous_format if bits_cl else torch.channels_last):
+                return kernels.relu_backward_bits_transposed(dy, bits, bits_cl)
     mask = packing.unflat(packing.unpackbits_bytes(bits, meta.numel), meta.shape, meta.perm)
     return torch.ops.aten.threshold_backward(dy, mask, 0)
 
@@ -72,3 +82,21 @@ def _relu_backward_bits_op(dy: Tensor, bits: Tensor) -> Tensor:
 @_relu_backward_bits_op.register_fake
 def _(dy: Tensor, bits: Tensor) -> Tensor:
     return torch.empty_like(dy)
+
+
+@torch.library.custom_op("sparsetrain::relu_backward_bits_transposed", mutates_args=())
+def _relu_backward_bits_transposed_op(dy: Tensor, bits: Tensor, bits_channels_last: bool) -> Tensor:
+    """A 4-D ``dy`` where its bit is set, +0 elsewhere, the bits in the other layout's order (channels_last order
+    for a contiguous ``dy`` when ``bits_channels_last``, else NCHW order for a channels_last ``dy``); the result has
+    ``dy``'s layout (compiled CPU code)."""
+    nat = native()
+    if nat is not None:
+        return nat.relu_backward_bits_transposed(dy, bits, bits_channels_last)
+    perm = _NHWC if bits_channels_last else _NCHW
+    mask = packing.unflat(packing.unpackbits_bytes(bits, dy.numel()), tuple(dy.shape), perm)
+    return torch.ops.aten.threshold_backward(dy, mask, 0)
+
+
+@_relu_backward_bits_transposed_op.register_fake
+def _(dy: Tensor, bits: Tensor, bits_channels_last: bool) -> Tensor:
+    return torch.empty_like(dy, memory_format=torch.contiguous_format if bits_channels_last else torch.channels_last)

@@ -1,7 +1,8 @@
 // sparsetrain's native CPU kernels: the exact top-K selection of an activation in two streaming passes, and the
 // 1-bit ReLU mask. Built on first use by sparsetrain/_native.py (torch.utils.cpp_extension); when no compiler is
 // available the pure-PyTorch path computes the same results. Every function here is bit-identical to that path:
-// tests/test_native.py compares them element for element.
+// tests/test_native.py compares them element for element (tests/test_compile.py the ReLU mask read in the other
+// layout, against threshold_backward).
 //
 // Why native: in eager PyTorch the selection is ~15 ops per activation (magnitudes, a compare, a compaction, gathers,
 // two selections), i.e. six passes over the activation plus dispatch; here it is two passes over chunks that fit in
@@ -311,6 +312,109 @@ void relu_backward_bits_impl(const U* g, const uint8_t* b, U* d, int64_t n) {
   for (int64_t i = nfull * 8; i < n; ++i) d[i] = g[i] & static_cast<U>(U(0) - ((b[i >> 3] >> (i & 7)) & 1));
 }
 
+// The same for a 4-D gradient laid out the other way from its bitmap: contiguous NCHW with the bits in NHWC order
+// (`bits_channels_last`), or channels_last with the bits in NCHW order. The result has dy's layout. Compiled CPU
+// code packs a ReLU output in the channels_last order Inductor stores it in, but a gradient arriving through a
+// residual add is NCHW; a transposing copy of it (a strided gather) cost more than the whole ReLU backward.
+template <typename U>
+void relu_backward_bits_transposed_impl(const U* g, const uint8_t* b, U* d, int64_t N, int64_t C, int64_t HW,
+                                        bool bits_channels_last) {
+  auto bit = [b](int64_t i) { return static_cast<U>(U(0) - ((b[i >> 3] >> (i & 7)) & 1)); };
+  if (bits_channels_last && C % 8 == 0) {
+    // dy NCHW, 8 channels at a time: the bits of 8 pixels x 8 channels are 8 bytes (one per pixel), transposed as
+    // an 8x8 bit matrix into one byte per channel, each then masking 8 consecutive elements of its plane.
+    const int64_t groups = C / 8;
+    at::parallel_for(0, N * groups, std::max<int64_t>(1, kSerialElems / std::max<int64_t>(8 * HW, 1)),
+                     [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t n = q / groups, c0 = (q % groups) * 8;
+        const uint8_t* row = b + (n * HW * C + c0) / 8;  // pixel p's byte for channels c0..c0+7: row[p * C / 8]
+        const int64_t stride = C / 8;
+        auto transposed = [row, stride](int64_t p) {  // byte i: channel c0 + i over pixels p..p+7
+          uint64_t x = 0;
+          for (int j = 0; j < 8; ++j) x |= uint64_t(row[(p + j) * stride]) << (8 * j);
+          uint64_t t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAull;
+          x = x ^ t ^ (t << 7);
+          t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCull;
+          x = x ^ t ^ (t << 14);
+          t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ull;
+          return x ^ t ^ (t << 28);
+        };
+        int64_t p = 0;
+#if defined(__AVX512F__)
+        if constexpr (sizeof(U) == 4) {  // 16 pixels: a masked move per channel
+          for (; p + 16 <= HW; p += 16) {
+            const uint64_t lo = transposed(p), hi = transposed(p + 8);
+            for (int i = 0; i < 8; ++i) {
+              const __mmask16 m = __mmask16(((lo >> (8 * i)) & 0xFF) | (((hi >> (8 * i)) & 0xFF) << 8));
+              const int64_t o = ((n * C) + c0 + i) * HW + p;
+              _mm512_storeu_ps(reinterpret_cast<float*>(d + o),
+                               _mm512_maskz_mov_ps(m, _mm512_loadu_ps(reinterpret_cast<const float*>(g + o))));
+            }
+          }
+        }
+#endif
+        for (; p + 8 <= HW; p += 8) {
+          const uint64_t x = transposed(p);
+          for (int i = 0; i < 8; ++i) {
+            const uint8_t m = uint8_t(x >> (8 * i));
+            const int64_t o = ((n * C) + c0 + i) * HW + p;
+            for (int j = 0; j < 8; ++j) d[o + j] = g[o + j] & static_cast<U>(U(0) - ((m >> j) & 1));
+          }
+        }
+        for (; p < HW; ++p)
+          for (int i = 0; i < 8; ++i) {
+            const int64_t o = ((n * C) + c0 + i) * HW + p;
+            d[o] = g[o] & bit((n * HW + p) * C + c0 + i);
+          }
+      }
+    });
+  } else if (bits_channels_last) {  // dy NCHW: a plane (n, c) reads every C-th bit of image n
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kSerialElems / std::max<int64_t>(HW, 1)), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t n = q / C, c = q % C;
+        const U* gq = g + q * HW;
+        U* dq = d + q * HW;
+        const int64_t b0 = n * HW * C + c;
+        for (int64_t p = 0; p < HW; ++p) dq[p] = gq[p] & bit(b0 + p * C);
+      }
+    });
+  } else {  // dy channels_last: a pixel (n, p) reads every HW-th bit of image n
+    at::parallel_for(0, N * HW, std::max<int64_t>(1, kSerialElems / std::max<int64_t>(C, 1)), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t n = q / HW, p = q % HW;
+        const U* gq = g + q * C;
+        U* dq = d + q * C;
+        const int64_t b0 = n * C * HW + p;
+        for (int64_t c = 0; c < C; ++c) dq[c] = gq[c] & bit(b0 + c * HW);
+      }
+    });
+  }
+}
+
+torch::Tensor relu_backward_bits_transposed(torch::Tensor dy, torch::Tensor bits, bool bits_channels_last) {
+  TORCH_CHECK(dy.device().is_cpu() && dy.dim() == 4, "relu_backward_bits_transposed: a 4-D CPU tensor");
+  const auto layout = bits_channels_last ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(dy.is_contiguous(layout), "relu_backward_bits_transposed: dy must be laid out the other way from the bits");
+  TORCH_CHECK(bits.numel() * 8 >= dy.numel(), "relu_backward_bits_transposed: bitmap too short");
+  auto dx = torch::empty_like(dy, layout);
+  const int64_t N = dy.size(0), C = dy.size(1), HW = dy.size(2) * dy.size(3);
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  switch (dy.element_size()) {
+    case 4:
+      relu_backward_bits_transposed_impl(static_cast<const uint32_t*>(dy.data_ptr()), b,
+                                         static_cast<uint32_t*>(dx.data_ptr()), N, C, HW, bits_channels_last);
+      break;
+    case 2:
+      relu_backward_bits_transposed_impl(static_cast<const uint16_t*>(dy.data_ptr()), b,
+                                         static_cast<uint16_t*>(dx.data_ptr()), N, C, HW, bits_channels_last);
+      break;
+    default:
+      TORCH_CHECK(false, "relu_backward_bits_transposed: float32, bfloat16 or float16 only");
+  }
+  return dx;
+}
+
 torch::Tensor relu_backward_bits(torch::Tensor dy_flat, torch::Tensor bits) {
   TORCH_CHECK(dy_flat.device().is_cpu() && dy_flat.dim() == 1 && dy_flat.is_contiguous(),
               "relu_backward_bits: a flat CPU tensor");
@@ -399,6 +503,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_select", &topk_select, "exact top-k of |flat|: (thr, pos, values) or (thr,)");
   m.def("pack_positive", &pack_positive, "1-bit mask of flat > 0");
   m.def("relu_backward_bits", &relu_backward_bits, "ReLU backward from a 1-bit mask");
+  m.def("relu_backward_bits_transposed", &relu_backward_bits_transposed,
+        "ReLU backward of a 4-D gradient laid out the other way (NCHW / channels_last) from its 1-bit mask");
   m.def("scatter_into", &scatter_into, "zero buf, then buf[pos] = val");
   m.def("mask_by_threshold", &mask_by_threshold, "flat * (|flat| >= thr)");
   register_allocator(m);
