@@ -69,17 +69,29 @@ def check_load(args, what: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- step
-def interleaved_ratios(steps: dict, rounds: int) -> dict[str, float]:
-    """Median over ``rounds`` of each mode's step time / the ``dense`` step's, the modes run alternately."""
+def interleaved_ratios(steps: dict, rounds: int, costs: dict | None = None) -> dict[str, float]:
+    """Median over ``rounds`` of each mode's step time / the ``dense`` step's, the modes run alternately.
+
+    ``costs`` (if given) receives each mode's page faults and system CPU ms per step: unlike the time ratios these
+    barely move with the machine's load, and they show what the allocator costs.
+    """
     ratios: dict[str, list[float]] = {k: [] for k in steps if k != "dense"}
+    faults = {k: 0 for k in steps}
+    sys_s = {k: 0.0 for k in steps}
     for _ in range(rounds):
         t = {}
         for k, s in steps.items():
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             s()
             t[k] = time.perf_counter() - t0
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            faults[k] += r1.ru_minflt - r0.ru_minflt
+            sys_s[k] += r1.ru_stime - r0.ru_stime
         for k in ratios:
             ratios[k].append(t[k] / t["dense"])
+    if costs is not None:
+        costs.update({k: (faults[k] / rounds, sys_s[k] / rounds * 1e3) for k in steps})
     return {k: statistics.median(v) for k, v in ratios.items()}
 
 
@@ -132,20 +144,27 @@ def make(sparse):
     return step
 s = {"dense": make(False), "swat": make(True)}
 for f in s.values(): f(); f()
-r = []
+import resource
+r = []; flt = {k: 0 for k in s}; sy = {k: 0.0 for k in s}
 for _ in range(int(sys.argv[5])):
     t = {}
     for k, f in s.items():
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter(); f(); t[k] = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        flt[k] += r1.ru_minflt - r0.ru_minflt; sy[k] += r1.ru_stime - r0.ru_stime
     r.append(t["swat"] / t["dense"])
-print(json.dumps({"ratio": sorted(r)[len(r) // 2], "src": sparsetrain.__file__}))
+n = int(sys.argv[5])
+print(json.dumps({"ratio": sorted(r)[len(r) // 2], "src": sparsetrain.__file__,
+                  "faults": {k: v / n for k, v in flt.items()}, "sys_ms": {k: v / n * 1e3 for k, v in sy.items()}}))
 '''
 
 
 def bench_step(args) -> None:
     print("\n## Eager training step / dense (same process, interleaved, median of per-round ratios)", flush=True)
-    print("| model | batch | SWAT-U(0.1) / dense | naive prune peer / dense | load |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | batch | SWAT-U(0.1) / dense | naive prune peer / dense | page faults per step: dense / SWAT-U / peer "
+          "| system CPU ms per step: dense / SWAT-U / peer | load |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     out = {}
     for model_name in args.models:
         la = check_load(args, f"step {model_name}")
@@ -154,16 +173,24 @@ def bench_step(args) -> None:
         for s in steps.values():
             s()
             s()
-        med = interleaved_ratios(steps, args.rounds)
+        costs: dict = {}
+        med = interleaved_ratios(steps, args.rounds, costs)
         la = max(la, load())
-        print(f"| {model_name} | {args.batch} | {med['swat']:.3f} | {med['prune']:.3f} | {la:.2f} |", flush=True)
-        out[model_name] = {**med, "load": la}
+        flt = " / ".join(f"{costs[k][0]:.0f}" for k in ("dense", "swat", "prune"))
+        sys_ms = " / ".join(f"{costs[k][1]:.1f}" for k in ("dense", "swat", "prune"))
+        print(f"| {model_name} | {args.batch} | {med['swat']:.3f} | {med['prune']:.3f} | {flt} | {sys_ms} | {la:.2f} |",
+              flush=True)
+        out[model_name] = {**med, "load": la, "faults_per_step": {k: c[0] for k, c in costs.items()},
+                           "sys_ms_per_step": {k: c[1] for k, c in costs.items()}}
         if args.baseline_src:
             r = subprocess.run([sys.executable, "-c", STEP_CHILD, args.baseline_src, model_name, str(args.threads),
                                 str(args.batch), str(args.rounds)], capture_output=True, text=True)
             if r.returncode == 0:
                 base = json.loads(r.stdout.strip().splitlines()[-1])
-                print(f"|   baseline `{args.baseline_src}` | {args.batch} | {base['ratio']:.3f} | | {load():.2f} |")
+                f, m = base.get("faults", {}), base.get("sys_ms", {})
+                print(f"|   baseline `{args.baseline_src}` | {args.batch} | {base['ratio']:.3f} | | "
+                      f"{f.get('dense', 0):.0f} / {f.get('swat', 0):.0f} / | "
+                      f"{m.get('dense', 0):.1f} / {m.get('swat', 0):.1f} / | {load():.2f} |")
                 out[model_name]["baseline"] = base["ratio"]
             else:
                 print(f"    baseline failed: {r.stderr.strip().splitlines()[-1:]}")
