@@ -369,24 +369,14 @@ void relu_backward_bits_transposed_impl(const U* g, const uint8_t* b, U* d, int6
           }
       }
     });
-  } else if (bits_channels_last) {  // dy NCHW: a plane (n, c) reads every C-th bit of image n
-    at::parallel_for(0, N * C, std::max<int64_t>(1, kSerialElems / std::max<int64_t>(HW, 1)), [&](int64_t q0, int64_t q1) {
+  } else {
+    // Element by element: dy is N x R rows of L (NCHW: R = C planes of L = HW pixels; channels_last: R = HW pixels of
+    // L = C channels), and the bit of row r's element i is at (n * L + i) * R + r in the other order.
+    const int64_t R = bits_channels_last ? C : HW, L = bits_channels_last ? HW : C;
+    at::parallel_for(0, N * R, std::max<int64_t>(1, kSerialElems / std::max<int64_t>(L, 1)), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
-        const int64_t n = q / C, c = q % C;
-        const U* gq = g + q * HW;
-        U* dq = d + q * HW;
-        const int64_t b0 = n * HW * C + c;
-        for (int64_t p = 0; p < HW; ++p) dq[p] = gq[p] & bit(b0 + p * C);
-      }
-    });
-  } else {  // dy channels_last: a pixel (n, p) reads every HW-th bit of image n
-    at::parallel_for(0, N * HW, std::max<int64_t>(1, kSerialElems / std::max<int64_t>(C, 1)), [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t n = q / HW, p = q % HW;
-        const U* gq = g + q * C;
-        U* dq = d + q * C;
-        const int64_t b0 = n * C * HW + p;
-        for (int64_t c = 0; c < C; ++c) dq[c] = gq[c] & bit(b0 + c * HW);
+        const int64_t b0 = (q / R) * R * L + q % R;
+        for (int64_t i = 0; i < L; ++i) d[q * L + i] = g[q * L + i] & bit(b0 + i * R);
       }
     });
   }
