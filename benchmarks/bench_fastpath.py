@@ -127,36 +127,20 @@ def make_step(model_name: str, mode: str, x, y):
     return step
 
 
+# The previous commit's SWAT-U step, timed the way bench_step times this one: this file's make_step and
+# interleaved_ratios, imported with that commit's src/ first on the path (so `sparsetrain` is that commit's).
 STEP_CHILD = r'''
-import sys, time, json, torch, torch.nn.functional as F
-sys.path.insert(0, sys.argv[1])
-import sparsetrain
+import sys, json, torch
+sys.path[:0] = [sys.argv[1], sys.argv[6]]
+import sparsetrain, bench_fastpath as bench
 torch.set_num_threads(int(sys.argv[3])); torch.manual_seed(0)
 x = torch.randn(int(sys.argv[4]), 3, 32, 32); y = torch.randint(0, 10, (int(sys.argv[4]),))
-def make(sparse):
-    torch.manual_seed(0)
-    m = sparsetrain.create_model(sys.argv[2], num_classes=10)
-    h = sparsetrain.sparsify_(m, "swat-u", density=0.1) if sparse else None
-    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-    def step():
-        opt.zero_grad(set_to_none=True); F.cross_entropy(m(x), y).backward(); opt.step()
-        if h is not None: h.step(opt)
-    return step
-s = {"dense": make(False), "swat": make(True)}
-for f in s.values(): f(); f()
-import resource
-r = []; flt = {k: 0 for k in s}; sy = {k: 0.0 for k in s}
-for _ in range(int(sys.argv[5])):
-    t = {}
-    for k, f in s.items():
-        r0 = resource.getrusage(resource.RUSAGE_SELF)
-        t0 = time.perf_counter(); f(); t[k] = time.perf_counter() - t0
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
-        flt[k] += r1.ru_minflt - r0.ru_minflt; sy[k] += r1.ru_stime - r0.ru_stime
-    r.append(t["swat"] / t["dense"])
-n = int(sys.argv[5])
-print(json.dumps({"ratio": sorted(r)[len(r) // 2], "src": sparsetrain.__file__,
-                  "faults": {k: v / n for k, v in flt.items()}, "sys_ms": {k: v / n * 1e3 for k, v in sy.items()}}))
+steps = {k: bench.make_step(sys.argv[2], k, x, y) for k in ("dense", "swat")}
+for f in steps.values(): f(); f()
+costs = {}
+ratio = bench.interleaved_ratios(steps, int(sys.argv[5]), costs)["swat"]
+print(json.dumps({"ratio": ratio, "src": sparsetrain.__file__,
+                  "faults": {k: c[0] for k, c in costs.items()}, "sys_ms": {k: c[1] for k, c in costs.items()}}))
 '''
 
 
@@ -184,7 +168,8 @@ def bench_step(args) -> None:
                            "sys_ms_per_step": {k: c[1] for k, c in costs.items()}}
         if args.baseline_src:
             r = subprocess.run([sys.executable, "-c", STEP_CHILD, args.baseline_src, model_name, str(args.threads),
-                                str(args.batch), str(args.rounds)], capture_output=True, text=True)
+                                str(args.batch), str(args.rounds), os.path.dirname(os.path.abspath(__file__))],
+                               capture_output=True, text=True)
             if r.returncode == 0:
                 base = json.loads(r.stdout.strip().splitlines()[-1])
                 f, m = base.get("faults", {}), base.get("sys_ms", {})

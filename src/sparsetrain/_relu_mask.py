@@ -54,7 +54,13 @@ def relu_backward(dy: Tensor, meta: packing.Packed, bits: Tensor) -> Tensor:
             bits_cl = meta.perm == _NHWC
             if dy.is_contiguous(memory_format=torch.contiguous_format if bits_cl else torch.channels_last):
                 return kernels.relu_backward_bits_transposed(dy, bits, bits_cl)
-    mask = packing.unflat(packing.unpackbits_bytes(bits, meta.numel), meta.shape, meta.perm)
+    return _unpacked_backward(dy, bits, meta.perm)
+
+
+def _unpacked_backward(dy: Tensor, bits: Tensor, perm: tuple[int, ...]) -> Tensor:
+    """The PyTorch path: the bits (in memory order ``perm`` of ``dy``'s shape) unpacked to a mask, then
+    ``threshold_backward``."""
+    mask = packing.unflat(packing.unpackbits_bytes(bits, dy.numel()), tuple(dy.shape), perm)
     return torch.ops.aten.threshold_backward(dy, mask, 0)
 
 
@@ -92,9 +98,7 @@ def _relu_backward_bits_transposed_op(dy: Tensor, bits: Tensor, bits_channels_la
     nat = native()
     if nat is not None:
         return nat.relu_backward_bits_transposed(dy, bits, bits_channels_last)
-    perm = _NHWC if bits_channels_last else _NCHW
-    mask = packing.unflat(packing.unpackbits_bytes(bits, dy.numel()), tuple(dy.shape), perm)
-    return torch.ops.aten.threshold_backward(dy, mask, 0)
+    return _unpacked_backward(dy, bits, _NHWC if bits_channels_last else _NCHW)
 
 
 @_relu_backward_bits_transposed_op.register_fake

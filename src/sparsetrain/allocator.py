@@ -12,9 +12,10 @@ least ``threshold`` bytes is anonymous memory of its own, cached after ``free`` 
 request of its size class; a request no cached block matches is composed of cached pages of other sizes (``mremap``
 moves them into one range: no copy, no page fault). The cache is bounded so that live + cached stays within 1/16 of
 the largest live total seen, so the process's peak RSS is its live peak, and a step whose live total stays below
-that peak maps (and faults) almost nothing after its first steps. Smaller blocks keep c10's aligned ``malloc``. Where the native build is unavailable it falls back to fixing
-glibc's mmap and trim thresholds with ``mallopt`` (RSS follows the live tensors, but large blocks fault on every
-reuse); elsewhere (macOS, Windows without the build) nothing changes.
+that peak maps (and faults) almost nothing after its first steps. Smaller blocks keep c10's aligned ``malloc``.
+Where the native build is unavailable it falls back to fixing glibc's mmap and trim thresholds with ``mallopt`` (RSS
+follows the live tensors, but large blocks fault on every reuse); elsewhere (macOS, Windows without the build)
+nothing changes.
 
 Who calls it: :func:`sparsetrain.sparsify_` does, once per process, for a model with CPU parameters (what the
 memory figures in docs/performance.md measure); ``sparsetrain train`` does at start-up for every run, dense ones

@@ -88,13 +88,18 @@ struct CachingAllocator final : c10::Allocator {
     if (v.empty()) by_size.erase(f);
   }
 
-  void drop_locked(Lru::iterator it) {
-    forget_size(it);
+  // Unmap a cached block that is in no by_size list (drop_locked: one that is).
+  void unmap_locked(Lru::iterator it) {
     munmap(it->base, it->size);
     mapped -= it->size;
     cached -= it->size;
     ++unmapped;
     lru.erase(it);
+  }
+
+  void drop_locked(Lru::iterator it) {
+    forget_size(it);
+    unmap_locked(it);
   }
 
   // Fill [dst, dst + sz) with cached pages, moving them with mremap: the page-table entries change address,
@@ -134,8 +139,7 @@ struct CachingAllocator final : c10::Allocator {
       } else if (b.size < min_size) {
         // A remainder below the smallest request would only ever be a small piece of another block (a move of a
         // few pages costs about what faulting them does): unmapped now, it splits no later composition.
-        by_size[b.size].push_back(it);
-        drop_locked(it);
+        unmap_locked(it);
       } else {
         by_size[b.size].push_back(it);  // what is left of it, cached under its new size
       }
@@ -165,8 +169,9 @@ struct CachingAllocator final : c10::Allocator {
 
   // A block of class `sz`: a cached one of that size (the most recently freed: its pages are the likeliest in the
   // CPU cache), else one composed of cached pages (no page faults), else new pages for what the cache lacks. The
-  // bound: live + cached stays within (1 + slack) times the largest live total seen; older cached blocks are
-  // unmapped first to keep it (only new pages can pass it: a hit or a composition moves bytes from cached to live).
+  // bound: live + cached stays within (1 + slack) times the largest live total seen; the cached blocks split into the
+  // most mappings are unmapped first to keep it (only new pages can pass it: a hit or a composition moves bytes from
+  // cached to live).
   char* take(size_t sz) {
     std::lock_guard<std::mutex> g(mu);
     live += sz;
