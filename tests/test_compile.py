@@ -205,6 +205,23 @@ def test_custom_ops_give_the_eager_selection_and_unpacking():
     assert torch.equal(torch.ops.sparsetrain.relu_backward_bits(dy, bits), torch.where(r > 0, dy, torch.zeros(())))
 
 
+@pytest.mark.parametrize("bits_channels_last", [True, False])
+def test_transposed_relu_backward_op_without_the_native_build_keeps_dy_layout(monkeypatch, bits_channels_last):
+    """Without a C++ compiler the op runs the PyTorch path; it must still return dy's layout (its fake kernel's)."""
+    import sparsetrain._relu_mask as rm
+
+    monkeypatch.setattr(rm, "native", lambda: None)
+    torch.manual_seed(0)
+    out = torch.relu(torch.randn(2, 16, 5, 5))
+    perm = (0, 2, 3, 1) if bits_channels_last else (0, 1, 2, 3)
+    bits = torch.ops.sparsetrain.pack_positive(out.permute(perm).reshape(-1))
+    dy = torch.randn(2, 16, 5, 5)
+    if not bits_channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    got = torch.ops.sparsetrain.relu_backward_bits_transposed(dy, bits, bits_channels_last)
+    assert torch.equal(got, torch.ops.aten.threshold_backward(dy, out, 0)) and got.stride() == dy.stride()
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 16, 5, 5), (2, 24, 8, 8)])
 @pytest.mark.parametrize("bits_channels_last", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -98,7 +98,9 @@ def _relu_backward_bits_transposed_op(dy: Tensor, bits: Tensor, bits_channels_la
     nat = native()
     if nat is not None:
         return nat.relu_backward_bits_transposed(dy, bits, bits_channels_last)
-    return _unpacked_backward(dy, bits, _NHWC if bits_channels_last else _NCHW)
+    # threshold_backward follows the mask's layout here; the result keeps dy's, as the native kernel and the fake do
+    layout = torch.contiguous_format if bits_channels_last else torch.channels_last
+    return _unpacked_backward(dy, bits, _NHWC if bits_channels_last else _NCHW).contiguous(memory_format=layout)
 
 
 @_relu_backward_bits_transposed_op.register_fake
